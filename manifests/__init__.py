@@ -1,0 +1,28 @@
+"""Sweep files: schema, validation, bundled prompt sets, expansion into units and shards. No torch here."""
+
+from manifests.expand import Manifest, config_hash, expand, shard_name, unit_id
+from manifests.interventions import PRESETS, Intervention, StepWindow, resolve_preset
+from manifests.load import SweepError, parse_sweep, read_sweep_file, resolve_prompts
+from manifests.models import Geometry
+from manifests.prompts import Prompt
+from manifests.schema import (
+    AnalysisSpec,
+    ArmSpec,
+    GenerationSpec,
+    LocalExecutorConfig,
+    ModelSpec,
+    PromptSpec,
+    RayExecutorConfig,
+    RecordingSpec,
+    SeedSpec,
+    ShardingSpec,
+    SlurmExecutorConfig,
+    Sweep,
+)
+
+# Short aliases used across the packages.
+Arm = ArmSpec
+Generation = GenerationSpec
+Recording = RecordingSpec
+
+__all__ = [name for name in dir() if not name.startswith("_")]

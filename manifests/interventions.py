@@ -1,0 +1,189 @@
+"""The intervention family: every sink experiment of the paper is one value of `Intervention`.
+
+An arm's intervention is data. The worker's processors read these fields and nothing else, so the
+paper's variants (M1a, M1b, M2, M3, M4) are named presets below, and corrected variants sit beside them.
+
+Semantics (per attention call = one layer at one denoising step, per batch element b and head h):
+- *identification*: incoming mass m[b,h,j] = mean over the `mass_queries` of softmax(q·Kᵀ·scale)[j],
+  from the same forward pass, before any change.
+- *selection* picks the keys to act on, per (b, h):
+    topk / bottomk          the k keys with the largest / smallest m[b,h,:]
+    union_topk / union_bottomk  head-averaged mass m̄[b,j]; its k·H largest / smallest keys, same set in every head (paper M2)
+    static                  the fixed key `indices` (paper M3 uses index 0 in its own [text | image] order: see `key_order`)
+    random                  k keys drawn uniformly per (b, h) from the eligible keys
+    random_union            k·H keys drawn uniformly per b, same set in every head (paper M2 random control)
+    modality_random         per (b, h), as many image / text keys as `topk` would select, drawn uniformly within each modality
+- *query_scope*: which query rows are changed (image tokens, text tokens, or all).
+- *cfg_branch*: which half of the classifier-free-guidance batch is changed.
+- *score_op*: remove (−inf logit), bias (add `bias` to the logit), prob_scale (p_sel ← η·p_sel, the other
+  keys rescaled by (1 − η·P_sel)/(1 − P_sel): the paper's M3 definition).
+- *value_op* on the selected keys' value rows: zero, mean (mean over all keys), noise (N(0, σ²)), lerp
+  (α·v_sel + (1 − α)·mean).
+- *step_window*: the 0-based denoising steps at which the intervention is active, as a fraction of the
+  trajectory (step i of N is active iff start ≤ i/N < end, with end = 1 meaning "through the last step"),
+  or a sigma range. Exactly the named steps: the paper's off-by-one gating is a preset quirk, not a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Selection = Literal[
+    "topk", "bottomk", "union_topk", "union_bottomk", "static", "random", "random_union", "modality_random"
+]
+Scope = Literal["image", "text", "all"]
+Branch = Literal["cond", "uncond", "both"]
+ScoreOp = Literal["none", "remove", "bias", "prob_scale"]
+ValueOp = Literal["none", "zero", "mean", "noise", "lerp"]
+
+
+class StepWindow(BaseModel):
+    """Active steps, either by trajectory fraction or by sigma. Both bounds of one kind must be given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: float | None = Field(None, ge=0.0, le=1.0, description="first active fraction of the trajectory (inclusive)")
+    end: float | None = Field(None, ge=0.0, le=1.0, description="end fraction (exclusive; 1.0 = through the last step)")
+    sigma_min: float | None = Field(None, ge=0.0)
+    sigma_max: float | None = Field(None, ge=0.0)
+    legacy_paper_gating: bool = Field(
+        False,
+        description="reproduce run_early_phase.py's gating: step i uses the state set after step i-1 "
+        "(t/T = (i-1)/(N-1)); step 0 is always active (paper-spec §5.10). Use only in paper presets.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "StepWindow":
+        by_fraction = self.start is not None or self.end is not None
+        by_sigma = self.sigma_min is not None or self.sigma_max is not None
+        if by_fraction == by_sigma:
+            raise ValueError("give either start/end (fractions) or sigma_min/sigma_max, not both and not neither")
+        if by_fraction:
+            start = 0.0 if self.start is None else self.start
+            end = 1.0 if self.end is None else self.end
+            if end <= start:
+                raise ValueError(f"end ({end}) must be greater than start ({start})")
+        else:
+            lo = 0.0 if self.sigma_min is None else self.sigma_min
+            hi = float("inf") if self.sigma_max is None else self.sigma_max
+            if hi < lo:
+                raise ValueError(f"sigma_max ({hi}) must be ≥ sigma_min ({lo})")
+        return self
+
+    def active_steps(self, num_steps: int, sigmas: list[float] | None = None) -> list[int]:
+        """The exact 0-based step indices this window names, for a trajectory of `num_steps` steps."""
+        if self.start is not None or self.end is not None:
+            start = 0.0 if self.start is None else self.start
+            end = 1.0 if self.end is None else self.end
+            if self.legacy_paper_gating:
+                # run_early_phase.py: the flag for step i is set by the callback of step i-1 with
+                # t/T = (i-1)/(N-1); the initial flag is True, so step 0 always intervenes.
+                steps = [0]
+                for i in range(1, num_steps):
+                    frac = (i - 1) / max(num_steps - 1, 1)
+                    if start <= frac <= end:
+                        steps.append(i)
+                return steps
+            return [i for i in range(num_steps) if start <= i / num_steps < end]
+        if sigmas is None:
+            raise ValueError("a sigma window needs the scheduler's sigmas")
+        lo = 0.0 if self.sigma_min is None else self.sigma_min
+        hi = float("inf") if self.sigma_max is None else self.sigma_max
+        return [i for i in range(num_steps) if lo <= sigmas[i] <= hi]
+
+
+class Intervention(BaseModel):
+    """One member of the sink-intervention family (see the module docstring for the exact semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    selection: Selection = "topk"
+    k: int = Field(1, ge=1, description="keys per head (union modes: k·heads keys in all)")
+    indices: list[int] | None = Field(None, description="key indices for selection=static")
+    key_order: Literal["image_text", "text_image"] = Field(
+        "image_text",
+        description="index space of `indices`: diffusers' joint order [image | text], or the paper M3 order [text | image]",
+    )
+    mass_queries: Scope = Field("image", description="queries whose attention defines incoming mass")
+    eligible_keys: Literal["all", "image", "text"] = Field("all", description="keys a selection may pick from")
+    query_scope: Scope = Field("image", description="query rows whose attention is changed")
+    cfg_branch: Branch = "both"
+    layers: list[int | str] = Field(
+        default_factory=lambda: [12],
+        min_length=1,
+        description="block indices, or glob patterns on attention-module names (e.g. 'mid_block.*.attn2')",
+    )
+    step_window: StepWindow | None = None
+    score_op: ScoreOp = "remove"
+    bias: float | None = Field(None, description="additive logit bias for score_op=bias (e.g. -1e4, -65000)")
+    eta: float | None = Field(None, ge=0.0, description="probability scale for score_op=prob_scale")
+    value_op: ValueOp = "none"
+    sigma: float = Field(0.1, gt=0.0, description="noise std for value_op=noise")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="lerp weight for value_op=lerp")
+    random_seed_offset: int = Field(0, description="extra offset mixed into the seed of random selections")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Intervention":
+        if self.selection == "static" and not self.indices:
+            raise ValueError("selection=static needs `indices` (a non-empty list of key indices)")
+        if self.selection != "static" and self.indices is not None:
+            raise ValueError(f"`indices` is only used with selection=static, not {self.selection!r}")
+        if self.score_op == "bias" and self.bias is None:
+            raise ValueError("score_op=bias needs `bias` (the value added to the selected keys' logits)")
+        if self.score_op == "prob_scale" and self.eta is None:
+            raise ValueError("score_op=prob_scale needs `eta` (0 removes, 1 is a no-op)")
+        if self.score_op == "none" and self.value_op == "none":
+            raise ValueError("score_op and value_op are both 'none': use `intervention: null` for a baseline arm")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"duplicate layer indices in {self.layers}")
+        if any(isinstance(layer, int) and layer < 0 for layer in self.layers):
+            raise ValueError(f"layer indices must be ≥ 0, got {self.layers}")
+        return self
+
+    @property
+    def keys_per_head(self) -> int:
+        """Keys removed from each head (the budget to compare against an equal-budget random control)."""
+        return len(self.indices or []) if self.selection == "static" else self.k
+
+
+def _preset(**kw) -> Intervention:
+    return Intervention(**kw)
+
+
+# Named presets. `paper.*` reproduce paper-spec.md §0 exactly, quirks included; `fixed.*` correct them.
+PRESETS: dict[str, Intervention] = {
+    # M1a: per-head top-k, image-query mass, logit -1e4 mask on image AND text queries, both CFG halves (Table 2 A1).
+    "paper.m1a": _preset(selection="topk", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="bias", bias=-1e4),
+    # M1b: the same, image queries only (E2, E3).
+    "paper.m1b": _preset(selection="topk", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="bias", bias=-1e4),
+    # M2: head-averaged union of k·H keys, same set in every head, all queries, fp16 -65000 additive mask.
+    "paper.m2": _preset(selection="union_topk", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="bias", bias=-65000.0),
+    # M2's random control: k·H keys drawn from ALL keys (≈92 % image tokens), same set in every head.
+    "paper.m2_random": _preset(selection="random_union", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="bias", bias=-65000.0),
+    "paper.m2_bottom": _preset(selection="union_bottomk", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="bias", bias=-65000.0),
+    # M3: static key 0 in the [text | image] order (= CLIP BOS), η prob-scale on all queries.
+    "paper.m3": _preset(selection="static", indices=[0], key_order="text_image", layers=[12], query_scope="all",
+                        mass_queries="all", cfg_branch="both", score_op="prob_scale", eta=0.01),
+    "paper.m3_value_zero": _preset(selection="static", indices=[0], key_order="text_image", layers=[12], query_scope="all",
+                                   mass_queries="all", cfg_branch="both", score_op="none", value_op="zero"),
+    "paper.m3_both": _preset(selection="static", indices=[0], key_order="text_image", layers=[12], query_scope="all",
+                             mass_queries="all", cfg_branch="both", score_op="prob_scale", eta=0.0, value_op="zero"),
+    # M4 (SDXL mid block): per-head top-1 over all queries, -1e4 mask, every mid-block cross / self attention.
+    "paper.m4_cross": _preset(selection="topk", k=1, layers=["mid_block.*.attn2"], mass_queries="all", query_scope="all", score_op="bias", bias=-1e4),
+    "paper.m4_self": _preset(selection="topk", k=1, layers=["mid_block.*.attn1"], mass_queries="all", query_scope="all", score_op="bias", bias=-1e4),
+    # Corrected companions.
+    "fixed.m1": _preset(selection="topk", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
+    "fixed.m2": _preset(selection="union_topk", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="remove"),
+    "fixed.random": _preset(selection="random", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
+    "fixed.modality_random": _preset(selection="modality_random", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
+}
+
+
+def resolve_preset(name: str) -> Intervention:
+    """Look a preset up by name, with the list of valid names in the error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown intervention preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,59 @@
+"""Model geometry known without loading weights: what a sweep can be validated against.
+
+manifests may not import torch, so the number of blocks, heads and text tokens of each model comes
+from this table, or from `transformer/config.json` (`unet/config.json`) of a local folder. The worker
+checks the same numbers again on the loaded model, so an unknown hub id only delays the check.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Geometry:
+    family: str  # sd3 | sdxl | flux | pixart
+    num_layers: int  # attention blocks addressable by integer index
+    heads: int
+    patch_size: int = 2
+    vae_scale: int = 8
+    clip_tokens: int = 77
+    t5_tokens: int = 256
+    default_resolution: int = 1024
+    random_weights: bool = False
+
+    def image_tokens(self, height: int, width: int) -> int:
+        side = self.vae_scale * self.patch_size
+        return (height // side) * (width // side)
+
+    def text_tokens(self) -> int:
+        return self.clip_tokens + self.t5_tokens
+
+    def total_tokens(self, height: int, width: int) -> int:
+        return self.image_tokens(height, width) + self.text_tokens()
+
+
+# Tiny random presets (built offline by workers.tiny) and the real models the paper uses.
+PRESET_GEOMETRY: dict[str, Geometry] = {
+    "tiny-sd3": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
+    "tiny-sd3-deep": Geometry("sd3", num_layers=4, heads=4, default_resolution=64, random_weights=True),
+}
+
+HUB_GEOMETRY: dict[str, Geometry] = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": Geometry("sd3", num_layers=24, heads=24),
+    "stabilityai/stable-diffusion-3.5-medium": Geometry("sd3", num_layers=24, heads=24),
+    "stabilityai/stable-diffusion-3.5-large": Geometry("sd3", num_layers=38, heads=38),
+}
+
+
+def geometry_from_folder(path: Path) -> Geometry | None:
+    """Read block and head counts from a local diffusers folder's transformer config, if present."""
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
+    if cfg.get("_class_name") == "SD3Transformer2DModel":
+        return Geometry("sd3", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 2))
+    return None
