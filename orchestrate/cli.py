@@ -1,0 +1,324 @@
+"""The `orchestrate` command line: plan, submit, status, resume, cancel, logs, analyze, report, demo.
+
+Every command takes a sweep file or a run directory; all state lives in the run directory, so any
+command can run from any machine that sees it.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from jobs.rundir import RunDir
+from manifests import SweepError
+from orchestrate import estimate
+from orchestrate.create import build_manifest, create_run
+from orchestrate.executors.base import make_executor
+from orchestrate.status import RERUNNABLE, eta_seconds, rerunnable, shard_statuses
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run causal attention-sink sweeps on diffusion models (local, Slurm or Ray) and analyse them.",
+)
+console = Console()
+
+
+def default_sweep() -> Path:
+    """The embedded default: a demo sweep on the tiny random SD3, runnable on any CPU."""
+    return Path(str(resources.files("manifests").joinpath("examples", "demo.yaml")))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _parse_overrides(pairs: list[str], source: str) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"{source}: expected KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _executor_for(run: RunDir, sweep, kind: Optional[str], options: list[str]):
+    """The sweep's executor block, with the command line's --executor / --executor-opt applied on top."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from manifests.schema import ExecutorConfig
+
+    block = sweep.executor.model_dump()
+    if kind and kind != block["kind"]:
+        block = {"kind": kind}
+    block.update(_parse_overrides(options, "--executor-opt"))
+    try:
+        config = TypeAdapter(ExecutorConfig).validate_python(block)
+    except ValidationError as e:
+        problems = "; ".join(f"executor.{'.'.join(map(str, err['loc'][1:]))}: {err['msg']}" for err in e.errors())
+        _fail(f"command-line executor options: {problems}")
+    return make_executor(config)
+
+
+def _load_run(run_dir: Path) -> tuple[RunDir, object]:
+    from manifests import read_sweep_file
+
+    run = RunDir(run_dir)
+    if not run.exists():
+        _fail(f"{run_dir}: not a sinkscope run directory (no sweep.yaml + manifest.parquet)")
+    sweep, _ = read_sweep_file(run.sweep_path)
+    return run, sweep
+
+
+def _dispatch(run: RunDir, executor, shard_ids: list[int]) -> None:
+    """Submit under the run lock, so two submits or resumes of one run never send a shard twice."""
+    with run.lock():
+        statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run))}
+        todo = [s for s in shard_ids if statuses[s].state in RERUNNABLE]
+        skipped = sorted(set(shard_ids) - set(todo))
+        if skipped:
+            console.print(f"skipping {len(skipped)} shard(s) already done, running or queued: {skipped[:20]}")
+        if not todo:
+            console.print("nothing to submit")
+            return
+        for shard_id in todo:
+            if statuses[shard_id].state == "corrupt":
+                run.done_path(shard_id).unlink(missing_ok=True)
+            run.failed_path(shard_id).unlink(missing_ok=True)
+        run.append_submission({"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()})
+        if not executor.blocking:
+            records = executor.submit(run, todo)
+            for record in records:
+                run.append_submission(record)
+            console.print(f"submitted {len(todo)} shard(s) to {executor.kind}; follow with `orchestrate status {run.root}`")
+            return
+    # a blocking (local) executor runs outside the lock: a second `resume` meanwhile sees the shards running
+    for record in executor.submit(run, todo):
+        run.append_submission(record)
+
+
+def _scheduler_states(run: RunDir) -> dict[int, str]:
+    """Ask every cluster executor this run has used (from state/submissions.jsonl)."""
+    from pydantic import TypeAdapter
+
+    from manifests.schema import ExecutorConfig
+
+    states: dict[int, str] = {}
+    seen = set()
+    for record in run.submissions():
+        config = record.get("config")
+        if record.get("event") != "submit" or not config or config.get("kind") == "local" or config["kind"] in seen:
+            continue
+        seen.add(config["kind"])
+        try:
+            executor = make_executor(TypeAdapter(ExecutorConfig).validate_python(config))
+            states.update(executor.scheduler_states(run))
+        except Exception as error:  # noqa: BLE001 — status must still show the markers
+            console.print(f"[yellow]could not ask {config['kind']} for job states: {error}[/yellow]")
+    return states
+
+
+@app.command()
+def plan(sweep: Path = typer.Argument(..., help="sweep.yaml to check and expand")) -> None:
+    """Validate a sweep and print its units, shards and an estimate of GPU time. Runs nothing."""
+    try:
+        manifest, _ = build_manifest(sweep)
+    except SweepError as e:
+        _fail(str(e))
+    s = manifest.sweep
+    height, width = s.resolution()
+    table = Table(title=f"{s.name} ({manifest.config_hash[:8]})")
+    table.add_column("arm")
+    table.add_column("intervention")
+    for arm in s.arms:
+        iv = arm.intervention
+        table.add_row(arm.name, "baseline (none)" if iv is None else iv.model_dump_json(exclude_defaults=True))
+    console.print(table)
+    geometry = s.model.geometry()
+    console.print(
+        f"model {s.model.label}{' (random weights)' if geometry and geometry.random_weights else ''}, {height}×{width}, "
+        f"{s.generation.steps} steps, guidance {s.generation.guidance}"
+    )
+    console.print(
+        f"{len(manifest.prompts)} prompts × {s.seeds.count} seeds × {len(s.arms)} arms = [bold]{manifest.num_units}[/bold] units "
+        f"in [bold]{len(manifest.shard_ids)}[/bold] shards ({s.sharding.prompts_per_shard} prompts per shard)"
+    )
+    console.print(estimate.describe(s, manifest.num_units))
+
+
+@app.command()
+def submit(
+    sweep: Optional[Path] = typer.Argument(None, help="sweep.yaml (default: the embedded demo sweep on tiny-sd3)"),
+    executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
+    executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+    output_root: Optional[Path] = typer.Option(None, help="override output_root"),
+) -> None:
+    """Create (or re-open) the run directory of a sweep and run its unfinished shards.
+
+    The local executor runs them here and returns when they are done; slurm and ray return at once.
+    """
+    sweep = sweep or default_sweep()
+    try:
+        run, manifest, created = create_run(sweep, None if output_root is None else str(output_root))
+    except SweepError as e:
+        _fail(str(e))
+    console.print(f"{'created' if created else 're-opened'} run [bold]{run.root}[/bold]")
+    ex = _executor_for(run, manifest.sweep, executor, executor_opt)
+    _dispatch(run, ex, manifest.shard_ids)
+    _print_summary(run)
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
+    executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+) -> None:
+    """Rerun only the shards that are neither done nor running or queued (failed, interrupted, corrupt, ...)."""
+    run, sweep = _load_run(run_dir)
+    statuses = shard_statuses(run, _scheduler_states(run), verify=True)
+    todo = rerunnable(statuses)
+    if not todo:
+        console.print("nothing to resume")
+        _print_summary(run)
+        return
+    _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo)
+    _print_summary(run)
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    verify: bool = typer.Option(False, help="check every done shard's files against its checksums"),
+    all_shards: bool = typer.Option(False, "--all", help="list every shard, not only those not done"),
+) -> None:
+    """Per-shard state (done, running, pending, failed, cancelled, timeout, interrupted, corrupt), counts and ETA."""
+    run, _ = _load_run(run_dir)
+    _print_summary(run, verify=verify, list_all=all_shards, table=True)
+
+
+def _print_summary(run: RunDir, verify: bool = False, list_all: bool = False, table: bool = False) -> None:
+    statuses = shard_statuses(run, _scheduler_states(run), verify=verify)
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    if table:
+        t = Table(title=str(run.root))
+        for column in ("shard", "state", "groups", "elapsed", "error"):
+            t.add_column(column)
+        for s in statuses:
+            if list_all or s.state != "done":
+                elapsed = "" if s.elapsed_s is None else f"{s.elapsed_s:.1f}s"
+                t.add_row(str(s.shard_id), s.state, f"{s.groups_done}/{s.groups_total}", elapsed, (s.error or "")[:120])
+        console.print(t)
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    eta = eta_seconds(run, statuses)
+    eta_text = "" if eta is None or counts.get("done", 0) == len(statuses) else f"; ETA ≈ {eta / 60:.1f} min at one worker"
+    console.print(f"shards: {summary}{eta_text}")
+
+
+@app.command()
+def cancel(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+    """Cancel every Slurm job or Ray task this run submitted."""
+    from pydantic import TypeAdapter
+
+    from manifests.schema import ExecutorConfig
+
+    run, _ = _load_run(run_dir)
+    cancelled: list[str] = []
+    with run.lock():
+        kinds = {}
+        for record in run.submissions():
+            config = record.get("config")
+            if record.get("event") == "submit" and config and config.get("kind") != "local":
+                kinds[config["kind"]] = config
+        for config in kinds.values():
+            cancelled += make_executor(TypeAdapter(ExecutorConfig).validate_python(config)).cancel(run)
+        run.append_submission({"event": "cancel", "job_ids": cancelled})
+    console.print(f"cancelled {len(cancelled)} job(s): {' '.join(cancelled)}" if cancelled else "nothing to cancel")
+
+
+@app.command()
+def logs(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    shard: int = typer.Argument(..., help="shard id"),
+    lines: int = typer.Option(40, "--lines", "-n", help="how many lines of the log's tail"),
+) -> None:
+    """Print the tail of a shard's log and its recorded error, if any."""
+    run, _ = _load_run(run_dir)
+    path = run.log_path(shard)
+    if path.is_file():
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        console.print(f"[bold]{path}[/bold]")
+        console.print("\n".join(tail), markup=False, highlight=False)
+    else:
+        console.print(f"no log yet at {path}")
+    for extra in sorted(run.executor_dir.glob(f"**/*{run.shard_name(shard)}*")) if run.executor_dir.is_dir() else []:
+        console.print(f"scheduler log: {extra}")
+    failed = run.read_marker("failed", shard)
+    if failed:
+        console.print(f"[red]error[/red]: {failed['error']}", markup=True, highlight=False)
+        console.print(failed.get("traceback", ""), markup=False, highlight=False)
+
+
+@app.command()
+def analyze(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    metric: list[str] = typer.Option([], "--metric", "-m", help="metrics to compute (default: the sweep's analysis.metrics)"),
+) -> None:
+    """Score the run's images (only what is missing) and write report/summary.md with paired statistics."""
+    import analysis
+
+    run, sweep = _load_run(run_dir)
+    metrics = metric or list(sweep.analysis.metrics)
+    random_weights = True if sweep.analysis.random_metric_weights else None
+    analysis.compute_metrics(run.root, metrics=metrics, random_weights=random_weights)
+    summary = analysis.write_summary(run.root)
+    console.print(f"summary: [bold]{summary}[/bold]")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+    """Assemble tables and figures of an analysed run into report/report.md."""
+    import analysis
+
+    run, _ = _load_run(run_dir)
+    path = analysis.build_report(run.root)
+    console.print(f"report: [bold]{path}[/bold]")
+
+
+@app.command()
+def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run directory goes")) -> None:
+    """The whole pipeline on the embedded default (tiny random SD3, local executor): submit, analyze, report."""
+    run, manifest, _ = create_run(default_sweep(), str(output_root))
+    console.print(f"run [bold]{run.root}[/bold] (tiny-sd3: random weights, numbers mean nothing)")
+    _dispatch(run, make_executor(manifest.sweep.executor), manifest.shard_ids)
+    statuses = shard_statuses(run)
+    if any(s.state != "done" for s in statuses):
+        _print_summary(run, table=True)
+        _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
+    analyze(run.root, metric=[])
+    try:
+        report(run.root)
+    except AttributeError:  # the full report arrives with the analysis stage
+        pass
+    console.print(f"images:      {run.images_dir}")
+    console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
+    console.print(f"report:      {run.root / 'report'}")
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,92 @@
+"""Tiny, randomly initialised diffusers pipelines, built offline with a fixed init seed.
+
+They exercise the real diffusers code paths (StableDiffusion3Pipeline, SD3Transformer2DModel, the
+joint attention processor, the VAE, the CLIP encoders) in well under a second per image on a CPU, so
+the processors, the recorder and the whole sweep machinery can be tested end to end without weights.
+The same name always gives the same weights: the init runs under a forked, seeded torch RNG on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INIT_SEED = 20260101  # fixed: a preset's weights are part of its identity
+CLIP_HIDDEN = 32
+
+
+@dataclass(frozen=True)
+class TinySD3Config:
+    num_layers: int
+    heads: int = 4
+    head_dim: int = 8
+    latent_side: int = 8  # → default 64 px (VAE scale 8)
+    qk_norm: str | None = None
+    dual_attention_layers: tuple[int, ...] = ()
+
+
+TINY_PRESETS: dict[str, TinySD3Config] = {
+    "tiny-sd3": TinySD3Config(num_layers=2),
+    "tiny-sd3-deep": TinySD3Config(num_layers=4),
+    # SD3.5-medium-like: RMS QK-norm on both streams, and a dual-attention (.attn2) self-attention in block 0.
+    "tiny-sd35": TinySD3Config(num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,)),
+}
+
+
+def _tiny_clip_config():
+    from transformers import CLIPTextConfig
+
+    # Real CLIP vocabulary size and special ids, so the real tokenizer's ids index the embedding table.
+    return CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, vocab_size=49408,
+        hidden_size=CLIP_HIDDEN, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=CLIP_HIDDEN, max_position_embeddings=77,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # 4 levels → vae_scale_factor 8 as in the real SD3 VAE; 16 latent channels, SD3's shift/scale.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
+        scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def build_tiny_pipeline(name: str):
+    """Build the named tiny preset (`TINY_PRESETS`) on the CPU in fp32, eval mode, progress bar off."""
+    if name not in TINY_PRESETS:
+        raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(TINY_PRESETS)}")
+    cfg = TINY_PRESETS[name]
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from workers.tokenizer import load_clip_tokenizer
+
+    inner = cfg.heads * cfg.head_dim
+    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
+        torch.manual_seed(INIT_SEED)
+        transformer = SD3Transformer2DModel(
+            sample_size=cfg.latent_side, patch_size=2, in_channels=16, out_channels=16,
+            num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
+            joint_attention_dim=2 * CLIP_HIDDEN,  # CLIP-L ⊕ CLIP-G hidden (the T5 width in the real model)
+            caption_projection_dim=inner, pooled_projection_dim=2 * CLIP_HIDDEN, pos_embed_max_size=32,
+            qk_norm=cfg.qk_norm, dual_attention_layers=cfg.dual_attention_layers,
+        )
+        text_encoder = CLIPTextModelWithProjection(_tiny_clip_config())
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
+        vae = _tiny_vae()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=load_clip_tokenizer(pad_token="!"),  # SD3's CLIP-G pads with "!"
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    for module in (transformer, text_encoder, text_encoder_2, vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

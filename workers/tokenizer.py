@@ -1,0 +1,97 @@
+"""CLIP tokenizer files rebuilt offline from the BPE table that open_clip ships.
+
+SD3 / SDXL use OpenAI's CLIP BPE (49408 tokens). No weights or tokenizer files can be downloaded in our
+test and demo settings, but open_clip_torch installs `bpe_simple_vocab_16e6.txt.gz`, which holds the same
+merges. We turn it into the vocab.json / merges.txt pair that `transformers.CLIPTokenizer` reads, once,
+into a cache directory shared by all processes (written to a temp dir, then renamed: safe under races).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# OpenAI CLIP: 256 byte symbols, 256 byte symbols + "</w>", 48894 merges, 2 specials = 49408.
+_NUM_MERGES = 49152 - 256 - 2
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def cache_root() -> Path:
+    """`$SINKSCOPE_CACHE`, else ~/.cache/sinkscope."""
+    env = os.environ.get("SINKSCOPE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sinkscope"
+
+
+def shipped_bpe_file() -> Path:
+    """The gzipped BPE table inside the installed open_clip package."""
+    try:
+        import open_clip
+    except ImportError as exc:  # pragma: no cover - open_clip is a hard dependency
+        raise FileNotFoundError("open_clip_torch is not installed; it ships the CLIP BPE table (pip install open_clip_torch)") from exc
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the open_clip_torch installation")
+    return path
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte → printable-unicode table, in byte order of the vocabulary."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_clip_tokenizer(out_dir: Path, pad_token: str = END_TOKEN, model_max_length: int = 77) -> Path:
+    """Write the four files `CLIPTokenizer.from_pretrained(out_dir)` needs."""
+    lines = gzip.open(shipped_bpe_file()).read().decode("utf-8").split("\n")
+    merges = lines[1 : _NUM_MERGES + 1]  # line 0 is a version header
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [START_TOKEN, END_TOKEN]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN, "pad_token": pad_token}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True, "errors": "replace", **specials}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=1), encoding="utf-8")
+    return out_dir
+
+
+def clip_tokenizer_dir(pad_token: str = END_TOKEN) -> Path:
+    """Cached tokenizer directory for the given pad token (SD3's second CLIP pads with "!")."""
+    name = "clip-bpe-pad-endoftext" if pad_token == END_TOKEN else f"clip-bpe-pad-{ord(pad_token[0]):x}-{len(pad_token)}"
+    target = cache_root() / "tokenizers" / name
+    if all((target / f).is_file() for f in _FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        write_clip_tokenizer(staging, pad_token=pad_token)
+        try:
+            os.replace(staging, target)  # atomic when `target` does not exist yet
+        except OSError:
+            if not all((target / f).is_file() for f in _FILES):  # lost a race to a broken dir: replace it
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_clip_tokenizer(pad_token: str = END_TOKEN):
+    """A transformers CLIPTokenizer with OpenAI's vocabulary, built without network access."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(pad_token)))
