@@ -5,6 +5,7 @@ from manifests.interventions import PRESETS, Intervention, StepWindow, resolve_p
 from manifests.load import SweepError, parse_sweep, read_sweep_file, resolve_prompts
 from manifests.models import Geometry
 from manifests.prompts import Prompt
+from manifests.prompts import load_bundled as load_bundled_prompts
 from manifests.schema import (
     AnalysisSpec,
     ArmSpec,

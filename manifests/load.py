@@ -27,13 +27,17 @@ class SweepError(ValueError):
 
 def _key_path(loc: tuple) -> str:
     out = ""
+    previous = None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after[_one_kind(), StepWindow]",) or "[" in str(part) and "(" in str(part):
+        elif "[" in str(part) and "(" in str(part):
             continue  # pydantic's internal validator frames carry no key of the user's
+        elif previous == "executor" and part in ("local", "slurm", "ray"):
+            continue  # the discriminated union's tag is not a key of the file
         else:
             out += ("." if out else "") + str(part)
+        previous = part
     return out or "(top level)"
 
 
