@@ -34,6 +34,21 @@ log = logging.getLogger("sinkscope.jobs")
 
 ProgressCallback = Callable[[int, int], None]  # (groups finished in this shard, groups in this shard)
 
+# One pipeline per process and model: a worker that runs several shards of a run loads the model once.
+_PIPELINES: dict[str, object] = {}
+
+
+def _pipeline_for(model) -> object:
+    import workers  # heavy (torch, diffusers): imported only where a shard really runs
+
+    key = model.model_dump_json()
+    if key not in _PIPELINES:
+        _PIPELINES.clear()  # never hold two models at once
+        _PIPELINES[key] = workers.load_pipeline(model)
+        loaded = _PIPELINES[key]
+        log.info("loaded %s on %s (%s)", loaded.description, loaded.device, loaded.dtype)
+    return _PIPELINES[key]
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -154,8 +169,7 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         first = group[0]
         faults.maybe_raise_on_prompt(first["prompt"])
         if loaded is None:
-            loaded = workers.load_pipeline(sweep.model)
-            log.info("loaded %s on %s (%s)", loaded.description, loaded.device, loaded.dtype)
+            loaded = _pipeline_for(sweep.model)
         arm_specs = [arms_by_name[row["arm"]] for row in group]
         results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording)
         unit_rows, sink_tables = [], []

@@ -79,8 +79,11 @@ def _load_run(run_dir: Path) -> tuple[RunDir, object]:
     return run, sweep
 
 
-def _dispatch(run: RunDir, executor, shard_ids: list[int]) -> None:
-    """Submit under the run lock, so two submits or resumes of one run never send a shard twice."""
+def _dispatch(run: RunDir, executor, shard_ids: list[int]) -> int:
+    """Submit under the run lock, so two submits or resumes of one run never send a shard twice.
+
+    Returns the number of shards that failed (known only for the blocking local executor).
+    """
     with run.lock():
         statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run))}
         todo = [s for s in shard_ids if statuses[s].state in RERUNNABLE]
@@ -89,7 +92,7 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int]) -> None:
             console.print(f"skipping {len(skipped)} shard(s) already done, running or queued: {skipped[:20]}")
         if not todo:
             console.print("nothing to submit")
-            return
+            return 0
         for shard_id in todo:
             if statuses[shard_id].state == "corrupt":
                 run.done_path(shard_id).unlink(missing_ok=True)
@@ -100,10 +103,13 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int]) -> None:
             for record in records:
                 run.append_submission(record)
             console.print(f"submitted {len(todo)} shard(s) to {executor.kind}; follow with `orchestrate status {run.root}`")
-            return
+            return 0
     # a blocking (local) executor runs outside the lock: a second `resume` meanwhile sees the shards running
+    failed = 0
     for record in executor.submit(run, todo):
         run.append_submission(record)
+        failed += len(record.get("failed", []))
+    return failed
 
 
 def _scheduler_states(run: RunDir) -> dict[int, str]:
@@ -173,8 +179,10 @@ def submit(
         _fail(str(e))
     console.print(f"{'created' if created else 're-opened'} run [bold]{run.root}[/bold]")
     ex = _executor_for(run, manifest.sweep, executor, executor_opt)
-    _dispatch(run, ex, manifest.shard_ids)
+    failed = _dispatch(run, ex, manifest.shard_ids)
     _print_summary(run)
+    if failed:
+        _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
 
 
 @app.command()
@@ -191,8 +199,10 @@ def resume(
         console.print("nothing to resume")
         _print_summary(run)
         return
-    _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo)
+    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo)
     _print_summary(run)
+    if failed:
+        _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
 
 
 @app.command()
