@@ -108,7 +108,11 @@ mkdir -p "$ROOT"/{state,spool,log,run} "$CONF_DIR"
 # ---- 2. the wanted config (written to a temp file; compared with the running one) -------------
 MEM=$(( $(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p') - 1024 ))
 GRES_LINE="" GRES_TYPES=""
-if [ "$NGPUS" -gt 0 ]; then GRES_LINE="Gres=gpu:$NGPUS"; GRES_TYPES="GresTypes=gpu"; fi
+if [ "$NGPUS" -gt 0 ]; then
+  GRES_LINE="Gres=gpu:$NGPUS"
+  GRES_TYPES="GresTypes=gpu
+AccountingStorageTRES=gres/gpu"
+fi
 if [ "$NNODES" -gt 1 ]; then
   NODELINE="NodeName=node[1-$NNODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-$((17000 + NNODES)) CPUs=$NCPUS RealMemory=$((MEM / NNODES)) $GRES_LINE State=UNKNOWN"
 else
@@ -176,7 +180,9 @@ if [ "$NGPUS" -gt 0 ]; then
   # Slurm wants one device file per GPU; plain files under ROOT stand in for /dev/nvidiaN
   mkdir -p "$ROOT/fakegpu"
   for n in $(node_names); do
-    for g in $(seq 0 $((NGPUS - 1))); do touch "$ROOT/fakegpu/$n-gpu$g"; done
+    for g in $(seq 0 $((NGPUS - 1))); do  # a char device like /dev/null (c 1 3); a plain file if mknod is denied
+      [ -e "$ROOT/fakegpu/$n-gpu$g" ] || mknod "$ROOT/fakegpu/$n-gpu$g" c 1 3 2>/dev/null || touch "$ROOT/fakegpu/$n-gpu$g"
+    done
     echo "NodeName=$n Name=gpu File=$ROOT/fakegpu/$n-gpu[0-$((NGPUS - 1))]" >> "$NEW_GRES"
   done
 fi
@@ -265,12 +271,15 @@ done
 
 # ---- 7. wait until every node is idle --------------------------------------------------------
 for _ in $(seq 150); do [ "$(idle_nodes)" -ge "$NNODES" ] && break; sleep 0.2; done
-if [ "$(idle_nodes)" -lt "$NNODES" ]; then
-  # a node that was up before a restart may be idle+busy with old jobs: accept "mixed"/"allocated" too
-  if [ "$(sinfo -h -t idle,mix,alloc -o '%D' | awk '{s+=$1} END {print s+0}')" -lt "$NNODES" ]; then
-    sinfo -R >&2 || true; tail -n 20 "$LOG"/slurm*.log >&2 || true
-    die "Slurm nodes not ready after 30 s"
+# nodes busy with jobs count as ready ("mixed"/"allocated"); drained/invalid ones do not
+ready_nodes() { sinfo -h -t idle,mix,alloc -o '%D' 2>/dev/null | awk '{s+=$1} END {print s+0}'; }
+if [ "$(ready_nodes)" -lt "$NNODES" ]; then
+  if [ -z "${_SINKSCOPE_SLURM_RETRY:-}" ]; then   # e.g. a node left INVAL by an older config: once, cold
+    log "nodes not ready on a warm start: restarting cold once"; sinfo -R >&2 || true
+    stop_slurm; _SINKSCOPE_SLURM_RETRY=1 exec bash "$0" start
   fi
+  sinfo -R >&2 || true; tail -n 20 "$LOG"/slurm*.log >&2 || true
+  die "Slurm nodes not ready after 30 s"
 fi
 sacct -n -X -j 1 >/dev/null 2>&1 || die "sacct does not work: $LOG/slurmdbd.log"
 log "Slurm up: MaxArraySize=$MAX_ARRAY, $NNODES node(s) x $NCPUS CPUs, $NGPUS fake GPU(s)/node, root $ROOT"
