@@ -1,0 +1,280 @@
+"""Fused Triton kernels for sink statistics: no tokens^2 tensor, one QK^T pass per statistic family.
+
+Two kernels, because the quantities reduce along different axes:
+
+* ``_colmass_kernel`` (key-major): each program owns a block of keys and streams the chosen
+  queries past it, accumulating p = exp2(q.k scale log2e - lse log2e) elementwise in registers.
+  Column sums (incoming mass) and the entropy sum_ij p ln p then need one reduction at the end
+  instead of a cross-warp reduction per tile. Needs the row lse first.
+* ``_row_kernel`` (query-major): each program owns a block of queries and streams the keys. It
+  keeps the 5 largest logits per row (top-5 concentration = sum exp(t_r - lse)) and, when the
+  caller has no lse, computes it online. No exponentials are needed for top-5 with a known lse.
+
+The usual call passes ``lse`` from ``attention_with_lse`` (flash/cuDNN attention returns it for
+free), so mass+entropy cost one QK^T pass and top-5 one more (QK^T plus compares, no exp).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .mass import KeyMassStats, _check_qk
+
+try:  # triton is optional: the package must import on CPU-only machines without it
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERR = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _TRITON_ERR = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["MassConfig", "DEFAULT_CONFIG", "supported", "key_mass_stats_triton"]
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class MassConfig:
+    """Tile shapes and launch parameters of the two kernels (see benchmarks/RESULTS.md)."""
+
+    col_block_m: int = 128
+    col_block_n: int = 64
+    col_warps: int = 8
+    col_stages: int = 3
+    row_block_m: int = 128
+    row_block_n: int = 64
+    row_warps: int = 8
+    row_stages: int = 2
+
+
+DEFAULT_CONFIG = MassConfig()
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def supported(q: torch.Tensor) -> tuple[bool, str]:
+    """Whether the Triton path can take this q (and why not)."""
+    if triton is None:
+        return False, f"triton is not importable ({_TRITON_ERR})"
+    if not q.is_cuda and not _interpret():
+        return False, "q is not on a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"dtype {q.dtype} is not fp16/bf16/fp32"
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        return False, f"head dim {d} is not a power of two in [16, 256]"
+    return True, ""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _insert5(t0, t1, t2, t3, t4, v):
+        # insert v into the descending list t0 >= ... >= t4, keeping the 5 largest (v=-inf: no-op)
+        n0 = tl.maximum(t0, v)
+        n1 = tl.maximum(t1, tl.minimum(t0, v))
+        n2 = tl.maximum(t2, tl.minimum(t1, v))
+        n3 = tl.maximum(t3, tl.minimum(t2, v))
+        n4 = tl.maximum(t4, tl.minimum(t3, v))
+        return n0, n1, n2, n3, n4
+
+    @triton.jit
+    def _colmass_kernel(
+        Q, K, LSE, MASS, ENT,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        s_lb, s_lh, s_lm,
+        H, q_start, l_start, n_q, Lk, n_kblocks,
+        qk_scale2, inv_nq,
+        WANT_ENT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D)
+        nmask = offs_n < Lk
+        kt = tl.load(
+            K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+            mask=nmask[None, :], other=0.0,
+        )
+        q_base = Q + b * s_qb + h * s_qh + q_start * s_qm
+        l_base = LSE + b * s_lb + h * s_lh + l_start * s_lm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_e = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start_m in range(0, n_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < n_q
+            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=mmask[:, None], other=0.0)
+            # rows past the end get a huge lse: p = 0 and p * d = -0, never NaN
+            lse2 = tl.load(l_base + offs_m * s_lm, mask=mmask, other=1.0e30) * 1.4426950408889634
+            s = tl.dot(q, kt, input_precision=PREC)
+            d = s * qk_scale2 - lse2[:, None]
+            p = tl.math.exp2(d)
+            acc += p
+            if WANT_ENT:
+                acc_e += p * d
+        col = tl.sum(acc, axis=0) * inv_nq
+        tl.store(MASS + pid_bh * Lk + offs_n, col, mask=nmask)
+        if WANT_ENT:
+            # padded key columns (k = 0) must not enter the entropy
+            e = tl.sum(tl.where(nmask[None, :], acc_e, 0.0), axis=1)
+            tl.store(ENT + pid_bh * n_kblocks + pid_n, tl.sum(e, axis=0))
+
+    @triton.jit
+    def _row_kernel(
+        Q, K, LSE_IN, LSE_OUT, TOP,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        s_lb, s_lh, s_lm,
+        H, q_start, n_q, Lk, n_qblocks,
+        qk_scale2,
+        HAS_LSE: tl.constexpr, WANT_TOP5: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < n_q
+        offs_d = tl.arange(0, HEAD_D)
+        q = tl.load(
+            Q + b * s_qb + h * s_qh + (q_start + offs_m[:, None]) * s_qm + offs_d[None, :] * s_qd,
+            mask=mmask[:, None], other=0.0,
+        )
+        k_base = K + b * s_kb + h * s_kh
+        neg = float("-inf")
+        m_i = tl.full([BLOCK_M], neg, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        t0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
+        t1 = t0
+        t2 = t0
+        t3 = t0
+        t4 = t0
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            nmask = offs_n < Lk
+            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=nmask[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale2
+            s = tl.where(nmask[None, :], s, neg)
+            if not HAS_LSE:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), axis=1)
+                m_i = m_new
+            if WANT_TOP5:
+                # extract this tile's largest values (with multiplicity) only while some row
+                # of the block still has a value above its current 5th largest
+                cand = s
+                tm = tl.max(cand, axis=1)
+                go = tl.max((tm > t4).to(tl.int32), axis=0)
+                it = 0
+                while (go > 0) & (it < 5):
+                    hit = cand == tm[:, None]
+                    cnt = tl.sum(hit.to(tl.int32), axis=1)
+                    upd = tm > t4
+                    cand = tl.where(hit, neg, cand)
+                    for r in tl.static_range(5):
+                        v = tl.where(upd & (cnt > r), tm, neg)
+                        t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, v)
+                    tm = tl.max(cand, axis=1)
+                    go = tl.max((tm > t4).to(tl.int32), axis=0)
+                    it += 1
+        if HAS_LSE:
+            lse2 = tl.load(
+                LSE_IN + b * s_lb + h * s_lh + (q_start + offs_m) * s_lm, mask=mmask, other=0.0
+            ) * 1.4426950408889634
+        else:
+            lse2 = m_i + tl.math.log2(l_i)
+            tl.store(LSE_OUT + pid_bh * n_q + offs_m, lse2 * 0.6931471805599453, mask=mmask)
+        if WANT_TOP5:
+            tot = (
+                tl.math.exp2(t0 - lse2) + tl.math.exp2(t1 - lse2) + tl.math.exp2(t2 - lse2)
+                + tl.math.exp2(t3 - lse2) + tl.math.exp2(t4 - lse2)
+            )
+            tot = tl.where(mmask, tot, 0.0)
+            tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
+
+
+def key_mass_stats_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    query_start: int,
+    query_end: int,
+    *,
+    want_entropy: bool = True,
+    want_top5: bool = True,
+    lse: torch.Tensor | None = None,
+    config: MassConfig | None = None,
+) -> KeyMassStats:
+    """Triton version of ``mass.key_mass_stats``; ``lse`` [B,H,Lq] (natural log) skips a pass."""
+    ok, why = supported(q)
+    if not ok:
+        raise RuntimeError(f"Triton sink statistics unavailable: {why}")
+    nq = _check_qk(q, k, query_start, query_end)
+    if k.dtype != q.dtype:
+        raise ValueError(f"q and k dtypes differ ({q.dtype}, {k.dtype})")
+    cfg = config or DEFAULT_CONFIG
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    BH = B * H
+    dev = q.device
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no tf32 rounding
+    qk_scale2 = float(scale) * LOG2E
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    sq, sk = q.stride(), k.stride()
+
+    if lse is not None:
+        if tuple(lse.shape) != (B, H, Lq):
+            raise ValueError(f"lse must be [B,H,Lq]={B, H, Lq}; got {tuple(lse.shape)}")
+        lse = lse.to(device=dev, dtype=torch.float32)
+        sl, l_start = lse.stride(), query_start
+
+    top = None
+    if lse is None or want_top5:
+        n_qb = triton.cdiv(nq, cfg.row_block_m)
+        lse_out = torch.empty(BH, nq, dtype=torch.float32, device=dev) if lse is None else dummy
+        top = torch.empty(BH, n_qb, dtype=torch.float32, device=dev) if want_top5 else dummy
+        _row_kernel[(n_qb, BH)](
+            q, k, lse if lse is not None else dummy, lse_out, top,
+            sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3],
+            *(sl if lse is not None else (0, 0, 0)),
+            H, query_start, nq, Lk, n_qb, qk_scale2,
+            HAS_LSE=lse is not None, WANT_TOP5=want_top5,
+            BLOCK_M=cfg.row_block_m, BLOCK_N=cfg.row_block_n, HEAD_D=D, PREC=prec,
+            num_warps=cfg.row_warps, num_stages=cfg.row_stages,
+        )
+        if lse is None:
+            lse = lse_out
+            sl, l_start = (H * nq, nq, 1), 0
+
+    n_kb = triton.cdiv(Lk, cfg.col_block_n)
+    mass = torch.empty(BH, Lk, dtype=torch.float32, device=dev)
+    ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else dummy
+    _colmass_kernel[(n_kb, BH)](
+        q, k, lse, mass, ent,
+        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
+        H, query_start, l_start, nq, Lk, n_kb, qk_scale2, 1.0 / nq,
+        WANT_ENT=want_entropy,
+        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=prec,
+        num_warps=cfg.col_warps, num_stages=cfg.col_stages,
+    )
+    return KeyMassStats(
+        mass=mass.view(B, H, Lk),
+        entropy=(ent.sum(dim=1) * (-LN2 / nq)).view(B, H) if want_entropy else None,
+        top5=(top.sum(dim=1) / nq).view(B, H) if want_top5 else None,
+    )
