@@ -45,6 +45,8 @@ HUB_GEOMETRY: dict[str, Geometry] = {
     "stabilityai/stable-diffusion-3-medium-diffusers": Geometry("sd3", num_layers=24, heads=24),
     "stabilityai/stable-diffusion-3.5-medium": Geometry("sd3", num_layers=24, heads=24),
     "stabilityai/stable-diffusion-3.5-large": Geometry("sd3", num_layers=38, heads=38),
+    # SDXL: attention modules are addressed by name pattern (e.g. "mid_block.*.attn2"); 70 transformer blocks
+    "stabilityai/stable-diffusion-xl-base-1.0": Geometry("sdxl", num_layers=70, heads=20, patch_size=1, t5_tokens=0),
 }
 
 

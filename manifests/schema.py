@@ -205,7 +205,7 @@ class Sweep(_Strict):
             raise ValueError(f"analysis.baseline: {self.analysis.baseline!r} is not an arm name (arms: {names})")
         geo = self.model.geometry()
         height, width = self.resolution()
-        if geo is not None:
+        if geo is not None and geo.family == "sd3":  # token-level checks need the joint [image | text] layout
             side = geo.vae_scale * geo.patch_size
             for label, px in (("height", height), ("width", width)):
                 if px % side:
