@@ -282,8 +282,8 @@ def _add_holm(table: pd.DataFrame, family: list[str], columns: tuple[str, ...] =
     for col in columns:
         adj = np.full(len(table), np.nan)
         if len(table):
-            for _, idx in table.groupby(family, sort=False).groups.items():
-                pos = table.index.get_indexer(idx)
-                adj[pos] = holm(table.loc[idx, col])
+            values = table[col].to_numpy(dtype=np.float64)
+            for pos in table.groupby(family, sort=False).indices.values():
+                adj[pos] = holm(values[pos])
         table[f"{col}_holm"] = adj
     return table

@@ -8,6 +8,7 @@ torchvision's downloader for a pretrained trunk, so it is always built with a ra
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,8 @@ class LPIPSMetric(Metric):
         import torch
 
         path = None if self.random_weights else self.trunk_path()
-        with seeded_init():
+        with seeded_init(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained is deprecated"
             model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
         if path is not None:
             state = torch.load(path, map_location="cpu", weights_only=True)

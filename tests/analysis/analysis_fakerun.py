@@ -1,0 +1,137 @@
+"""Builds a small but real run directory (PNG images + Parquet tables) for the analysis tests.
+
+It follows the contract of docs/design.md: units/sink_steps part files per shard, done markers,
+a frozen sweep.yaml. Images are random pixels; intervened arms are the baseline image plus noise
+of an arm-specific strength, so LPIPS and pixel distances order arms predictably.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image
+
+from analysis._io import SINK_STEPS_SCHEMA, UNITS_SCHEMA
+
+TAGS = ["single_object", "two_object", "counting", "colors"]
+MODALITIES = ["image", "clip", "t5", "t5_pad"]
+
+
+def default_arms() -> list[dict]:
+    """A baseline, a measure-only no-op twin, and sink/random arms at k=1 and k=5."""
+    arms = [{"name": "base", "intervention": None}, {"name": "noop", "intervention": None}]
+    for k in (1, 5):
+        common = {"k": k, "layers": [12], "score_op": "remove"}
+        arms.append({"name": f"sink_k{k}", "intervention": {"selection": "union_topk", **common}})
+        arms.append({"name": f"rand_k{k}", "intervention": {"selection": "random_union", **common}})
+    return arms
+
+
+# noise standard deviation (in uint8 units) added to the baseline image per arm
+DEFAULT_NOISE = {"base": 0.0, "noop": 0.0, "sink_k1": 40.0, "rand_k1": 8.0, "sink_k5": 70.0, "rand_k5": 12.0}
+
+
+@dataclass
+class FakeRunSpec:
+    n_prompts: int = 6
+    n_seeds: int = 2
+    prompts_per_shard: int = 3
+    size: int = 64
+    arms: list[dict] = field(default_factory=default_arms)
+    noise: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_NOISE))
+    baseline: str | None = "base"  # written as analysis.baseline (needed: two null arms)
+    random_model: bool = True
+    steps: int = 4
+    layers: tuple[int, ...] = (6, 12, 18)
+    heads: int = 2
+    done_shards: list[int] | None = None  # None: every shard gets a done marker
+    with_sink_steps: bool = True
+
+
+def unit_id(prompt_id: int, seed_index: int, arm: str) -> str:
+    return f"p{prompt_id:05d}-s{seed_index:03d}-{arm}"
+
+
+def make_run(root: Path, spec: FakeRunSpec | None = None) -> Path:
+    spec = spec or FakeRunSpec()
+    run = Path(root) / "demo-0123abcd"
+    (run / "tables" / "units").mkdir(parents=True)
+    sweep = {
+        "name": "demo",
+        "model": {"id": "tiny-sd3"},
+        "seeds": {"base": 42, "count": spec.n_seeds},
+        "arms": spec.arms,
+    }
+    if spec.baseline:
+        sweep["analysis"] = {"baseline": spec.baseline}
+    (run / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    arm_names = [a["name"] for a in spec.arms]
+    n_shards = (spec.n_prompts + spec.prompts_per_shard - 1) // spec.prompts_per_shard
+    done = list(range(n_shards)) if spec.done_shards is None else spec.done_shards
+    (run / "state" / "done").mkdir(parents=True)
+    for shard in range(n_shards):
+        prompts = range(shard * spec.prompts_per_shard, min(spec.n_prompts, (shard + 1) * spec.prompts_per_shard))
+        units, steps = [], []
+        for p in prompts:
+            for s in range(spec.n_seeds):
+                seed = 42 + p + s * 1_000_000
+                rng = np.random.default_rng(seed)
+                base = rng.integers(0, 256, (spec.size, spec.size, 3)).astype(np.float64)
+                for a_i, arm in enumerate(arm_names):
+                    noise = spec.noise.get(arm, 20.0)
+                    arm_rng = np.random.default_rng([seed, a_i])
+                    img = np.clip(base + arm_rng.normal(0, noise, base.shape), 0, 255) if noise else base
+                    rel = f"images/arm={arm}/p{p:05d}-s{s:03d}.png"
+                    (run / rel).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(img.round().astype(np.uint8)).save(run / rel)
+                    uid = unit_id(p, s, arm)
+                    units.append(
+                        {
+                            "unit_id": uid, "prompt_id": p, "seed_index": s, "seed": seed, "arm": arm,
+                            "prompt": f"a photo of object number {p}", "tag": TAGS[p % len(TAGS)],
+                            "shard_id": shard, "image_path": rel, "width": spec.size, "height": spec.size,
+                            "random_weights": spec.random_model, "model": "tiny-sd3",
+                        }
+                    )  # fmt: skip
+                    if spec.with_sink_steps:
+                        steps.extend(_sink_rows(uid, p, s, arm, spec, arm_rng))
+        table = pa.Table.from_pylist(units, schema=UNITS_SCHEMA)
+        pq.write_table(table, run / "tables" / "units" / f"part-shard-{shard:05d}.parquet")
+        if spec.with_sink_steps:
+            (run / "tables" / "sink_steps").mkdir(parents=True, exist_ok=True)
+            pq.write_table(
+                pa.Table.from_pylist(steps, schema=SINK_STEPS_SCHEMA),
+                run / "tables" / "sink_steps" / f"part-shard-{shard:05d}.parquet",
+            )
+        if shard in done:
+            (run / "state" / "done" / f"shard-{shard:05d}.json").write_text(json.dumps({"rows": len(units)}))
+    return run
+
+
+def _sink_rows(uid, p, s, arm, spec, rng):
+    rows = []
+    for step in range(spec.steps):
+        for layer in spec.layers:
+            for head in range(spec.heads):
+                for branch in ("cond", "uncond"):
+                    mass = rng.uniform(0.01, 0.1, 3)
+                    mods = [MODALITIES[int(i)] for i in rng.integers(0, len(MODALITIES), 3)]
+                    rows.append(
+                        {
+                            "unit_id": uid, "prompt_id": p, "seed_index": s, "arm": arm, "step": step,
+                            "timestep": 1000.0 * (1 - step / spec.steps), "sigma": 1 - step / spec.steps,
+                            "layer": layer, "head": head, "branch": branch,
+                            "topk_idx": [int(i) for i in rng.integers(0, 100, 3)], "topk_modality": mods,
+                            "topk_mass": sorted(mass.tolist(), reverse=True),
+                            "max_mass": float(mass.max()) * (1 + layer / 10), "entropy": float(rng.uniform(4, 7)),
+                            "top5_conc": float(rng.uniform(0.1, 0.45)), "intervened": arm.startswith(("sink", "rand")),
+                            "selected_idx": None, "removed_mass_after": None,
+                        }
+                    )  # fmt: skip
+    return rows
