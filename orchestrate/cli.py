@@ -79,13 +79,13 @@ def _load_run(run_dir: Path) -> tuple[RunDir, object]:
     return run, sweep
 
 
-def _dispatch(run: RunDir, executor, shard_ids: list[int]) -> int:
+def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False) -> int:
     """Submit under the run lock, so two submits or resumes of one run never send a shard twice.
 
     Returns the number of shards that failed (known only for the blocking local executor).
     """
     with run.lock():
-        statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run))}
+        statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run), verify=verify)}
         todo = [s for s in shard_ids if statuses[s].state in RERUNNABLE]
         skipped = sorted(set(shard_ids) - set(todo))
         if skipped:
@@ -199,7 +199,7 @@ def resume(
         console.print("nothing to resume")
         _print_summary(run)
         return
-    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo)
+    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo, verify=True)
     _print_summary(run)
     if failed:
         _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
