@@ -264,17 +264,18 @@ def _check_idx(selected_idx: torch.Tensor, B: int, H: int, Lk: int) -> None:
         raise ValueError("selected_idx must be an integer tensor")
 
 
-def _keep_index(selected_idx: torch.Tensor, Lk: int) -> torch.Tensor:
+def _keep_index(selected_idx: torch.Tensor, Lk: int, check: bool = True) -> torch.Tensor:
     """[B,H,Lk-k] indices of the keys that stay; needs k distinct in-range indices per (b,h)."""
     B, H, kk = selected_idx.shape
     idx = selected_idx.long()
     if kk >= Lk:
         raise ValueError(f"cannot remove {kk} of {Lk} keys")
-    bad = (idx < 0) | (idx >= Lk)
-    srt = idx.sort(dim=-1).values
-    dup = (srt[..., 1:] == srt[..., :-1]) if kk > 1 else torch.zeros(1, dtype=torch.bool, device=idx.device)
-    if bool(bad.any() | dup.any()):  # one host sync; removal is rare next to statistics
-        raise ValueError("selected_idx needs distinct indices in [0, Lk) per (b,h)")
+    if check:
+        bad = (idx < 0) | (idx >= Lk)
+        srt = idx.sort(dim=-1).values
+        dup = (srt[..., 1:] == srt[..., :-1]) if kk > 1 else torch.zeros(1, dtype=torch.bool, device=idx.device)
+        if bool(bad.any() | dup.any()):  # one host sync
+            raise ValueError("selected_idx needs distinct indices in [0, Lk) per (b,h)")
     keep = torch.ones(B, H, Lk, dtype=torch.bool, device=idx.device)
     keep.scatter_(-1, idx, False)
     # stable sort of the boolean keeps key order: True (kept) first
@@ -305,6 +306,7 @@ def remove_keys(
     *,
     method: str = "auto",
     guard: float | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Attention output with the selected keys removed (exactly) for queries [query_start, query_end).
 
@@ -317,6 +319,8 @@ def remove_keys(
     stored rounded), so they are recomputed by attention over the remaining keys. ``guard`` defaults
     to 0.99 for fp32/fp64 ``out`` and 0.5 for 16-bit ``out`` (its rounding error is amplified by
     1/(1 - sum_sel p)). method="recompute": attention over the remaining keys for the whole scope.
+    ``check=False`` skips the distinct/in-range test of ``selected_idx`` (a host sync); pass it only
+    for indices distinct by construction (topk). "auto" still syncs once to size the recompute.
     """
     if method not in ("auto", "closed_form", "recompute"):
         raise ValueError(f"method must be auto, closed_form or recompute; got {method!r}")
@@ -327,7 +331,7 @@ def remove_keys(
     if out.shape[:3] != (B, H, Lq) or lse.shape != (B, H, Lq):
         raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q {tuple(q.shape)}")
     _check_idx(selected_idx, B, H, Lk)
-    keep = _keep_index(selected_idx, Lk)
+    keep = _keep_index(selected_idx, Lk, check)
     a, b_ = query_start, query_end
     result = out.clone()
 

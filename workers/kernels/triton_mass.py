@@ -44,9 +44,9 @@ LN2 = math.log(2.0)
 class MassConfig:
     """Tile shapes and launch parameters of the two kernels (see benchmarks/RESULTS.md)."""
 
-    col_block_m: int = 128
+    col_block_m: int = 64
     col_block_n: int = 64
-    col_warps: int = 8
+    col_warps: int = 4
     col_stages: int = 3
     row_block_m: int = 128
     row_block_n: int = 64
@@ -70,8 +70,8 @@ def supported(q: torch.Tensor) -> tuple[bool, str]:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False, f"dtype {q.dtype} is not fp16/bf16/fp32"
     d = q.shape[-1]
-    if d < 16 or d > 256 or d & (d - 1):
-        return False, f"head dim {d} is not a power of two in [16, 256]"
+    if d < 16 or d > 128 or d & (d - 1):
+        return False, f"head dim {d} is not a power of two in [16, 128]"
     return True, ""
 
 
@@ -209,6 +209,50 @@ if triton is not None:
             tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
 
 
+def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
+    """Row kernel: top-5 partial sums [BH, n_qblocks] and, without ``lse``, the lse [BH, nq]."""
+    B, H, _, D = q.shape
+    BH, Lk, dev = B * H, k.shape[2], q.device
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    n_qb = triton.cdiv(nq, cfg.row_block_m)
+    lse_out = torch.empty(BH, nq, dtype=torch.float32, device=dev) if lse is None else dummy
+    top = torch.empty(BH, n_qb, dtype=torch.float32, device=dev) if want_top5 else dummy
+    sq, sk = q.stride(), k.stride()
+    sl = lse.stride() if lse is not None else (0, 0, 0)
+    _row_kernel[(n_qb, BH)](
+        q, k, lse if lse is not None else dummy, lse_out, top,
+        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
+        H, query_start, nq, Lk, n_qb, float(scale) * LOG2E,
+        HAS_LSE=lse is not None, WANT_TOP5=want_top5,
+        BLOCK_M=cfg.row_block_m, BLOCK_N=cfg.row_block_n, HEAD_D=D, PREC=_prec(q),
+        num_warps=cfg.row_warps, num_stages=cfg.row_stages,
+    )
+    return (lse_out if lse is None else None), (top if want_top5 else None)
+
+
+def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg):
+    """Column kernel: mass [BH, Lk] (already divided by nq) and entropy partials [BH, n_kblocks]."""
+    B, H, _, D = q.shape
+    BH, Lk, dev = B * H, k.shape[2], q.device
+    n_kb = triton.cdiv(Lk, cfg.col_block_n)
+    mass = torch.empty(BH, Lk, dtype=torch.float32, device=dev)
+    ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else mass
+    sq, sk, sl = q.stride(), k.stride(), lse_strides
+    _colmass_kernel[(n_kb, BH)](
+        q, k, lse, mass, ent,
+        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
+        H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq,
+        WANT_ENT=want_entropy,
+        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q),
+        num_warps=cfg.col_warps, num_stages=cfg.col_stages,
+    )
+    return mass, (ent if want_entropy else None)
+
+
+def _prec(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no tf32 rounding
+
+
 def key_mass_stats_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,50 +273,20 @@ def key_mass_stats_triton(
     if k.dtype != q.dtype:
         raise ValueError(f"q and k dtypes differ ({q.dtype}, {k.dtype})")
     cfg = config or DEFAULT_CONFIG
-    B, H, Lq, D = q.shape
+    B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    BH = B * H
-    dev = q.device
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs: no tf32 rounding
-    qk_scale2 = float(scale) * LOG2E
-    dummy = torch.empty(1, dtype=torch.float32, device=dev)
-    sq, sk = q.stride(), k.stride()
-
     if lse is not None:
         if tuple(lse.shape) != (B, H, Lq):
             raise ValueError(f"lse must be [B,H,Lq]={B, H, Lq}; got {tuple(lse.shape)}")
-        lse = lse.to(device=dev, dtype=torch.float32)
+        lse = lse.to(device=q.device, dtype=torch.float32)
         sl, l_start = lse.stride(), query_start
 
     top = None
     if lse is None or want_top5:
-        n_qb = triton.cdiv(nq, cfg.row_block_m)
-        lse_out = torch.empty(BH, nq, dtype=torch.float32, device=dev) if lse is None else dummy
-        top = torch.empty(BH, n_qb, dtype=torch.float32, device=dev) if want_top5 else dummy
-        _row_kernel[(n_qb, BH)](
-            q, k, lse if lse is not None else dummy, lse_out, top,
-            sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3],
-            *(sl if lse is not None else (0, 0, 0)),
-            H, query_start, nq, Lk, n_qb, qk_scale2,
-            HAS_LSE=lse is not None, WANT_TOP5=want_top5,
-            BLOCK_M=cfg.row_block_m, BLOCK_N=cfg.row_block_n, HEAD_D=D, PREC=prec,
-            num_warps=cfg.row_warps, num_stages=cfg.row_stages,
-        )
+        own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg)
         if lse is None:
-            lse = lse_out
-            sl, l_start = (H * nq, nq, 1), 0
-
-    n_kb = triton.cdiv(Lk, cfg.col_block_n)
-    mass = torch.empty(BH, Lk, dtype=torch.float32, device=dev)
-    ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else dummy
-    _colmass_kernel[(n_kb, BH)](
-        q, k, lse, mass, ent,
-        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
-        H, query_start, l_start, nq, Lk, n_kb, qk_scale2, 1.0 / nq,
-        WANT_ENT=want_entropy,
-        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=prec,
-        num_warps=cfg.col_warps, num_stages=cfg.col_stages,
-    )
+            lse, sl, l_start = own_lse, (H * nq, nq, 1), 0
+    mass, ent = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg)
     return KeyMassStats(
         mass=mass.view(B, H, Lk),
         entropy=(ent.sum(dim=1) * (-LN2 / nq)).view(B, H) if want_entropy else None,
