@@ -1,1 +1,10 @@
-"""placeholder"""
+"""Workers: load a diffusers pipeline, identify attention sinks, intervene, record; never write files.
+
+Public API (what jobs calls): load_pipeline, LoadedPipeline, generate_group, ArmResult, SINK_STEP_SCHEMA.
+"""
+
+from workers.generate import ArmResult, generate_group
+from workers.loading import LoadedPipeline, ModelNotAvailableError, load_pipeline
+from workers.recorder import SINK_STEP_SCHEMA
+
+__all__ = ["load_pipeline", "LoadedPipeline", "ModelNotAvailableError", "generate_group", "ArmResult", "SINK_STEP_SCHEMA"]

@@ -1,0 +1,28 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny paths never touch the hub; a stray call fails at once
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tokenizer files are rebuilt into a fresh cache, so the build itself is exercised."""
+    old = os.environ.get("SINKSCOPE_CACHE")
+    os.environ["SINKSCOPE_CACHE"] = str(tmp_path_factory.mktemp("sinkscope-cache"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    if old is None:
+        os.environ.pop("SINKSCOPE_CACHE", None)
+    else:
+        os.environ["SINKSCOPE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(_private_cache):
+    from manifests import ModelSpec
+    from workers import load_pipeline
+
+    return load_pipeline(ModelSpec(preset="tiny-sd3"), device="cpu")

@@ -1,0 +1,151 @@
+"""Sink identification: incoming key mass per (batch, head), and the key selections of the intervention family.
+
+Incoming mass m[b,h,j] = mean over a range of queries of softmax(q·kᵀ·scale)[j]. It is computed in query
+chunks in fp32 (never a full fp32 queries × keys matrix per layer) by `workers.kernels.key_mass_stats`
+(a fused Triton kernel on CUDA).
+
+Selections return key indices per head, `[H, n]` int64, in diffusers' joint key order [image | text].
+Random selections draw from a CPU `torch.Generator` seeded from (unit seed, offset, step, layer, branch),
+so the same unit picks the same keys on any device, and no two (step, layer, branch) share a stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from manifests.interventions import Intervention
+from workers.kernels import KeyMassStats, key_mass_stats  # Triton on CUDA, chunked fp32 elsewhere
+
+__all__ = ["KeyMassStats", "key_mass_stats", "KeyLayout", "rank_keys", "select_keys", "selection_seed"]
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where each modality sits in the joint key sequence [image | CLIP | T5]."""
+
+    num_image: int
+    num_clip: int
+    num_t5: int
+
+    @property
+    def num_text(self) -> int:
+        return self.num_clip + self.num_t5
+
+    @property
+    def num_keys(self) -> int:
+        return self.num_image + self.num_text
+
+    def query_range(self, scope: str) -> tuple[int, int]:
+        """[start, end) of the image / text / all query rows."""
+        if scope == "image":
+            return 0, self.num_image
+        if scope == "text":
+            return self.num_image, self.num_keys
+        if scope == "all":
+            return 0, self.num_keys
+        raise ValueError(f"unknown query scope {scope!r}")
+
+    def eligible(self, which: str, device=None) -> torch.Tensor:
+        """Boolean [K] mask of the keys a selection may pick."""
+        mask = torch.zeros(self.num_keys, dtype=torch.bool, device=device)
+        start, end = self.query_range("all" if which == "all" else which)
+        mask[start:end] = True
+        return mask
+
+    def to_joint_order(self, indices: list[int], key_order: str) -> list[int]:
+        """Map static indices given in `key_order` to diffusers' [image | text] order."""
+        out = []
+        for index in indices:
+            if not 0 <= index < self.num_keys:
+                raise ValueError(f"static key index {index} is outside the {self.num_keys} keys of this layer")
+            if key_order == "text_image":  # paper M3: [text | image], so 0 = first text token (CLIP BOS)
+                out.append(self.num_image + index if index < self.num_text else index - self.num_text)
+            else:
+                out.append(index)
+        return out
+
+
+def rank_keys(values: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the `count` largest (smallest) values along the last dim; ties go to the lower index.
+
+    Exact ties are common (SD3 without T5 has 256 identical zero T5 keys; CLIP padding repeats), and
+    `torch.topk` breaks them differently per device and k, so selections and records use a stable sort.
+    """
+    return torch.sort(values, dim=-1, descending=largest, stable=True).indices[..., :count]
+
+
+def selection_seed(unit_seed: int, offset: int, step: int, layer: str, branch: str, purpose: str = "select") -> int:
+    """A 63-bit seed unique to (unit, offset, step, layer, branch, purpose): no collisions across prompts or calls."""
+    text = f"{unit_seed}|{offset}|{step}|{layer}|{branch}|{purpose}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def _uniform_per_head(candidates: torch.Tensor, heads: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct keys per head drawn uniformly from `candidates` [n] (a random permutation per head)."""
+    if count > candidates.numel():
+        raise ValueError(f"cannot draw {count} keys from {candidates.numel()} eligible keys")
+    order = torch.rand(heads, candidates.numel(), generator=generator).argsort(dim=-1)[:, :count]
+    return candidates[order]
+
+
+def select_keys(
+    iv: Intervention,
+    layout: KeyLayout,
+    mass: torch.Tensor | None,
+    heads: int,
+    generator_seed: int | None = None,
+) -> torch.Tensor:
+    """Keys to act on for one batch element: [H, n] int64 on the CPU.
+
+    `mass` is that element's incoming mass [H, K] (needed by the mass-based selections and
+    modality_random); `generator_seed` seeds the random selections.
+    """
+    eligible = layout.eligible(iv.eligible_keys)
+    candidates = eligible.nonzero().squeeze(1)
+    sel = iv.selection
+    if sel == "static":
+        joint = layout.to_joint_order(list(iv.indices or []), iv.key_order)
+        bad = [j for j in joint if not eligible[j]]
+        if bad:
+            raise ValueError(f"static keys {bad} (joint order) are not among the eligible {iv.eligible_keys!r} keys")
+        return torch.tensor(joint, dtype=torch.long).expand(heads, -1).clone()
+    if sel in ("random", "random_union", "modality_random"):
+        if generator_seed is None:
+            raise ValueError(f"selection={sel} needs a generator seed")
+        generator = torch.Generator("cpu").manual_seed(generator_seed)
+    if sel == "random":
+        return _uniform_per_head(candidates, heads, iv.k, generator)
+    if sel == "random_union":
+        return _uniform_per_head(candidates, 1, iv.k * heads, generator).expand(heads, -1).clone()
+    if mass is None:
+        raise ValueError(f"selection={sel} needs the incoming mass")
+    mass = mass.detach().float().cpu()
+    largest = sel in ("topk", "union_topk", "modality_random")
+    fill = float("-inf") if largest else float("inf")
+    masked = mass.masked_fill(~eligible, fill)
+    if sel in ("topk", "bottomk", "modality_random"):
+        if iv.k > candidates.numel():
+            raise ValueError(f"k={iv.k} exceeds the {candidates.numel()} eligible keys")
+        top = rank_keys(masked, iv.k, largest)
+        if sel != "modality_random":
+            return top
+        # Same modality mix as top-k, drawn uniformly within each modality (a modality-matched random control).
+        image_pool = candidates[candidates < layout.num_image]
+        text_pool = candidates[candidates >= layout.num_image]
+        rows = []
+        for head in range(heads):
+            n_image = int((top[head] < layout.num_image).sum())
+            picks = [_uniform_per_head(image_pool, 1, n_image, generator)[0]] if n_image else []
+            if iv.k - n_image:
+                picks.append(_uniform_per_head(text_pool, 1, iv.k - n_image, generator)[0])
+            rows.append(torch.cat(picks))
+        return torch.stack(rows)
+    # union_topk / union_bottomk: head-averaged mass, k·H keys shared by every head (paper M2).
+    budget = iv.k * heads
+    if budget > candidates.numel():
+        raise ValueError(f"k·H={budget} exceeds the {candidates.numel()} eligible keys")
+    union = rank_keys(masked.mean(dim=0), budget, largest)
+    return union.expand(heads, -1).clone()

@@ -1,0 +1,98 @@
+"""Joint-attention processor for SD3 / SD3.5 (`transformer_blocks.{i}.attn`, and SD3.5's `.attn2`).
+
+`SD3SinkAttnProcessor` repeats diffusers 0.42.1's `JointAttnProcessor2_0` op for op (same projections,
+norms, concatenation order [image | text], one SDPA call, same split), so without an active intervention
+the output is bit-identical to stock, also while the layer is recorded: identification reads the same q/k
+on the side, and interventions only overwrite the in-scope rows of the intervened batch elements afterwards.
+QK-norm is applied per stream as diffusers does (norm_k on image keys, norm_added_k on text keys; the
+paper's processors applied norm_k to the concatenation, paper-spec §5.6).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from workers.identification import KeyLayout
+from workers.processors.common import apply_sinks
+
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
+
+
+class SD3SinkAttnProcessor:
+    def __init__(self, session, layer_name: str):
+        self.session = session
+        self.layer_name = layer_name  # module name, e.g. "transformer_blocks.12.attn"
+        match = _BLOCK.match(layer_name)
+        self.block_index = int(match.group(1)) if match else None  # integer layers address the joint `.attn` only
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if encoder_hidden_states is not None:
+            context_query = attn.add_q_proj(encoder_hidden_states)
+            context_key = attn.add_k_proj(encoder_hidden_states)
+            context_value = attn.add_v_proj(encoder_hidden_states)
+            context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                context_query = attn.norm_added_q(context_query)
+            if attn.norm_added_k is not None:
+                context_key = attn.norm_added_k(context_key)
+            query = torch.cat([query, context_query], dim=2)
+            key = torch.cat([key, context_key], dim=2)
+            value = torch.cat([value, context_value], dim=2)
+
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        ctx = self.session.context if self.session is not None else None
+        if ctx is not None:
+            num_image = residual.shape[1]
+            num_text = key.shape[2] - num_image
+            num_clip = min(ctx.num_clip_tokens, num_text)
+            layout = KeyLayout(num_image=num_image, num_clip=num_clip, num_t5=num_text - num_clip)
+            hidden_states = apply_sinks(ctx, self.layer_name, self.block_index, query, key, value, hidden_states, layout)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def install_sd3_processors(transformer, session) -> list[str]:
+    """Replace every joint attention processor (`...attn` and `...attn2`) with an SD3SinkAttnProcessor."""
+    processors = {}
+    names = []
+    for name in transformer.attn_processors:
+        module = name.removesuffix(".processor")
+        processors[name] = SD3SinkAttnProcessor(session, module)
+        names.append(module)
+    transformer.set_attn_processor(processors)  # consumes the dict
+    return names

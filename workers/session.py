@@ -1,0 +1,147 @@
+"""Per-run state shared by the sink processors: who is in the batch, which step it is, what to record.
+
+One `SinkSession` belongs to a loaded pipeline. Its processors stay installed for the pipeline's lifetime
+and behave exactly like stock diffusers while no `RunContext` is active. A run (one pipeline call) sets a
+`RunContext` holding one `ElementPlan` per batch element of the transformer call, so a batch may later
+carry several arms (each with its own intervention, branch and unit seed) without changing the processors.
+
+The step index comes from a forward pre-hook on the transformer: the n-th transformer call of a run is
+step n, and its timestep is checked against `scheduler.timesteps[n]` (the paper instead set the step in a
+callback that runs after the scheduler step, an off-by-one: paper-spec §5.2, §5.10).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+import torch
+
+from manifests.interventions import Intervention
+from manifests.schema import RecordingSpec
+
+
+@dataclass(frozen=True)
+class ElementPlan:
+    """What one batch element of the transformer input does during a run."""
+
+    arm: str
+    branch: str  # "cond" | "uncond"
+    intervention: Intervention | None
+    unit_seed: int
+    t5_valid: tuple[bool, ...] | None = None  # per T5 slot, True for a real token; None: T5 absent (all padding)
+
+
+@dataclass
+class CallRecord:
+    """Statistics of one (step, layer, batch element), kept as device tensors until the run ends."""
+
+    arm: str
+    branch: str
+    element: int
+    step: int
+    timestep: float
+    sigma: float
+    layer: int
+    heads: int
+    num_image: int
+    num_clip: int
+    t5_valid: tuple[bool, ...] | None
+    topk_idx: torch.Tensor | None  # [H, k]
+    topk_mass: torch.Tensor | None  # [H, k]
+    max_mass: torch.Tensor | None  # [H]
+    entropy: torch.Tensor | None  # [H]
+    top5: torch.Tensor | None  # [H]
+    selected: torch.Tensor | None  # [H, n]
+    removed_mass_after: torch.Tensor | None  # [H]
+
+
+@dataclass
+class RunContext:
+    elements: list[ElementPlan]
+    recording: RecordingSpec | None
+    num_clip_tokens: int = 77
+    max_chunk_bytes: int = 64 << 20
+    step: int = -1
+    timestep: float = math.nan
+    sigma: float = math.nan
+    active_steps: list[frozenset[int] | None] = field(default_factory=list)  # per element
+    records: list[CallRecord] = field(default_factory=list)
+
+    def intervention_active(self, element: int, layer_name: str, block_index: int | None) -> Intervention | None:
+        """The element's intervention if it acts at this layer, branch and step, else None."""
+        plan = self.elements[element]
+        iv = plan.intervention
+        if iv is None or (iv.cfg_branch != "both" and iv.cfg_branch != plan.branch):
+            return None
+        if not layer_matches(iv.layers, layer_name, block_index):
+            return None
+        steps = self.active_steps[element]
+        if steps is not None and self.step not in steps:
+            return None
+        return iv
+
+    def records_layer(self, element: int, block_index: int | None) -> bool:
+        rec = self.recording
+        return (
+            rec is not None
+            and block_index is not None
+            and block_index in rec.layers
+            and self.elements[element].branch in rec.branches
+        )
+
+
+def layer_matches(layers: list[int | str], layer_name: str, block_index: int | None) -> bool:
+    """Integers name a block's joint attention (`transformer_blocks.{i}.attn`); strings are globs on module names."""
+    for layer in layers:
+        if isinstance(layer, int):
+            if block_index is not None and layer == block_index:
+                return True
+        elif fnmatch(layer_name, layer):
+            return True
+    return False
+
+
+class SinkSession:
+    """Holds the active RunContext and keeps its step counter in sync with the transformer calls."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.context: RunContext | None = None
+        self._hook = pipe.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
+
+    def _on_transformer_call(self, module, args, kwargs):
+        ctx = self.context
+        if ctx is None:
+            return None
+        scheduler = self.pipe.scheduler
+        ctx.step += 1
+        step = ctx.step
+        if step >= len(scheduler.timesteps):
+            raise RuntimeError(
+                f"transformer call {step + 1} exceeds the scheduler's {len(scheduler.timesteps)} timesteps "
+                "(extra transformer calls per step, e.g. skip-layer guidance, are not supported)"
+            )
+        expected = float(scheduler.timesteps[step])
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if timestep is not None and not math.isclose(float(timestep.flatten()[0]), expected, rel_tol=1e-5, abs_tol=1e-4):
+            raise RuntimeError(f"transformer call {step} got timestep {float(timestep.flatten()[0])}, scheduler expects {expected}")
+        batch = kwargs.get("hidden_states", args[0] if args else None)
+        if batch is not None and batch.shape[0] != len(ctx.elements):
+            raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {len(ctx.elements)} elements")
+        ctx.timestep = expected
+        ctx.sigma = float(scheduler.sigmas[step])
+        if step == 0:
+            num_steps = len(scheduler.timesteps)
+            sigmas = [float(s) for s in scheduler.sigmas[:num_steps]]
+            ctx.active_steps = [
+                None
+                if plan.intervention is None or plan.intervention.step_window is None
+                else frozenset(plan.intervention.step_window.active_steps(num_steps, sigmas))
+                for plan in ctx.elements
+            ]
+        return None
+
+    def close(self) -> None:
+        self._hook.remove()
