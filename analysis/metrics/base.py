@@ -101,7 +101,25 @@ class Metric:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.options = dict(options)
         self._loaded = False
+        accepted = self.accepted_options()
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise TypeError(f"metric {self.name!r}: unknown options {unknown}; accepted: {sorted(accepted)}")
         self.configure(**options)
+
+    @classmethod
+    def accepted_options(cls) -> set[str]:
+        """Keyword options ``configure`` (and a ``configure_extra`` it forwards to) accept."""
+        import inspect
+
+        names: set[str] = set()
+        for fn_name in ("configure", "configure_extra"):
+            fn = getattr(cls, fn_name, None)
+            if fn is None:
+                continue
+            params = list(inspect.signature(fn).parameters.values())[1:]
+            names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        return names
 
     # -- to override -------------------------------------------------------------------
     def configure(self, **options: Any) -> None:

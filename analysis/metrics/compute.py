@@ -215,10 +215,10 @@ def _reduce_set_metric(run: RunData, metric: Metric, base: str, force: bool) -> 
     from .._io import read_table
 
     folder = features_dir(run.run_dir, metric.name)
-    out = set_metric_dir(run.run_dir, metric.name) / "part-all.parquet"
+    out = set_metric_dir(run.run_dir, metric.name) / "part-paired.parquet"
     feats = read_table(folder, FEATURES_SCHEMA).to_pandas()
     feats = feats[feats["unit_id"].isin(run.units["unit_id"])]
-    if set(feats["unit_id"]) != set(run.units["unit_id"]):
+    if set(feats["unit_id"]) != set(run.units["unit_id"]):  # some shard not featurised yet
         log.info("%s: features incomplete, set values not computed yet", metric.name)
         return None
     if not force and out.exists():
