@@ -167,12 +167,18 @@ def submit(
     executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
     executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
     output_root: Optional[Path] = typer.Option(None, help="override output_root"),
+    smoke: bool = typer.Option(False, "--smoke", help="run a shrunken copy here first: tiny random model, 2 prompts, 2 steps"),
 ) -> None:
     """Create (or re-open) the run directory of a sweep and run its unfinished shards.
 
     The local executor runs them here and returns when they are done; slurm and ray return at once.
+    With --smoke, a shrunken copy of the sweep runs locally instead (same arms, tiny random model), to
+    check it end to end in a minute before spending GPU hours.
     """
     sweep = sweep or default_sweep()
+    if smoke:
+        sweep = _write_smoke_copy(sweep, output_root)
+        executor, executor_opt = "local", []
     try:
         run, manifest, created = create_run(sweep, None if output_root is None else str(output_root))
     except SweepError as e:
@@ -183,6 +189,32 @@ def submit(
     _print_summary(run)
     if failed:
         _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
+
+
+def _write_smoke_copy(sweep_path: Path, output_root: Optional[Path]) -> Path:
+    from manifests import read_sweep_file
+    from manifests.shrink import shrink
+
+    try:
+        sweep, raw = read_sweep_file(sweep_path)
+    except SweepError as e:
+        _fail(str(e))
+    geometry = sweep.model.geometry()
+    if geometry is None:
+        _fail(f"{sweep_path}: model {sweep.model.label!r} is not in the geometry table; --smoke cannot map its layers")
+    try:
+        small = shrink(raw, geometry.family, geometry.num_layers)
+    except ValueError as e:
+        _fail(f"{sweep_path}: {e}")
+    if sweep.prompts.file is not None and not Path(sweep.prompts.file).is_absolute():
+        small["prompts"]["file"] = str((sweep_path.parent / sweep.prompts.file).resolve())
+    root = Path(output_root or sweep.output_root) / "smoke"
+    small["output_root"] = str(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{small['name']}.yaml"
+    path.write_text(yaml.safe_dump(small, sort_keys=False))
+    console.print(f"smoke run of {sweep_path} on {small['model']['preset']} (random weights): {path}")
+    return path
 
 
 @app.command()
@@ -317,10 +349,7 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
         _print_summary(run, table=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
     analyze(run.root, metric=[])
-    try:
-        report(run.root)
-    except AttributeError:  # the full report arrives with the analysis stage
-        pass
+    report(run.root)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
     console.print(f"report:      {run.root / 'report'}")

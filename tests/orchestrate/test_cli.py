@@ -1,0 +1,65 @@
+"""The CLI as a user meets it: help texts, early errors, the demo end to end."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrate.cli import app
+from tests.conftest import run_cli
+
+runner = CliRunner()
+COMMANDS = ["plan", "submit", "status", "resume", "cancel", "logs", "analyze", "report", "demo"]
+MALFORMED = Path(__file__).parents[1] / "manifests" / "malformed"
+
+
+def test_top_level_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_plan_rejects_a_bad_sweep_with_file_and_key():
+    path = MALFORMED / "layer_outside_model.yaml"
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "layer_outside_model.yaml" in flat and "layers" in flat and "outside the model" in flat
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["status", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a sinkscope run directory" in " ".join(result.output.split())
+
+
+def test_executor_override_is_validated(tmp_path, sweep_factory):
+    result = runner.invoke(app, ["submit", str(sweep_factory()), "-e", "slurm", "-o", "time=soon"])
+    assert result.exit_code == 2
+    assert "executor.time" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    import analysis
+
+    proc = run_cli("demo", "--output-root", str(tmp_path))
+    out = " ".join(proc.stdout.split())
+    assert "random weights" in out
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    data = analysis.load_run(run_dir)
+    assert len(data.units) == 4 * 2 * 3
+    assert set(data.units.arm) == {"baseline", "sink_k1", "random_k1"}
+    assert data.units.random_weights.all()
+    assert len(data.sink_steps) > 0
+    summary = (run_dir / "report" / "summary.md").read_text()
+    assert "RANDOM WEIGHTS" in summary and "sink_k1" in summary
+    assert str(run_dir / "tables") in out and str(run_dir / "images") in out
