@@ -4,6 +4,8 @@
   raise_on_prompt:<substring>   raise RuntimeError before a group whose prompt contains <substring>
   kill_after_groups:<n>         SIGKILL this process right after its n-th finished group of a shard
   die_during_write              SIGKILL this process halfway through writing the first image file
+  sleep_after_groups:<n>:<s>    sleep <s> seconds right after the n-th group was generated (not when it is
+                                kept from scratch), so a scheduler can time out, preempt or requeue the shard
 Nothing happens when the variable is unset. The hooks sit at the points where real failures hurt most.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -42,3 +45,12 @@ def maybe_die_during_write(path: Path) -> None:
             f.write(b"\x89PNG\r\n\x1a\n-partial")
             f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_sleep_after_groups(finished_groups: int) -> None:
+    spec = _hooks().get("sleep_after_groups")
+    if spec:
+        count, _, seconds = spec.partition(":")
+        # `==`, not `>=`: a requeued job keeps its environment and must not sleep again after resuming
+        if finished_groups == int(count):
+            time.sleep(float(seconds or 60))

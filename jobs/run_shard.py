@@ -125,6 +125,11 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
     with _ShardLog(run.log_path(shard_id)):
         try:
             marker = _run(run, shard_id, progress, loaded_pipeline, started)
+        except (SystemExit, KeyboardInterrupt):
+            # a requeue (submitit exits from its signal handler), a preemption or Ctrl-C: not a failure
+            log.warning("shard %s interrupted (requeue, preemption or Ctrl-C); finished groups are kept", shard_id)
+            run.running_path(shard_id).unlink(missing_ok=True)
+            raise
         except BaseException as error:  # noqa: BLE001 — record every failure, then let it propagate
             log.error("shard %s failed: %s", shard_id, error, exc_info=True)
             atomic_write_json(
@@ -212,6 +217,7 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         if progress:
             progress(finished, len(groups))
         faults.maybe_kill_after_groups(finished)
+        faults.maybe_sleep_after_groups(finished)
     return _finalise(run, shard_id, sorted(groups), loaded, started)
 
 

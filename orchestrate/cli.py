@@ -99,7 +99,10 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
             run.failed_path(shard_id).unlink(missing_ok=True)
         run.append_submission({"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()})
         if not executor.blocking:
-            records = executor.submit(run, todo)
+            try:
+                records = executor.submit(run, todo)
+            except RuntimeError as error:  # e.g. sbatch refused an array (queued arrays are recorded by the executor)
+                _fail(f"submission to {executor.kind} failed: {error}")
             for record in records:
                 run.append_submission(record)
             console.print(f"submitted {len(todo)} shard(s) to {executor.kind}; follow with `orchestrate status {run.root}`")
