@@ -77,6 +77,12 @@ def build_tiny_pipeline(name: str):
             caption_projection_dim=inner, pooled_projection_dim=2 * CLIP_HIDDEN, pos_embed_max_size=32,
             qk_norm=cfg.qk_norm, dual_attention_layers=cfg.dual_attention_layers,
         )
+        if cfg.qk_norm is not None:
+            # RMSNorm weights start at 1 for every norm, which would make norm_k and norm_added_k
+            # interchangeable; random weights make per-stream QK-norm observable in tests.
+            for name, param in transformer.named_parameters():
+                if ".norm_" in name and name.endswith("weight"):
+                    param.data.copy_(1.0 + 0.5 * torch.randn(param.shape))
         text_encoder = CLIPTextModelWithProjection(_tiny_clip_config())
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
         vae = _tiny_vae()

@@ -70,7 +70,11 @@ def apply_sinks(
         seed = selection_seed(plan.unit_seed, iv.random_seed_offset, ctx.step, layer_name, plan.branch)
         selected[e] = select_keys(iv, layout, mass, heads, seed).to(q.device)
     groups: dict[tuple, list[int]] = {}
-    for e, iv in active.items():
+    for e, iv in list(active.items()):
+        start, end = layout.query_range(iv.query_scope)
+        if end <= start:  # e.g. text queries in a self-attention layer (SD3.5 .attn2): nothing to change
+            del active[e]
+            continue
         key = (iv.query_scope, iv.score_op, iv.bias, iv.eta, iv.value_op, iv.sigma, iv.alpha, selected[e].shape[-1])
         groups.setdefault(key, []).append(e)
     removed_after: dict[int, torch.Tensor] = {}
