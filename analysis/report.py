@@ -12,6 +12,15 @@ from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_table
 from .tables import display_name, format_paired, save_table, to_markdown
 
 
+def bootstrap_settings(run: RunData, n_resamples: int | None, seed: int | None) -> tuple[int, int]:
+    """Explicit arguments, else the sweep's ``analysis.bootstrap_resamples``/``bootstrap_seed``,
+    else 10,000 resamples and seed 0."""
+    section = run.sweep.get("analysis") or {}
+    n = n_resamples if n_resamples is not None else section.get("bootstrap_resamples", DEFAULT_RESAMPLES)
+    s = seed if seed is not None else section.get("bootstrap_seed", DEFAULT_SEED)
+    return int(n), int(s)
+
+
 def random_weight_notes(run: RunData) -> list[str]:
     """One sentence per thing that came from random weights (model or metric backbone)."""
     notes = []
@@ -43,11 +52,12 @@ def write_summary(
     *,
     metrics: list[str] | None = None,
     level: str = "prompt",
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = DEFAULT_SEED,
+    n_resamples: int | None = None,
+    seed: int | None = None,
 ) -> Path:
     """Paired Δ vs baseline for every metric and arm → ``report/summary.{md,parquet,tex}``."""
     run = load_run(run_dir, sink_steps=False)
+    n_resamples, seed = bootstrap_settings(run, n_resamples, seed)
     table = paired_table(run, metrics, level=level, n_resamples=n_resamples, seed=seed)
     out = run.run_dir / "report"
     save_table(table, format_paired(table), out, "summary", caption="Paired differences vs baseline")
@@ -64,3 +74,178 @@ def write_summary(
     else:
         text.append(to_markdown(format_paired(table)))
     return write_text_atomic("".join(text), out / "summary.md")
+
+
+# ----------------------------------------------------------------------------- full report
+class _Doc:
+    """Blocks rendered both as Markdown and as a small self-contained HTML page."""
+
+    def __init__(self) -> None:
+        self.md: list[str] = []
+        self.html: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n\n")
+        self.html.append(f"<h{level}>{_esc(text)}</h{level}>\n")
+
+    def para(self, text: str) -> None:
+        self.md.append(text + "\n\n")
+        self.html.append(f"<p>{_esc(text)}</p>\n")
+
+    def banner(self, notes: list[str]) -> None:
+        if not notes:
+            return
+        self.md.append("> **RANDOM WEIGHTS — NOT RESULTS.**\n" + "\n".join(f"> - {n}" for n in notes) + "\n\n")
+        items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
+        self.html.append(f'<div class="banner"><b>RANDOM WEIGHTS — NOT RESULTS.</b><ul>{items}</ul></div>\n')
+
+    def table(self, display: pd.DataFrame, files: dict[str, Path] | None = None, root: Path | None = None) -> None:
+        self.md.append(to_markdown(display))
+        self.html.append(display.to_html(index=False, border=0, classes="t", na_rep="—"))
+        if files and root:
+            links = ", ".join(f"[{k}]({p.relative_to(root).as_posix()})" for k, p in files.items())
+            self.md.append(f"\n_Files: {links}_\n\n")
+        else:
+            self.md.append("\n")
+
+    def figure(self, png: Path | None, root: Path, caption: str) -> None:
+        if png is None:
+            return
+        rel = png.relative_to(root).as_posix()
+        pdf = png.with_suffix(".pdf").relative_to(root).as_posix()
+        self.md.append(f"![{caption}]({rel})\n\n_{caption}_ ([PDF]({pdf}))\n\n")
+        self.html.append(f'<figure><img src="{rel}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>\n')
+
+
+def _esc(text: str) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    ".banner{background:#fde8e8;border:2px solid #B00020;padding:.5em 1em;margin:1em 0}"
+    "table.t{border-collapse:collapse;font-size:13px;margin:1em 0}table.t td,table.t th{padding:2px 8px;"
+    "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+)
+
+
+def build_report(
+    run_dir: str | Path,
+    *,
+    metrics: list[str] | None = None,
+    level: str = "prompt",
+    n_resamples: int | None = None,
+    seed: int | None = None,
+    qualitative_rows: int = 5,
+    html: bool = True,
+) -> Path:
+    """Every table and figure of a run → ``report/report.md`` (and ``report/report.html``).
+
+    Tables go to ``report/tables/<name>.{parquet,md,tex}``, figures to
+    ``report/figures/<name>.{png,pdf}``. Works on partly analysed runs: sections without data
+    say so instead of failing.
+    """
+    from . import plots
+    from .design import contrasts
+    from .stats import delta_delta_table, dose_table, tag_table
+    from .tables import format_delta_delta, format_dose, format_set_metrics, format_tags
+
+    run = load_run(run_dir, sink_steps=False)
+    n_resamples, seed = bootstrap_settings(run, n_resamples, seed)
+    root = run.run_dir / "report"
+    tdir, fdir = root / "tables", root / "figures"
+    kw = {"level": level, "n_resamples": n_resamples, "seed": seed}
+    paired = paired_table(run, metrics, **kw)
+    dd = delta_delta_table(run, metrics, **kw)
+    dose = dose_table(run, metrics, **kw)
+    tags = tag_table(run, metrics, **kw)
+
+    doc = _Doc()
+    doc.heading(f"Report: {run.run_dir.name}", 1)
+    doc.banner(random_weight_notes(run))
+    models = ", ".join(sorted(run.units["model"].dropna().unique())) or "unknown"
+    doc.para(
+        f"Model: {models}. Baseline arm: `{run.baseline}`. Units: {len(run.units)} images "
+        f"({run.units['prompt_id'].nunique()} prompts × {run.units['seed_index'].nunique()} seeds × "
+        f"{run.units['arm'].nunique()} arms) from {len(run.units['shard_id'].unique())} finished shards"
+        + (f"; shards {run.unfinished_shards} unfinished and left out" if run.unfinished_shards else "")
+        + ". "
+        + ("Pairs are averaged per prompt before testing (n = prompts). " if level == "prompt" else "n = pairs. ")
+        + f"CIs: percentile bootstrap of the mean, {n_resamples:,} resamples, seed {seed}. "
+        "Definitions: docs/analysis.md."
+    )
+
+    doc.heading("Paired differences vs baseline (Δ)")
+    if paired.empty:
+        doc.para("No per-image metric values yet (run compute_metrics).")
+    else:
+        doc.table(format_paired(paired), save_table(paired, format_paired(paired), tdir, "paired"), root)
+
+    pairs = contrasts(run.sweep)
+    doc.heading("Sink vs control (ΔΔ)")
+    if dd.empty:
+        doc.para("No sink/control contrast in this sweep (or no metric values): ΔΔ needs a top-k arm and a random "
+                 "arm that are identical otherwise.")  # fmt: skip
+        if not paired.empty:
+            doc.figure(plots.plot_forest(paired, fdir, random=run.random_weights, stem="forest_delta").png, root,
+                       "Δ per arm with 95% CI")  # fmt: skip
+    else:
+        doc.table(format_delta_delta(dd), save_table(dd, format_delta_delta(dd), tdir, "delta_delta"), root)
+        doc.figure(plots.plot_forest(dd, fdir, random=run.random_weights).png, root,
+                   "ΔΔ = (sink − baseline) − (control − baseline), 95% bootstrap CI, per metric and k")  # fmt: skip
+
+    doc.heading("Dose–response")
+    if dose.empty:
+        doc.para("No dose series (arms that differ only in k, η, bias, α or σ).")
+    else:
+        doc.table(format_dose(dose), save_table(dose, format_dose(dose), tdir, "dose"), root)
+        if (dose["field"] == "k").any():
+            doc.figure(plots.plot_dose_response(run, paired, dd, fdir).png, root, "Δ and ΔΔ against k")
+
+    doc.heading("FID-shift")
+    sm = run.set_metrics
+    if sm.empty:
+        doc.para("No set metric values (fid_shift not computed).")
+    else:
+        doc.para("FID between each arm's images and the paired baseline images. Small sets bias FID upwards: "
+                 "read values against the calibration rows (baseline vs baseline), not against published FIDs.")  # fmt: skip
+        doc.table(format_set_metrics(sm), save_table(sm, format_set_metrics(sm), tdir, "set_metrics"), root)
+
+    doc.heading("Per GenEval tag")
+    if tags.empty:
+        doc.para("No per-image metric values yet.")
+    else:
+        doc.table(format_tags(tags), save_table(tags, format_tags(tags), tdir, "per_tag"), root)
+
+    doc.heading("Sink dynamics")
+    has_steps = any((run.run_dir / "tables" / "sink_steps").glob("**/*.parquet"))
+    if not has_steps:
+        doc.para("No sink records in this run (recording.layers was empty).")
+    else:
+        doc.figure(plots.plot_sink_dynamics(run, fdir).png, root,
+                   "Max incoming mass, entropy and top-5 concentration per step and layer (baseline arm)")  # fmt: skip
+        doc.figure(plots.plot_modality_fractions(run, fdir).png, root,
+                   "Modality of the top-1 sink key per layer (baseline arm)")  # fmt: skip
+
+    doc.heading("Qualitative panels")
+    doc.para(plots.QUALITATIVE_RULE)
+    panels = [(c.sink, c.control) for c in pairs]
+    if not panels:
+        panels = [(a, None) for a in run.arms if a != run.baseline][:2]
+    seen = set()
+    for sink, control in panels:
+        if sink in seen and control is None:
+            continue
+        seen.add(sink)
+        stem = f"qualitative_{sink}" + (f"_vs_{control}" if control else "")
+        saved = plots.plot_qualitative(run, sink, control, fdir, n=qualitative_rows, stem=stem)
+        doc.figure(saved.png, root, f"baseline | {sink}" + (f" | {control}" if control else ""))
+
+    md_path = write_text_atomic("".join(doc.md), root / "report.md")
+    if html:
+        page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(run.run_dir.name)}</title>" \
+               f"<style>{_CSS}</style></head><body>{''.join(doc.html)}</body></html>\n"  # fmt: skip
+        write_text_atomic(page, root / "report.html")
+    return md_path

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .run import RunData
 
 DEFAULT_RESAMPLES = 10_000
-DEFAULT_SEED = 42
+DEFAULT_SEED = 0  # the sweep schema's analysis.bootstrap_seed default
 DEFAULT_CONFIDENCE = 0.95
 # Upper bound on resample-matrix entries held at once; larger jobs are drawn in row chunks,
 # which yields exactly the same indices as one draw (the generator is consumed in order).
@@ -287,3 +287,183 @@ def _add_holm(table: pd.DataFrame, family: list[str], columns: tuple[str, ...] =
                 adj[pos] = holm(values[pos])
         table[f"{col}_holm"] = adj
     return table
+
+
+# ----------------------------------------------------------------------------- ΔΔ, dose, tags
+def _expected_alternative(metric: str) -> str | None:
+    """One-sided direction in which removing sinks is expected to act: quality scores drop
+    ("less"), distances to the baseline grow ("greater")."""
+    hib = higher_is_better(metric)
+    if hib is None:
+        return None
+    return "less" if hib else "greater"
+
+
+def _p_expected(res: dict[str, float], alternative: str | None, test: str) -> float:
+    if alternative is None:
+        return np.nan
+    return res[f"{test}_{alternative}"]
+
+
+def delta_delta_values(
+    units: pd.DataFrame, metrics: pd.DataFrame, metric: str, sink: str, control: str, baseline: str
+) -> pd.DataFrame:
+    """Per pair: ΔΔ = (sink − baseline) − (control − baseline); NaN if any of the three is missing."""
+    s = paired_values(units, metrics, metric, sink, baseline)
+    c = paired_values(units, metrics, metric, control, baseline)
+    m = s.merge(c[["prompt_id", "seed_index", "delta"]], on=["prompt_id", "seed_index"], how="outer",
+                suffixes=("_sink", "_control"))  # fmt: skip
+    m["delta_delta"] = m["delta_sink"] - m["delta_control"]
+    return m.sort_values(["prompt_id", "seed_index"]).reset_index(drop=True)
+
+
+def delta_delta_table(
+    run: "RunData",
+    metrics: list[str] | None = None,
+    *,
+    level: str = "prompt",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """ΔΔ of every sink/control contrast (``analysis.design.contrasts``) and metric.
+
+    Two-sided and one-sided tests; ``p_*_expected`` is the one-sided p in the direction expected
+    if sinks matter (quality down / distance up). ``sink_specific``: mean ΔΔ in that direction,
+    CI excludes 0 and the one-sided t p < ``alpha``. Holm: family = all contrasts of a metric
+    (``*_holm``) and all contrasts of a metric at one k (``*_holm_k``).
+    """
+    from .design import contrasts
+
+    baseline = run.baseline
+    names = metrics if metrics is not None else sorted(run.metrics["metric"].unique())
+    pairs = contrasts(run.sweep)
+    rows = []
+    for metric in names:
+        alt = _expected_alternative(metric)
+        for c in pairs:
+            dd = delta_delta_values(run.units, run.metrics, metric, c.sink, c.control, baseline)
+            if dd.empty:
+                continue
+            d, dropped, frame = _sample(dd.rename(columns={"delta_delta": "dd"}), level, "dd")
+            res = describe_differences(d, n_resamples=n_resamples, seed=seed, confidence=confidence)
+            res["n_dropped"] = dropped
+            sign_ok = (res["mean"] < 0) if alt == "less" else (res["mean"] > 0) if alt == "greater" else False
+            ci_excl = res["ci_low"] > 0 or res["ci_high"] < 0
+            p_exp = _p_expected(res, alt, "p_t")
+            rows.append(
+                {
+                    "metric": metric, "sink": c.sink, "control": c.control, "control_selection": c.control_selection,
+                    "k": c.k, "level": level, "expected": alt or "",
+                    "mean_delta_sink": float(np.nanmean(dd["delta_sink"])) if len(dd) else np.nan,
+                    "mean_delta_control": float(np.nanmean(dd["delta_control"])) if len(dd) else np.nan,
+                    **res,
+                    "p_t_expected": p_exp, "p_wilcoxon_expected": _p_expected(res, alt, "p_wilcoxon"),
+                    "sink_specific": bool(sign_ok and ci_excl and p_exp < alpha),
+                    **_weights_labels(run, metric),
+                }
+            )  # fmt: skip
+    table = pd.DataFrame(rows, columns=_DD_COLUMNS)
+    table = _add_holm(table, ["metric"], ("p_t", "p_wilcoxon", "p_t_expected"))
+    k_holm = _add_holm(table.assign(_k=table["k"].fillna(-1)), ["metric", "_k"], ("p_t", "p_t_expected"))
+    table["p_t_holm_k"] = k_holm["p_t_holm"].to_numpy()
+    table["p_t_expected_holm_k"] = k_holm["p_t_expected_holm"].to_numpy()
+    return table
+
+
+_DD_COLUMNS = ["metric", "sink", "control", "control_selection", "k", "level", "expected", "mean_delta_sink",
+               "mean_delta_control", *_STAT_COLUMNS, "p_t_expected", "p_wilcoxon_expected", "sink_specific",
+               "random_weights", "backbone"]  # fmt: skip
+
+
+def dose_values(run: "RunData", metric: str, arm: str, control: str | None) -> pd.DataFrame:
+    """Per pair dose value: ΔΔ against ``control`` if given, else Δ vs baseline."""
+    if control is None:
+        out = paired_values(run.units, run.metrics, metric, arm, run.baseline)
+        return out[["prompt_id", "seed_index", "tag", "delta"]].rename(columns={"delta": "d"})
+    dd = delta_delta_values(run.units, run.metrics, metric, arm, control, run.baseline)
+    return dd[["prompt_id", "seed_index", "tag", "delta_delta"]].rename(columns={"delta_delta": "d"})
+
+
+def dose_table(
+    run: "RunData",
+    metrics: list[str] | None = None,
+    *,
+    level: str = "prompt",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Dose trend per series and metric: per-prompt d(hi) − d(lo) for adjacent doses and for
+    (lowest, highest), with bootstrap CI and t/Wilcoxon tests. For ``k`` the expected direction
+    is the metric's (stronger removal: quality lower, distance larger); ``significant`` = mean in
+    that direction, CI excludes 0, one-sided t p < ``alpha``. Holm within (metric, series)."""
+    from .design import dose_series
+
+    names = metrics if metrics is not None else sorted(run.metrics["metric"].unique())
+    rows = []
+    for metric in names:
+        for series in dose_series(run.sweep, run.baseline):
+            alt = _expected_alternative(metric) if series.field == "k" else None
+            n = len(series.arms)
+            steps = [(i, i + 1) for i in range(n - 1)] + ([(0, n - 1)] if n > 2 else [])
+            label = " < ".join(series.arms)
+            for lo, hi in steps:
+                a = dose_values(run, metric, series.arms[hi], series.controls[hi])
+                b = dose_values(run, metric, series.arms[lo], series.controls[lo])
+                m = a.merge(b[["prompt_id", "seed_index", "d"]], on=["prompt_id", "seed_index"], how="outer",
+                            suffixes=("_hi", "_lo"))  # fmt: skip
+                m["trend"] = m["d_hi"] - m["d_lo"]
+                d, dropped, _ = _sample(m, level, "trend")
+                res = describe_differences(d, n_resamples=n_resamples, seed=seed, confidence=confidence)
+                res["n_dropped"] = dropped
+                p_exp = _p_expected(res, alt, "p_t")
+                sign_ok = (res["mean"] < 0) if alt == "less" else (res["mean"] > 0) if alt == "greater" else False
+                rows.append(
+                    {
+                        "metric": metric, "series": label, "field": series.field,
+                        "statistic": "ΔΔ" if series.uses_delta_delta else "Δ",
+                        "arm_lo": series.arms[lo], "arm_hi": series.arms[hi],
+                        "dose_lo": series.values[lo], "dose_hi": series.values[hi], "level": level,
+                        "expected": alt or "", **res, "p_t_expected": p_exp,
+                        "p_wilcoxon_expected": _p_expected(res, alt, "p_wilcoxon"),
+                        "significant": bool(sign_ok and (res["ci_low"] > 0 or res["ci_high"] < 0) and p_exp < alpha),
+                        **_weights_labels(run, metric),
+                    }
+                )  # fmt: skip
+    table = pd.DataFrame(rows, columns=_DOSE_COLUMNS)
+    return _add_holm(table, ["metric", "series"], ("p_t", "p_t_expected"))
+
+
+_DOSE_COLUMNS = ["metric", "series", "field", "statistic", "arm_lo", "arm_hi", "dose_lo", "dose_hi", "level",
+                 "expected", *_STAT_COLUMNS, "p_t_expected", "p_wilcoxon_expected", "significant",
+                 "random_weights", "backbone"]  # fmt: skip
+
+
+def tag_table(
+    run: "RunData",
+    metrics: list[str] | None = None,
+    *,
+    level: str = "prompt",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> pd.DataFrame:
+    """Δ vs baseline per (metric, arm, tag) using the units' ``tag`` (GenEval metadata).
+    Holm within (metric, arm) over tags."""
+    baseline = run.baseline
+    names = metrics if metrics is not None else sorted(run.metrics["metric"].unique())
+    rows = []
+    for metric in names:
+        for arm in [a for a in run.arms if a != baseline]:
+            pairs = paired_values(run.units, run.metrics, metric, arm, baseline)
+            pairs = pairs.assign(tag=pairs["tag"].fillna("(none)"))
+            for tag, group in pairs.groupby("tag", sort=True):
+                d, dropped, _ = _sample(group, level)
+                res = describe_differences(d, n_resamples=n_resamples, seed=seed, confidence=confidence)
+                res["n_dropped"] = dropped
+                rows.append({"metric": metric, "arm": arm, "tag": tag, "level": level, **res, **_weights_labels(run, metric)})
+    table = pd.DataFrame(rows, columns=["metric", "arm", "tag", "level", *_STAT_COLUMNS, "random_weights", "backbone"])
+    return _add_holm(table, ["metric", "arm"])

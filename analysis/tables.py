@@ -118,3 +118,76 @@ def format_paired(table: pd.DataFrame) -> pd.DataFrame:
             "Holm p (t)": [fmt_p(p) for p in table["p_t_holm"]],
         }
     )  # fmt: skip
+
+
+def _metric_labels(table: pd.DataFrame) -> list[str]:
+    return [display_name(m) + (" (random weights)" if rw else "") for m, rw in zip(table["metric"], table["random_weights"])]
+
+
+def format_delta_delta(table: pd.DataFrame) -> pd.DataFrame:
+    """Display form of :func:`analysis.stats.delta_delta_table`."""
+    return pd.DataFrame(
+        {
+            "metric": _metric_labels(table),
+            "sink − control": [f"{s} − {c}" for s, c in zip(table["sink"], table["control"])],
+            "k": [("" if pd.isna(k) else str(int(k))) for k in table["k"]],
+            "n": [f"{n}" + (f" (−{k} NaN)" if k else "") for n, k in zip(table["n"], table["n_dropped"])],
+            "Δ sink": [fmt_num(v) for v in table["mean_delta_sink"]],
+            "Δ control": [fmt_num(v) for v in table["mean_delta_control"]],
+            "ΔΔ": [fmt_num(v) for v in table["mean"]],
+            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
+            "t p (2-sided)": [fmt_p(p) for p in table["p_t"]],
+            "t p (1-sided)": [fmt_p(p) + (f" ({e})" if e else "") for p, e in zip(table["p_t_expected"], table["expected"])],
+            "Wilcoxon p (1-sided)": [fmt_p(p) for p in table["p_wilcoxon_expected"]],
+            "Holm p (1-sided t)": [fmt_p(p) for p in table["p_t_expected_holm"]],
+            "sink-specific": ["yes" if s else "no" for s in table["sink_specific"]],
+        }
+    )  # fmt: skip
+
+
+def format_dose(table: pd.DataFrame) -> pd.DataFrame:
+    """Display form of :func:`analysis.stats.dose_table`."""
+    return pd.DataFrame(
+        {
+            "metric": _metric_labels(table),
+            "trend": [f"{s}({hi}) − {s}({lo})" for s, lo, hi in zip(table["statistic"], table["arm_lo"], table["arm_hi"])],
+            "n": table["n"].astype(str),
+            "mean": [fmt_num(v) for v in table["mean"]],
+            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
+            "t p (1-sided)": [fmt_p(p) + (f" ({e})" if e else "") for p, e in zip(table["p_t_expected"], table["expected"])],
+            "t p (2-sided)": [fmt_p(p) for p in table["p_t"]],
+            "Wilcoxon p (1-sided)": [fmt_p(p) for p in table["p_wilcoxon_expected"]],
+            "significant": ["yes" if s else "no" for s in table["significant"]],
+        }
+    )  # fmt: skip
+
+
+def format_tags(table: pd.DataFrame) -> pd.DataFrame:
+    """Display form of :func:`analysis.stats.tag_table`."""
+    return pd.DataFrame(
+        {
+            "metric": _metric_labels(table),
+            "arm": table["arm"],
+            "tag": table["tag"],
+            "n": table["n"].astype(str),
+            "mean Δ": [fmt_num(v) for v in table["mean"]],
+            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
+            "t p-value": [fmt_p(p) for p in table["p_t"]],
+            "Holm p (t)": [fmt_p(p) for p in table["p_t_holm"]],
+        }
+    )
+
+
+def format_set_metrics(table: pd.DataFrame) -> pd.DataFrame:
+    """Display form of the set-metric table (FID-shift and its calibration)."""
+    return pd.DataFrame(
+        {
+            "metric": [display_name(m) + (" (random weights)" if rw else "") for m, rw in
+                       zip(table["metric"], table["random_weights"])],
+            "mode": table["mode"],
+            "set": table["arm"],
+            "reference": table["reference"],
+            "n": table["n"].astype(str),
+            "value": [fmt_plain(v, 3) for v in table["value"]],
+        }
+    )  # fmt: skip

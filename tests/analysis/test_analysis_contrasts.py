@@ -1,0 +1,134 @@
+"""ΔΔ, dose trend, per-tag breakdown and the arm design, against scipy on fixed data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats as sps
+
+from analysis import design, load_run
+from analysis import stats as S
+from analysis._io import METRICS_SCHEMA, write_parquet_atomic
+
+# per-arm shift of a fake quality score: sinks hurt more than random, more with k
+SHIFT = {"base": 0.0, "noop": 0.0, "sink_k1": -0.010, "rand_k1": -0.002, "sink_k5": -0.030, "rand_k5": -0.004}
+
+
+def _write_scores(run_dir, metric="clip_t", seed=0):
+    """A 'unit' metric table with known values (no model involved)."""
+    run = load_run(run_dir, sink_steps=False)
+    rng = np.random.default_rng(seed)
+    prompt_level = {p: rng.normal(0.30, 0.03) for p in run.units["prompt_id"].unique()}
+    u = run.units
+    values = [prompt_level[p] + SHIFT[a] + rng.normal(0, 0.004) for p, a in zip(u["prompt_id"], u["arm"])]
+    rows = pd.DataFrame(
+        {
+            "unit_id": u["unit_id"], "prompt_id": u["prompt_id"], "seed_index": u["seed_index"], "arm": u["arm"],
+            "metric": metric, "value": values, "random_weights": False, "backbone": "fixed-data",
+        }
+    )  # fmt: skip
+    write_parquet_atomic(rows, run_dir / "tables" / "metrics" / f"metric={metric}" / "part-shard-00000.parquet",
+                         METRICS_SCHEMA)  # fmt: skip
+    return load_run(run_dir, sink_steps=False)
+
+
+@pytest.fixture
+def scored(fake_run):
+    return _write_scores(fake_run(n_prompts=12, n_seeds=2, prompts_per_shard=12, with_sink_steps=False))
+
+
+def _wide(run, metric="clip_t"):
+    m = run.metrics[run.metrics["metric"] == metric]
+    return m.pivot_table(index=["prompt_id", "seed_index"], columns="arm", values="value")
+
+
+def test_design_finds_contrasts_and_dose_series(scored):
+    names = {c.name for c in design.contrasts(scored.sweep)}
+    assert names == {"sink_k1 − rand_k1", "sink_k5 − rand_k5"}
+    series = {s.arms: s for s in design.dose_series(scored.sweep, "base")}
+    assert series[("sink_k1", "sink_k5")].controls == ("rand_k1", "rand_k5")
+    assert series[("rand_k1", "rand_k5")].controls == (None, None)
+
+
+def test_design_reads_presets_of_the_paper_catalogue():
+    sweep = yaml.safe_load(
+        """
+arms:
+- {name: baseline, intervention: null}
+- {name: top_k1, intervention: {preset: paper.m2, k: 1}}
+- {name: random_k1, intervention: {preset: paper.m2_random, k: 1}}
+- {name: top_k10, intervention: {preset: paper.m2, k: 10}}
+- {name: random_k10, intervention: {preset: paper.m2_random, k: 10}}
+- {name: other_layer, intervention: {preset: paper.m2_random, k: 1, layers: [6]}}
+"""
+    )
+    pytest.importorskip("manifests.schema")
+    pairs = {(c.sink, c.control) for c in design.contrasts(sweep)}
+    assert pairs == {("top_k1", "random_k1"), ("top_k10", "random_k10")}  # layer-6 control does not match
+    assert design.arm_k(sweep)["top_k10"] == 10
+
+
+def test_delta_delta_against_scipy(scored):
+    table = S.delta_delta_table(scored, ["clip_t"], level="unit", n_resamples=2000, seed=4).set_index("sink")
+    w = _wide(scored)
+    dd = (w["sink_k5"] - w["base"]) - (w["rand_k5"] - w["base"])
+    row = table.loc["sink_k5"]
+    assert row["n"] == 24 and row["mean"] == pytest.approx(dd.mean())
+    assert row["p_t"] == pytest.approx(sps.ttest_1samp(dd, 0).pvalue, rel=1e-10)
+    assert row["p_t_less"] == pytest.approx(sps.ttest_1samp(dd, 0, alternative="less").pvalue, rel=1e-10)
+    assert row["p_wilcoxon_less"] == pytest.approx(sps.wilcoxon(dd, alternative="less").pvalue, rel=1e-10)
+    assert row["expected"] == "less" and row["p_t_expected"] == row["p_t_less"]
+    ci = sps.bootstrap((dd.to_numpy(),), np.mean, n_resamples=2000, method="percentile",
+                       rng=np.random.default_rng(4)).confidence_interval  # fmt: skip
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-12)
+    assert row["dz"] == pytest.approx(dd.mean() / dd.std(ddof=1))
+    assert bool(row["sink_specific"]) is True  # −0.026 shift, n=24, tiny noise
+    np.testing.assert_allclose(table["p_t_holm"], S.holm(table["p_t"]))
+    # each contrast is alone at its k: Holm within k changes nothing
+    np.testing.assert_allclose(table["p_t_holm_k"], table["p_t"])
+
+
+def test_delta_delta_prompt_level_and_missing_values(scored):
+    metrics = scored.metrics.copy()
+    drop = metrics.index[(metrics["arm"] == "rand_k1") & (metrics["prompt_id"] == 0) & (metrics["seed_index"] == 1)]
+    metrics.loc[drop, "value"] = np.nan
+    scored.metrics = metrics
+    table = S.delta_delta_table(scored, ["clip_t"], n_resamples=500).set_index("sink")
+    w = _wide(scored)
+    dd = ((w["sink_k1"] - w["base"]) - (w["rand_k1"] - w["base"])).dropna()
+    per_prompt = dd.groupby(level="prompt_id").mean()
+    assert table.loc["sink_k1", "n"] == 12 and table.loc["sink_k1", "n_dropped"] == 1
+    assert table.loc["sink_k1", "p_t"] == pytest.approx(sps.ttest_1samp(per_prompt, 0).pvalue, rel=1e-10)
+
+
+def test_dose_trend_per_prompt(scored):
+    table = S.dose_table(scored, ["clip_t"], level="unit", n_resamples=1000, seed=2)
+    row = table[(table["arm_hi"] == "sink_k5") & (table["arm_lo"] == "sink_k1")].iloc[0]
+    assert row["statistic"] == "ΔΔ" and row["field"] == "k"
+    w = _wide(scored)
+    d1 = (w["sink_k1"] - w["base"]) - (w["rand_k1"] - w["base"])
+    d5 = (w["sink_k5"] - w["base"]) - (w["rand_k5"] - w["base"])
+    trend = d5 - d1
+    assert row["mean"] == pytest.approx(trend.mean())
+    assert row["p_t_expected"] == pytest.approx(sps.ttest_1samp(trend, 0, alternative="less").pvalue, rel=1e-10)
+    assert row["p_wilcoxon"] == pytest.approx(sps.wilcoxon(trend).pvalue, rel=1e-10)
+    assert bool(row["significant"]) is True
+    rand = table[(table["arm_hi"] == "rand_k5")].iloc[0]
+    assert rand["statistic"] == "Δ"
+    assert rand["mean"] == pytest.approx(((w["rand_k5"] - w["base"]) - (w["rand_k1"] - w["base"])).mean())
+
+
+def test_tag_breakdown(scored):
+    table = S.tag_table(scored, ["clip_t"], level="unit", n_resamples=500)
+    tags = set(scored.units["tag"])
+    assert set(table["tag"]) == tags
+    row = table[(table["arm"] == "sink_k1") & (table["tag"] == "counting")].iloc[0]
+    w = _wide(scored)
+    counting = scored.units.loc[scored.units["tag"] == "counting", "prompt_id"].unique()
+    d = (w["sink_k1"] - w["base"]).loc[list(counting)]
+    assert row["n"] == len(d) and row["p_t"] == pytest.approx(sps.ttest_rel(
+        w["sink_k1"].loc[list(counting)], w["base"].loc[list(counting)]).pvalue, rel=1e-10)  # fmt: skip
+    fam = table[(table["arm"] == "sink_k1")]
+    np.testing.assert_allclose(fam["p_t_holm"], S.holm(fam["p_t"]))
