@@ -6,7 +6,10 @@ command can run from any machine that sees it.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -16,7 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from jobs.rundir import RunDir
+from jobs.rundir import RunDir, atomic_write_json
 from manifests import SweepError
 from orchestrate import estimate
 from orchestrate.create import build_manifest, create_run
@@ -107,7 +110,11 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
                 run.append_submission(record)
             console.print(f"submitted {len(todo)} shard(s) to {executor.kind}; follow with `orchestrate status {run.root}`")
             return 0
-    # a blocking (local) executor runs outside the lock: a second `resume` meanwhile sees the shards running
+        # a blocking (local) executor runs outside the lock, so claim its shards first: a second submit or
+        # resume meanwhile sees them running (this process is alive) and leaves them alone
+        claim = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "claimed_by": "orchestrate"}
+        for shard_id in todo:
+            atomic_write_json(run.running_path(shard_id), claim)
     failed = 0
     for record in executor.submit(run, todo):
         run.append_submission(record)

@@ -29,6 +29,12 @@ RESERVED_SBATCH = {"array", "output", "error", "open-mode", "signal", "wrap", "p
 SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 SIGNAL_DELAY_S = 90  # USR2 this many seconds before the time limit: time to checkpoint and requeue
 
+
+def signal_delay_s(time_min: int) -> int:
+    """90 s before the limit, but at most a sixth of a short limit (checkpointing a shard is instant:
+    finished groups are on disk already); at least 10 s."""
+    return int(min(SIGNAL_DELAY_S, max(10, time_min * 60 // 6)))
+
 # Slurm state (sacct / squeue) -> the executor's scheduler state
 _STATE_MAP = {
     "PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
@@ -204,7 +210,7 @@ class SlurmExecutor(Executor):
             "slurm_time": int(c.time),
             "slurm_cpus_per_task": int(c.cpus_per_task),
             "slurm_array_parallelism": int(c.array_parallelism),
-            "slurm_signal_delay_s": SIGNAL_DELAY_S,
+            "slurm_signal_delay_s": signal_delay_s(c.time),
             "slurm_setup": list(c.setup) or None,
             "slurm_partition": c.partition,
             "slurm_account": c.account,

@@ -110,3 +110,29 @@ def test_truncated_part_file_is_detected_and_rerun(tmp_path):
     run_cli("resume", str(run.root))
     assert pq.read_table(part).drop_columns(["seconds"]).equals(good)
     assert "corrupt" not in run_cli("status", str(run.root), "--verify").stdout
+
+
+def test_two_concurrent_submits_run_each_shard_once(tmp_path):
+    import subprocess
+    import sys
+
+    sweep = tiny_sweep(tmp_path, prompts=2, per_shard=1)
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "orchestrate", "submit", str(sweep)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    run = _run_dir(tmp_path / "runs")
+    assert run.done_shards() == {0, 1}
+    for shard in (0, 1):
+        starts = [line for line in run.log_path(shard).read_text().splitlines() if ": 1 groups, 3 units" in line]
+        assert len(starts) == 1, run.log_path(shard).read_text()
+    assert len(_table(run, "units")) == 6
+
+
+def test_local_executor_with_two_workers_matches_one(tmp_path, reference):
+    sweep = tiny_sweep(tmp_path, prompts=3, per_shard=1, executor={"kind": "local", "workers": 2})
+    run_cli("submit", str(sweep))
+    run = _run_dir(tmp_path / "runs")
+    assert run.done_shards() == {0, 1, 2}
+    assert _pixels(run) == _pixels(reference)
