@@ -18,6 +18,7 @@ __all__ = [
     "baseline_arm",
     "build_report",
     "compute_metrics",
+    "fid_calibration",
     "load_run",
     "write_summary",
 ]
@@ -40,5 +41,12 @@ def write_summary(*args: Any, **kwargs: Any):
 def build_report(*args: Any, **kwargs: Any):
     """See :func:`analysis.report.build_report`."""
     from .report import build_report as _impl
+
+    return _impl(*args, **kwargs)
+
+
+def fid_calibration(*args: Any, **kwargs: Any):
+    """See :func:`analysis.metrics.fid_shift.fid_calibration`."""
+    from .metrics.fid_shift import fid_calibration as _impl
 
     return _impl(*args, **kwargs)

@@ -41,10 +41,14 @@ def part_name(shard_id: int) -> str:
 
 
 def resolve_random_weights(run: RunData, random_weights: bool | None) -> bool:
-    """``None`` → random metric backbones exactly when every image came from a random model
-    (the offline demo); real runs then need real weights and fail clearly without them."""
+    """``None`` → random metric backbones when the sweep sets ``analysis.random_metric_weights``
+    or every image came from a random model (the offline demo); real runs then need real weights
+    and fail clearly without them."""
     if random_weights is not None:
         return bool(random_weights)
+    section = run.sweep.get("analysis") or {}
+    if isinstance(section, dict) and section.get("random_metric_weights") is True:
+        return True
     flags = run.units["random_weights"]
     return bool(len(flags) and flags.fillna(False).astype(bool).all())
 

@@ -42,7 +42,7 @@ def test_qualitative_rows_follow_the_documented_rule(shared_run):
 
 
 def test_build_report_writes_everything_it_links(shared_run):
-    path = build_report(shared_run, n_resamples=500)
+    path = build_report(shared_run, n_resamples=500, qualitative_rows=2)
     root = shared_run / "report"
     assert path == root / "report.md"
     text = path.read_text()
