@@ -104,6 +104,8 @@ def sink_step_means(run: "RunData", arm: str | None = None) -> pd.DataFrame:
 def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arm: str | None = None, stem: str = "sink_dynamics") -> Saved:
     """max_mass, entropy and top-5 concentration vs step, one line per layer, 95% t-bands across
     units (each unit first averaged over heads and CFG branches)."""
+    from matplotlib.ticker import MaxNLocator
+
     arm = arm or run.baseline
     df = sink_step_means(run, arm)
     fig = _figure(12, 3.4)
@@ -121,6 +123,7 @@ def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arm: str | None = None,
             ax.plot(steps, stats[:, 0], color=color, label=f"layer {layer}", lw=1.5)
             ax.fill_between(steps, stats[:, 1], stats[:, 2], color=color, alpha=0.2, lw=0)
         ax.set_xlabel("denoising step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label, fontsize=10)
     if layers:
         axes[0].legend(fontsize=7, ncol=1 + len(layers) // 8)

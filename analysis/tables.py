@@ -23,9 +23,12 @@ def display_name(metric: str) -> str:
 
 
 def fmt_num(x: float, digits: int = 4) -> str:
-    """Fixed-point with sign for deltas; '—' for missing."""
+    """Signed fixed-point for deltas; scientific below 10^-digits so small effects never print
+    as +0.0000; '—' for missing."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
+    if x != 0 and abs(x) < 10.0 ** (-digits + 1):
+        return f"{x:+.{max(1, digits - 2)}e}"
     return f"{x:+.{digits}f}"
 
 
@@ -45,7 +48,7 @@ def fmt_p(p: float) -> str:
 def fmt_ci(lo: float, hi: float, digits: int = 4) -> str:
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi)):
         return "—"
-    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    return f"[{fmt_num(lo, digits)}, {fmt_num(hi, digits)}]"
 
 
 def to_markdown(df: pd.DataFrame) -> str:

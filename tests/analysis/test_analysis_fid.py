@@ -108,7 +108,6 @@ def test_sharded_features_then_one_value_per_arm(fake_run):
     assert abs(sm.loc["noop", "value"]) < 1e-6  # identical images
     assert sm.loc["sink_k5", "value"] > sm.loc["rand_k1", "value"] > 0
     # the stored value is the Fréchet distance of the stored, paired features
-    feats = load_run(run_dir)  # noqa: F841  (loads fine with features present)
     import pandas as pd
 
     f = pd.read_parquet(run_dir / "tables" / "features" / "metric=fid_shift")
