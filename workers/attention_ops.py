@@ -4,17 +4,16 @@ their value rows. Pure tensor functions, so each op can be checked against an ex
 Shapes: q [b,H,Lq,D] (only the in-scope query rows), k / v [b,H,K,D], selected [b,H,n] int64 key indices
 (per head). The softmax scale is SDPA's default 1/sqrt(D), the scale of diffusers' joint processor.
 
-- remove / bias: one SDPA call with an additive [b,H,1,K] mask (−inf or `bias` on the selected keys).
-- prob_scale (paper M3: p_sel ← η·p_sel, the rest × (1 − η·P)/(1 − P)): computed as
-  η·Σ_sel p_j v_j + (1 − η·P)·attn_rest, where attn_rest is attention with the selected keys removed
-  (SDPA). P and 1 − P come from separate log-sum-exps over selected / other keys, so the result stays
-  exact when the selected keys hold ≥ 99.99 % of a row (no division by 1 − P).
+Every score op (remove, bias, prob_scale = paper M3's p_sel ← η·p_sel with the rest × (1 − η·P)/(1 − P),
+and none for value-only ops) is computed from one fused attention over the kept keys plus the selected keys'
+own logits (see `intervened_attention`): exact when the selected keys hold ≥ 99.99 % of a row.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from workers.kernels import attention_with_lse  # fused attention that also returns the log-sum-exp
 
 
 def selection_mask(selected: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -56,28 +55,12 @@ def apply_value_op(
     return v.scatter(2, index, replacement)
 
 
-def split_logsumexp(
-    q: torch.Tensor, k: torch.Tensor, selected_mask: torch.Tensor, *, max_chunk_bytes: int = 64 << 20
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query row, fp32 log-sum-exp of the scaled logits over the selected keys and over the others.
-
-    Returns (lse_selected, lse_rest), each [b,H,Lq]. Query chunks keep fp32 temporaries under max_chunk_bytes.
-    """
-    b, heads, num_q, dim = q.shape
-    num_keys = k.shape[2]
-    scale = dim**-0.5
-    kf = k.float().transpose(-1, -2)
-    keep = selected_mask[:, :, None, :]
-    rows = max(1, max_chunk_bytes // (3 * b * heads * num_keys * 4))
-    lse_sel, lse_rest = [], []
-    for start in range(0, num_q, rows):
-        logits = torch.matmul(q[:, :, start : start + rows].float(), kf) * scale
-        lse_sel.append(torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=-1))
-        lse_rest.append(torch.logsumexp(logits.masked_fill(keep, float("-inf")), dim=-1))
-    return torch.cat(lse_sel, dim=2), torch.cat(lse_rest, dim=2)
+def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [b,H,K,D], index [b,H,n] → [b,H,n,D]."""
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def attention_with_score_op(
+def intervened_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -86,55 +69,40 @@ def attention_with_score_op(
     *,
     bias: float | None = None,
     eta: float | None = None,
-    max_chunk_bytes: int = 64 << 20,
-) -> torch.Tensor:
-    """Attention output [b,H,Lq,D] (dtype of q) with `score_op` applied to the selected keys of every row."""
-    if score_op == "none":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [b,H,Lq,D] in q's dtype, mass left on the selected keys [b,H] fp32, averaged over the rows).
+
+    One fused attention over the kept keys gives attn_rest and its log-sum-exp lse_rest; the n selected
+    keys' logits s_j are computed directly. Every score op is then an exact mix
+        out = w_rest · attn_rest + Σ_j w_j · v_j
+    none: softmax weights; bias: s_j + bias; remove: w_rest = 1, w_j = 0; prob_scale: w_j = η·p_j and
+    w_rest = (1 − P) + (1 − η)·P. No full queries × keys matrix, no division by 1 − P, and the mass left
+    on the selected keys is Σ_j w_j (exactly 0.0 for remove).
+    """
     num_keys = k.shape[2]
-    sel_mask = selection_mask(selected, num_keys)
-    if score_op in ("remove", "bias"):
-        fill = float("-inf") if score_op == "remove" else float(bias)
-        additive = torch.zeros(sel_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(sel_mask, fill)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive[:, :, None, :], dropout_p=0.0, is_causal=False)
-    if score_op != "prob_scale":
-        raise ValueError(f"unknown score_op {score_op!r}")
-    eta = float(eta)
-    removed = torch.zeros(sel_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(sel_mask, float("-inf"))
-    attn_rest = F.scaled_dot_product_attention(q, k, v, attn_mask=removed[:, :, None, :], dropout_p=0.0, is_causal=False)
-    lse_sel, lse_rest = split_logsumexp(q, k, sel_mask, max_chunk_bytes=max_chunk_bytes)
-    lse = torch.logaddexp(lse_sel, lse_rest)
-    p_total = torch.exp(lse_sel - lse)  # P: mass on the selected keys
-    rest_total = torch.exp(lse_rest - lse)  # 1 − P, without cancellation
-    index = selected.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-    k_sel = torch.gather(k, 2, index).float()
-    v_sel = torch.gather(v, 2, index).float()
-    p_sel = torch.exp(torch.matmul(q.float(), k_sel.transpose(-1, -2)) * q.shape[-1] ** -0.5 - lse.unsqueeze(-1))
-    out = eta * torch.matmul(p_sel, v_sel) + (rest_total + (1.0 - eta) * p_total).unsqueeze(-1) * attn_rest.float()
-    return out.to(q.dtype)
-
-
-def selected_mass_after(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    selected: torch.Tensor,
-    score_op: str,
-    *,
-    bias: float | None = None,
-    eta: float | None = None,
-    max_chunk_bytes: int = 64 << 20,
-) -> torch.Tensor:
-    """[b,H] fp32: attention mass on the selected keys after the score op, summed over those keys and
-    averaged over the query rows of q. Exactly 0.0 for `remove` (exp(−inf) = 0; no ε anywhere)."""
-    sel_mask = selection_mask(selected, k.shape[2])
-    lse_sel, lse_rest = split_logsumexp(q, k, sel_mask, max_chunk_bytes=max_chunk_bytes)
-    if score_op in ("remove", "bias"):
-        shifted = lse_sel + (float("-inf") if score_op == "remove" else float(bias))
-        after = torch.exp(shifted - torch.logaddexp(shifted, lse_rest))
+    if selected.shape[-1] >= num_keys:
+        raise ValueError(f"cannot act on {selected.shape[-1]} of {num_keys} keys: at least one key must stay")
+    scale = q.shape[-1] ** -0.5
+    # kept keys in ascending order, via a stable sort (no host sync, unlike nonzero); needs distinct indices
+    mask = selection_mask(selected, num_keys).to(torch.int8)
+    keep = torch.sort(mask, dim=-1, stable=True).indices[..., : num_keys - selected.shape[-1]]
+    attn_rest, lse_rest = attention_with_lse(q, _gather_keys(k, keep), _gather_keys(v, keep), scale)
+    if score_op == "remove":
+        return attn_rest.to(q.dtype), torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+    logits = torch.matmul(q.float(), _gather_keys(k, selected).float().transpose(-1, -2)) * scale  # [b,H,Lq,n]
+    lse_rest = lse_rest.float().unsqueeze(-1)
+    if score_op in ("none", "bias"):
+        if score_op == "bias":
+            logits = logits + float(bias)
+        lse = torch.logaddexp(lse_rest, torch.logsumexp(logits, dim=-1, keepdim=True))
+        w_sel = torch.exp(logits - lse)
+        w_rest = torch.exp(lse_rest - lse)
+    elif score_op == "prob_scale":
+        lse_sel = torch.logsumexp(logits, dim=-1, keepdim=True)
+        lse = torch.logaddexp(lse_rest, lse_sel)
+        w_sel = float(eta) * torch.exp(logits - lse)
+        w_rest = torch.exp(lse_rest - lse) + (1.0 - float(eta)) * torch.exp(lse_sel - lse)
     else:
-        after = torch.exp(lse_sel - torch.logaddexp(lse_sel, lse_rest))
-        if score_op == "prob_scale":
-            after = float(eta) * after
-        elif score_op != "none":
-            raise ValueError(f"unknown score_op {score_op!r}")
-    return after.mean(dim=-1)
+        raise ValueError(f"unknown score_op {score_op!r}")
+    out = w_rest * attn_rest.float() + torch.matmul(w_sel, _gather_keys(v, selected).float())
+    return out.to(q.dtype), w_sel.sum(dim=-1).mean(dim=-1)

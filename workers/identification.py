@@ -98,16 +98,22 @@ def select_keys(
     heads: int,
     generator_seed: int | None = None,
 ) -> torch.Tensor:
-    """Keys to act on for one batch element: [H, n] int64 on the CPU.
+    """Keys to act on for one batch element: [H, n] int64, distinct within each head.
 
     `mass` is that element's incoming mass [H, K] (needed by the mass-based selections and
-    modality_random); `generator_seed` seeds the random selections.
+    modality_random); mass-based selections stay on its device (no host sync). `generator_seed` seeds
+    the random selections, which are drawn on the CPU.
     """
-    eligible = layout.eligible(iv.eligible_keys)
-    candidates = eligible.nonzero().squeeze(1)
     sel = iv.selection
+    num_eligible = {"all": layout.num_keys, "image": layout.num_image, "text": layout.num_text}[iv.eligible_keys]
+    budget = iv.k * heads if sel in ("union_topk", "union_bottomk", "random_union") else iv.k
+    if sel != "static" and budget > num_eligible:
+        raise ValueError(f"selection={sel} with k={iv.k} needs {budget} keys, which exceeds the {num_eligible} eligible ({iv.eligible_keys}) keys")
     if sel == "static":
         joint = layout.to_joint_order(list(iv.indices or []), iv.key_order)
+        if len(set(joint)) != len(joint):
+            raise ValueError(f"static indices {iv.indices} name the same key twice")
+        eligible = layout.eligible(iv.eligible_keys)
         bad = [j for j in joint if not eligible[j]]
         if bad:
             raise ValueError(f"static keys {bad} (joint order) are not among the eligible {iv.eligible_keys!r} keys")
@@ -116,36 +122,29 @@ def select_keys(
         if generator_seed is None:
             raise ValueError(f"selection={sel} needs a generator seed")
         generator = torch.Generator("cpu").manual_seed(generator_seed)
+        candidates = layout.eligible(iv.eligible_keys).nonzero().squeeze(1)
     if sel == "random":
         return _uniform_per_head(candidates, heads, iv.k, generator)
     if sel == "random_union":
-        return _uniform_per_head(candidates, 1, iv.k * heads, generator).expand(heads, -1).clone()
+        return _uniform_per_head(candidates, 1, budget, generator).expand(heads, -1).clone()
     if mass is None:
         raise ValueError(f"selection={sel} needs the incoming mass")
-    mass = mass.detach().float().cpu()
     largest = sel in ("topk", "union_topk", "modality_random")
-    fill = float("-inf") if largest else float("inf")
-    masked = mass.masked_fill(~eligible, fill)
-    if sel in ("topk", "bottomk", "modality_random"):
-        if iv.k > candidates.numel():
-            raise ValueError(f"k={iv.k} exceeds the {candidates.numel()} eligible keys")
-        top = rank_keys(masked, iv.k, largest)
-        if sel != "modality_random":
-            return top
+    eligible = layout.eligible(iv.eligible_keys, device=mass.device)
+    masked = mass.detach().float().masked_fill(~eligible, float("-inf") if largest else float("inf"))
+    if sel in ("topk", "bottomk"):
+        return rank_keys(masked, iv.k, largest)
+    if sel == "modality_random":
         # Same modality mix as top-k, drawn uniformly within each modality (a modality-matched random control).
+        n_image_per_head = (rank_keys(masked, iv.k) < layout.num_image).sum(dim=-1).tolist()
         image_pool = candidates[candidates < layout.num_image]
         text_pool = candidates[candidates >= layout.num_image]
         rows = []
-        for head in range(heads):
-            n_image = int((top[head] < layout.num_image).sum())
+        for n_image in n_image_per_head:
             picks = [_uniform_per_head(image_pool, 1, n_image, generator)[0]] if n_image else []
             if iv.k - n_image:
                 picks.append(_uniform_per_head(text_pool, 1, iv.k - n_image, generator)[0])
             rows.append(torch.cat(picks))
         return torch.stack(rows)
     # union_topk / union_bottomk: head-averaged mass, k·H keys shared by every head (paper M2).
-    budget = iv.k * heads
-    if budget > candidates.numel():
-        raise ValueError(f"k·H={budget} exceeds the {candidates.numel()} eligible keys")
-    union = rank_keys(masked.mean(dim=0), budget, largest)
-    return union.expand(heads, -1).clone()
+    return rank_keys(masked.mean(dim=0), budget, largest).expand(heads, -1).clone()

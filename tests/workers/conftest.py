@@ -9,7 +9,13 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Tokenizer files are rebuilt into a fresh cache, so the build itself is exercised."""
+    """Tokenizer files are rebuilt into a fresh cache, so the build itself is exercised.
+
+    SINKSCOPE_TEST_SHARED_CACHE=1 keeps $SINKSCOPE_CACHE (the GPU machine has no open_clip; a prebuilt cache travels).
+    """
+    if os.environ.get("SINKSCOPE_TEST_SHARED_CACHE") == "1":
+        yield
+        return
     old = os.environ.get("SINKSCOPE_CACHE")
     os.environ["SINKSCOPE_CACHE"] = str(tmp_path_factory.mktemp("sinkscope-cache"))
     torch.set_num_threads(max(1, os.cpu_count() or 1))

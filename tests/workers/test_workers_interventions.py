@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from manifests.interventions import Intervention
 from manifests.schema import RecordingSpec
 from attention_reference import reference_attention, reference_mass, reference_selection, scope_rows
-from workers.attention_ops import attention_with_score_op, selected_mass_after
+from workers.attention_ops import intervened_attention
 from workers.identification import KeyLayout, select_keys
 from workers.processors.common import apply_sinks
 from workers.session import ElementPlan, RunContext
@@ -93,17 +93,17 @@ def test_dominant_key_really_dominates():
 def test_removed_keys_get_exactly_zero_mass_and_bias_matches_reference():
     q, k, v = _qkv(dominant=True)
     sel = torch.tensor([3, NUM_IMAGE]).expand(B, H, 2).contiguous()
-    removed = selected_mass_after(q, k, sel, "remove", max_chunk_bytes=1024)
+    removed = intervened_attention(q, k, v, sel, "remove")[1]
     assert torch.equal(removed, torch.zeros(B, H))
     s = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5
     s[..., [3, NUM_IMAGE]] += -3.0
     expected = torch.softmax(s, dim=-1)[..., [3, NUM_IMAGE]].sum(-1).mean(-1)
-    torch.testing.assert_close(selected_mass_after(q, k, sel, "bias", bias=-3.0).double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(intervened_attention(q, k, v, sel, "bias", bias=-3.0)[1].double(), expected, atol=1e-6, rtol=1e-5)
     p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * D**-0.5, dim=-1)
     before = p[..., [3, NUM_IMAGE]].sum(-1).mean(-1)
-    torch.testing.assert_close(selected_mass_after(q, k, sel, "prob_scale", eta=0.25).double(), 0.25 * before, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(intervened_attention(q, k, v, sel, "prob_scale", eta=0.25)[1].double(), 0.25 * before, atol=1e-6, rtol=1e-5)
     # and the output of a removal has no contribution from the removed keys: same as dropping them
-    out = attention_with_score_op(q, k, v, sel, "remove")
+    out = intervened_attention(q, k, v, sel, "remove")[0]
     keep = [j for j in range(K) if j not in (3, NUM_IMAGE)]
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k[:, :, keep], v[:, :, keep]), atol=1e-6, rtol=1e-5)
 
@@ -111,8 +111,8 @@ def test_removed_keys_get_exactly_zero_mass_and_bias_matches_reference():
 def test_prob_scale_eta_one_is_identity_and_eta_zero_is_removal():
     q, k, v = _qkv(dominant=True)
     sel = torch.tensor([3]).expand(B, H, 1).contiguous()
-    torch.testing.assert_close(attention_with_score_op(q, k, v, sel, "prob_scale", eta=1.0), F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(attention_with_score_op(q, k, v, sel, "prob_scale", eta=0.0), attention_with_score_op(q, k, v, sel, "remove"), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(intervened_attention(q, k, v, sel, "prob_scale", eta=1.0)[0], F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(intervened_attention(q, k, v, sel, "prob_scale", eta=0.0)[0], intervened_attention(q, k, v, sel, "remove")[0], atol=1e-6, rtol=1e-5)
 
 
 def test_per_element_plans_branch_and_baseline_elements_untouched():
@@ -158,6 +158,8 @@ def test_static_selection_and_key_order():
     assert select_keys(last_image, layout, None, H).tolist() == [[NUM_IMAGE - 1]] * H
     joint = Intervention(selection="static", indices=[0, 2], layers=[1])
     assert select_keys(joint, layout, None, H).tolist() == [[0, 2]] * H
+    with pytest.raises(ValueError, match="same key twice"):
+        select_keys(Intervention(selection="static", indices=[2, 2], key_order="text_image", layers=[1]), layout, None, H)
     with pytest.raises(ValueError, match="outside"):
         select_keys(Intervention(selection="static", indices=[K], layers=[1]), layout, None, H)
     q, k, v = _qkv(seed=9, dominant=True)

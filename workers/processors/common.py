@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.attention_ops import apply_value_op, attention_with_score_op, selected_mass_after
+from workers.attention_ops import apply_value_op, intervened_attention
 from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_keys, selection_seed
 from workers.session import CallRecord, RunContext
 
@@ -88,12 +88,10 @@ def apply_sinks(
         ]
         q_rows, k_g = q[idx, :, start:end], k[idx]
         v_g = apply_value_op(v[idx], sel, value_op, sigma=sigma, alpha=alpha, noise_seeds=noise_seeds)
-        out = attention_with_score_op(q_rows, k_g, v_g, sel, score_op, bias=bias, eta=eta, max_chunk_bytes=ctx.max_chunk_bytes)
+        out, after = intervened_attention(q_rows, k_g, v_g, sel, score_op, bias=bias, eta=eta)
         attn_out[idx, :, start:end] = out
-        if any(e in recorded for e in elements):
-            after = selected_mass_after(q_rows, k_g, sel, score_op, bias=bias, eta=eta, max_chunk_bytes=ctx.max_chunk_bytes)
-            for pos, e in enumerate(elements):
-                removed_after[e] = after[pos]
+        for pos, e in enumerate(elements):
+            removed_after[e] = after[pos]
 
     # 3. records (device tensors; converted to a table when the run ends)
     for e in recorded:
