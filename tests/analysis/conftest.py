@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from analysis_fakerun import FakeRunSpec, make_run
-
-# Never reach the network from these tests, whatever a library tries.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -35,6 +29,9 @@ def shared_run(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_weights_dir(monkeypatch, tmp_path):
-    """Point the weight layout at an empty folder so no test picks up a real cache."""
+    """Point the weight layout at an empty folder so no test picks up a real cache, and never
+    reach the network whatever a library tries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("SINKSCOPE_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
