@@ -190,6 +190,10 @@ def main():
         idx = ref.mass.topk(kk, dim=-1).indices
         out, lse = attention_with_lse(q, k, v, scale)
         exact = remove_keys(q.float(), k.float(), v.float(), out_ref, lse_ref, idx, 0, n_img, scale, method="recompute")
+        from workers.kernels.mass import removed_mass
+
+        guarded = int((removed_mass(q, k, lse, idx, 0, n_img, scale) >= 0.5).sum(-1).max())
+        rows.append(dict(name=f"  (top-{kk}: max rows/(b,h) with removed mass >= 0.5: {guarded})", ms=None, mem=None, err=None, note=""))
         for method in ("auto", "closed_form", "recompute"):
             new = remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False)
             add(
@@ -217,7 +221,7 @@ def main():
     if args.sweep and use_triton:
         nq = n_img
         col_cfgs = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (32, 128, 4, 3)]
-        row_cfgs = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
+        row_cfgs = [(64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
         for ent in (False, True):
             for bm, bn, w, st_ in col_cfgs:
                 cfg = tm.MassConfig(col_block_m=bm, col_block_n=bn, col_warps=w, col_stages=st_)
@@ -227,15 +231,21 @@ def main():
                     ms = None
                     print("col", cfg, exc)
                 sweep.append(dict(kernel="col", entropy=ent, cfg=[bm, bn, w, st_], ms=ms))
-        for own in (False, True):
+        for what in ("top5 mode0", "top5 mode1", "top5 mode2", "top5 mode3", "top5 mode4", "lse only"):
             for bm, bn, w, st_ in row_cfgs:
-                cfg = tm.MassConfig(row_block_m=bm, row_block_n=bn, row_warps=w, row_stages=st_)
+                mode = int(what[-1]) if what.startswith("top5") else 1
+                cfg = tm.MassConfig(row_block_m=bm, row_block_n=bn, row_warps=w, row_stages=st_, topk_mode=mode)
+                top = what.startswith("top5")
                 try:
-                    ms = bench(lambda: tm._launch_row(q, k, None if own else lse, 0, nq, scale, True, cfg), dev, 100)
+                    err = None
+                    if top:
+                        _, t5 = tm._launch_row(q, k, lse, 0, nq, scale, True, cfg)
+                        err = rel(t5.sum(1).view(B, H) / nq, ref.top5)
+                    ms = bench(lambda: tm._launch_row(q, k, lse if top else None, 0, nq, scale, top, cfg), dev, 100)
                 except Exception as exc:
                     ms = None
                     print("row", cfg, exc)
-                sweep.append(dict(kernel="row", own_lse=own, cfg=[bm, bn, w, st_], ms=ms))
+                sweep.append(dict(kernel="row", what=what, mode=mode, cfg=[bm, bn, w, st_], ms=ms, err=err))
 
     base = next((r["ms"] for r in rows if r["name"] == "sdpa default"), None)
     print()
@@ -249,7 +259,7 @@ def main():
     if sweep:
         print("\nTriton tile sweep (block_m, block_n, warps, stages): ms")
         for s in sweep:
-            tag = f"{s['kernel']} " + (f"entropy={s['entropy']}" if s["kernel"] == "col" else f"own_lse={s['own_lse']}")
+            tag = f"{s['kernel']} " + (f"entropy={s['entropy']}" if s["kernel"] == "col" else s["what"])
             print(f"  {tag:22s} {str(s['cfg']):20s} {s['ms'] if s['ms'] is None else round(s['ms'], 4)}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(info=info, rows=rows, sweep=sweep), indent=1))

@@ -178,15 +178,30 @@ import torch, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
 from workers.kernels import key_mass_stats, triton_mass as tm
 from kernel_refs import ref_stats, rel, sink_inputs
-cfg = tm.MassConfig(col_block_m=16, col_block_n=16, row_block_m=16, row_block_n=16)
 worst = 0.0
-for seed, (B, H, Lq, Lk, D, a, b) in enumerate([(1, 2, 40, 37, 16, 3, 35), (2, 1, 33, 50, 32, 0, 33)]):
-    q, k, _ = sink_inputs(B, H, Lq, Lk, D, sink=5, strength=9.0, seed=seed)
-    k[:, :, 8] = k[:, :, 9]  # duplicate keys: ties in the top-5
+cases = [(1, 2, 40, 37, 16, 3, 35, torch.float32, 1), (2, 1, 33, 50, 32, 0, 33, torch.float32, 1),
+         (2, 1, 33, 50, 32, 0, 33, torch.float16, 4)]
+for seed, (B, H, Lq, Lk, D, a, b, dt, mode) in enumerate(cases):
+    cfg = tm.MassConfig(col_block_m=16, col_block_n=16, row_block_m=16, row_block_n=16, topk_mode=mode)
+    q, k, _ = sink_inputs(B, H, Lq, Lk, D, sink=5, strength=9.0, seed=seed, dtype=dt)
+    k[:, :, 6] = k[:, :, 5]  # the sink three times: a 3-way tie at the top of the top-5
+    k[:, :, 20] = k[:, :, 5]
     ref = ref_stats(q, k, D**-0.5, a, b)
     for lse in (None, torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * D**-0.5, -1).float()):
         st = tm.key_mass_stats_triton(q, k, D**-0.5, a, b, lse=lse, config=cfg)
         worst = max(worst, *(rel(x, r) for x, r in zip(st, ref)))
+# fused closed-form removal kernel against the torch closed form
+from workers.kernels.mass import _closed_form, attention_with_lse
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 2, 50, 32, generator=g) for _ in range(3))
+out, lse = attention_with_lse(q, k, v, 0.2)
+idx = torch.tensor([[[3, 7], [1, 40]], [[0, 49], [22, 5]]])
+ref = out.clone()
+ps_ref = _closed_form(q, k, v, out, lse, idx, 4, 45, 0.2, ref[:, :, 4:45])
+got = out.clone()
+ks, vs = (torch.gather(t, 2, idx[..., None].expand(2, 2, 2, 32)) for t in (k, v))
+ps = tm.removal_closed_form(q, ks, vs, out, lse, 4, 45, 0.2, got[:, :, 4:45], block_m=16)
+worst = max(worst, rel(got, ref), rel(ps, ps_ref))
 print("WORST", worst)
 """
 
@@ -194,7 +209,7 @@ print("WORST", worst)
 def test_triton_kernels_in_interpreter():
     """Runs the Triton kernels on the CPU through TRITON_INTERPRET=1 (no GPU needed).
 
-    fp32 only: the interpreter's bf16 tl.dot is wrong (seen with triton 3.8), unlike the compiled kernel.
+    fp32 and fp16: the interpreter's bf16 tl.dot is wrong (seen with triton 3.8), unlike the compiled kernel.
     """
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", SINKSCOPE_KERNEL="triton")

@@ -229,7 +229,11 @@ def attention_with_lse(
         raise ValueError(f"backend must be one of {_LSE_BACKENDS}; got {backend!r}")
     if not q.is_cuda or backend == "math":
         return _attention_with_lse_math(q, k, v, scale)
-    order = [backend] if backend else list(_DEFAULT_CUDA_ORDER)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if backend in ("cudnn", "flash") and not half:
+        # the private cuDNN op does not refuse fp32: it returned NaN/garbage on an H200 (torch 2.11)
+        raise ValueError(f"backend {backend!r} needs fp16/bf16 inputs; got {q.dtype}")
+    order = [backend] if backend else list(_DEFAULT_CUDA_ORDER if half else ("efficient",))
     errors = []
     for name in order:
         try:
@@ -249,7 +253,8 @@ def attention_with_lse(
     return _attention_with_lse_math(q, k, v, scale)
 
 
-# cheapest first; set from measurements (benchmarks/RESULTS.md)
+# cheapest first, measured (benchmarks/RESULTS.md): cuDNN attention returns the lse at no extra
+# cost over plain SDPA; flash costs ~1.5x; memory-efficient ~3.2x (but is the only fp32 one)
 _DEFAULT_CUDA_ORDER = ("cudnn", "flash", "efficient")
 
 
@@ -343,19 +348,10 @@ def remove_keys(
         result[:, :, a:b_] = exact(q[:, :, a:b_]).to(out.dtype)
         return result
 
-    cdt = _compute_dtype(q)
     if guard is None:
         guard = 0.99 if out.dtype in (torch.float32, torch.float64) else 0.5
-    idx = selected_idx.long()
-    ksel = _gather_rows(k, idx).to(cdt)  # [B,H,k,D]
-    vsel = _gather_rows(v, idx).to(cdt)
-    qs = q[:, :, a:b_].to(cdt)
-    logits = torch.matmul(qs, ksel.transpose(-1, -2)) * scale  # [B,H,n,k]
-    p = torch.exp(logits - lse[:, :, a:b_, None].to(cdt))
-    psel = p.sum(dim=-1)  # [B,H,n]
-    corr = torch.matmul(p, vsel)  # [B,H,n,D]
-    denom = (1.0 - psel).clamp_min(torch.finfo(cdt).tiny)
-    new = (out[:, :, a:b_].to(cdt) - corr) / denom[..., None]
+    scope = result[:, :, a:b_]  # a view: the closed form and the guard write into result
+    psel = _closed_form(q, k, v, out, lse, selected_idx.long(), a, b_, scale, scope)
     if method == "auto":
         bad = psel >= guard
         cnt = bad.sum(dim=-1)  # [B,H]
@@ -364,11 +360,29 @@ def remove_keys(
             # pack each (b,h)'s guarded rows first, recompute them against the remaining keys
             order = torch.argsort(bad.to(torch.int8), dim=-1, descending=True, stable=True)[..., :nmax]
             valid = torch.arange(nmax, device=q.device)[None, None, :] < cnt[..., None]
-            fixed = exact(_gather_rows(q[:, :, a:b_], order)).to(cdt)
-            cur = _gather_rows(new, order)
-            new.scatter_(2, order[..., None].expand(-1, -1, -1, D), torch.where(valid[..., None], fixed, cur))
-    result[:, :, a:b_] = new.to(out.dtype)
+            fixed = exact(_gather_rows(q[:, :, a:b_], order)).to(out.dtype)
+            cur = _gather_rows(scope, order)
+            scope.scatter_(2, order[..., None].expand(-1, -1, -1, D), torch.where(valid[..., None], fixed, cur))
     return result
+
+
+def _closed_form(q, k, v, out, lse, idx, a, b_, scale, dest) -> torch.Tensor:
+    """Write (out - sum_sel p v) / (1 - sum_sel p) for rows [a, b_) into ``dest``; return sum_sel p [B,H,n].
+
+    Fused Triton kernel on CUDA (reads q, out once); fp32/fp64 torch elsewhere.
+    """
+    ksel, vsel = _gather_rows(k, idx), _gather_rows(v, idx)  # [B,H,k,D]
+    if q.is_cuda and kernel_choice(q) == "triton":
+        from . import triton_mass
+
+        return triton_mass.removal_closed_form(q, ksel, vsel, out, lse, a, b_, scale, dest)
+    cdt = _compute_dtype(q)
+    logits = torch.matmul(q[:, :, a:b_].to(cdt), ksel.to(cdt).transpose(-1, -2)) * scale  # [B,H,n,k]
+    p = torch.exp(logits - lse[:, :, a:b_, None].to(cdt))
+    psel = p.sum(dim=-1)
+    denom = (1.0 - psel).clamp_min(torch.finfo(cdt).tiny)
+    dest.copy_(((out[:, :, a:b_].to(cdt) - torch.matmul(p, vsel.to(cdt))) / denom[..., None]).to(dest.dtype))
+    return psel
 
 
 def removed_mass(

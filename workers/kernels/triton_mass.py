@@ -34,7 +34,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     _TRITON_ERR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["MassConfig", "DEFAULT_CONFIG", "supported", "key_mass_stats_triton"]
+__all__ = ["MassConfig", "DEFAULT_CONFIG", "supported", "key_mass_stats_triton", "removal_closed_form"]
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -52,6 +52,7 @@ class MassConfig:
     row_block_n: int = 64
     row_warps: int = 8
     row_stages: int = 2
+    topk_mode: int = 4  # see _row_kernel; 16-bit inputs only, fp32 falls back to the exact mode 1
 
 
 DEFAULT_CONFIG = MassConfig()
@@ -143,7 +144,7 @@ if triton is not None:
         qk_scale2,
         HAS_LSE: tl.constexpr, WANT_TOP5: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, TOPK_MODE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -169,30 +170,84 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             nmask = offs_n < Lk
             kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=nmask[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=PREC) * qk_scale2
-            s = tl.where(nmask[None, :], s, neg)
+            s_raw = tl.dot(q, kt, input_precision=PREC) * qk_scale2
+            s = tl.where(nmask[None, :], s_raw, neg)
             if not HAS_LSE:
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), axis=1)
                 m_i = m_new
             if WANT_TOP5:
-                # extract this tile's largest values (with multiplicity) only while some row
-                # of the block still has a value above its current 5th largest
-                cand = s
-                tm = tl.max(cand, axis=1)
-                go = tl.max((tm > t4).to(tl.int32), axis=0)
-                it = 0
-                while (go > 0) & (it < 5):
-                    hit = cand == tm[:, None]
-                    cnt = tl.sum(hit.to(tl.int32), axis=1)
-                    upd = tm > t4
-                    cand = tl.where(hit, neg, cand)
-                    for r in tl.static_range(5):
-                        v = tl.where(upd & (cnt > r), tm, neg)
-                        t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, v)
+                # Insert this tile's largest values (with multiplicity, so tied keys count) into the
+                # running per-row top-5 t0 >= ... >= t4. Modes differ in how a tile's top values are
+                # extracted: 0 = rounds while any row of the block still has a value above its t4
+                # (block-wide test per round), 1 = always 5 rounds (no block-wide test), 2 = as many
+                # rounds as the most-crowded row needs (one block-wide test per tile), 3 and 4 = 5
+                # rounds over unique keys (no tie counting), 4 after a pairwise pre-sort.
+                if TOPK_MODE >= 3:
+                    # 16-bit inputs: make every value of the tile unique by writing the column index
+                    # into its low log2(BLOCK_N) mantissa bits (<= BLOCK_N ulp change, far below the
+                    # inputs' rounding), so one extraction round takes exactly one element and ties
+                    # need no counting
+                    bits = (s_raw.to(tl.int32, bitcast=True) & (-BLOCK_N)) | tl.arange(0, BLOCK_N)[None, :]
+                    cand = tl.where(nmask[None, :], bits.to(tl.float32, bitcast=True), neg)
+                    if TOPK_MODE == 3:
+                        for e in tl.static_range(5):
+                            tm = tl.max(cand, axis=1)
+                            t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, tm)
+                            if e < 4:
+                                cand = tl.where(cand == tm[:, None], neg, cand)
+                    else:
+                        # pair pre-sort: each adjacent pair (held by one thread) as (hi, lo); a round
+                        # takes the largest hi and moves its partner up
+                        ca, cb = tl.split(tl.reshape(cand, [BLOCK_M, BLOCK_N // 2, 2]))
+                        hi = tl.maximum(ca, cb)
+                        lo = tl.minimum(ca, cb)
+                        for e in tl.static_range(5):
+                            tm = tl.max(hi, axis=1)
+                            t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, tm)
+                            if e < 4:
+                                hit = hi == tm[:, None]
+                                hi = tl.where(hit, lo, hi)
+                                lo = tl.where(hit, neg, lo)
+                else:
+                    cand = s
                     tm = tl.max(cand, axis=1)
-                    go = tl.max((tm > t4).to(tl.int32), axis=0)
-                    it += 1
+                    if TOPK_MODE == 0:
+                        go = tl.max((tm > t4).to(tl.int32), axis=0)
+                        it = 0
+                        while (go > 0) & (it < 5):
+                            hit = cand == tm[:, None]
+                            cnt = tl.sum(hit.to(tl.int32), axis=1)
+                            upd = tm > t4
+                            cand = tl.where(hit, neg, cand)
+                            for r in tl.static_range(5):
+                                v = tl.where(upd & (cnt > r), tm, neg)
+                                t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, v)
+                            tm = tl.max(cand, axis=1)
+                            go = tl.max((tm > t4).to(tl.int32), axis=0)
+                            it += 1
+                    elif TOPK_MODE == 1:
+                        for e in tl.static_range(5):
+                            hit = cand == tm[:, None]
+                            cnt = tl.sum(hit.to(tl.int32), axis=1)
+                            upd = tm > t4
+                            for r in tl.static_range(5):
+                                v = tl.where(upd & (cnt > r), tm, neg)
+                                t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, v)
+                            if e < 4:
+                                cand = tl.where(hit, neg, cand)
+                                tm = tl.max(cand, axis=1)
+                    elif TOPK_MODE == 2:
+                        n_it = tl.minimum(tl.max(tl.sum((cand > t4[:, None]).to(tl.int32), axis=1), axis=0), 5)
+                        for e in range(n_it):
+                            hit = cand == tm[:, None]
+                            cnt = tl.sum(hit.to(tl.int32), axis=1)
+                            upd = tm > t4
+                            cand = tl.where(hit, neg, cand)
+                            for r in tl.static_range(5):
+                                v = tl.where(upd & (cnt > r), tm, neg)
+                                t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, v)
+                            tm = tl.max(cand, axis=1)
         if HAS_LSE:
             lse2 = tl.load(
                 LSE_IN + b * s_lb + h * s_lh + (q_start + offs_m) * s_lm, mask=mmask, other=0.0
@@ -207,6 +262,60 @@ if triton is not None:
             )
             tot = tl.where(mmask, tot, 0.0)
             tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
+
+
+    @triton.jit
+    def _removal_cf_kernel(
+        Q, KS, VS, OUT, LSE, DEST, PSEL,
+        s_qb, s_qh, s_qm, s_qd,
+        s_ob, s_oh, s_om, s_od,
+        s_db, s_dh, s_dm, s_dd,
+        s_lb, s_lh, s_lm,
+        H, q_start, n_q, n_sel, qk_scale2,
+        BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+    ):
+        # one pass over the scoped rows: p_s = exp2(q.k_s scale log2e - lse log2e) for the few selected
+        # keys on CUDA cores in fp32, then (out - sum p_s v_s) / (1 - sum p_s)
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < n_q
+        rows = q_start + offs_m
+        offs_d = tl.arange(0, HEAD_D)
+        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :] * s_qd,
+                    mask=mmask[:, None], other=0.0).to(tl.float32)
+        o = tl.load(OUT + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :] * s_od,
+                    mask=mmask[:, None], other=0.0).to(tl.float32)
+        lse2 = tl.load(LSE + b * s_lb + h * s_lh + rows * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
+        psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j in range(n_sel):
+            ks = tl.load(KS + (pid_bh * n_sel + j) * HEAD_D + offs_d).to(tl.float32)
+            vs = tl.load(VS + (pid_bh * n_sel + j) * HEAD_D + offs_d).to(tl.float32)
+            p = tl.math.exp2(tl.sum(q * ks[None, :], axis=1) * qk_scale2 - lse2)
+            psum += p
+            o -= p[:, None] * vs[None, :]
+        new = o / tl.maximum(1.0 - psum, 1.0e-30)[:, None]
+        tl.store(DEST + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
+                 new.to(DEST.dtype.element_ty), mask=mmask[:, None])
+        tl.store(PSEL + pid_bh * n_q + offs_m, psum, mask=mmask)
+
+
+def removal_closed_form(q, ksel, vsel, out, lse, a, b_, scale, dest, block_m: int = 64) -> torch.Tensor:
+    """Closed-form key removal for rows [a, b_) into ``dest`` (a [B,H,b_-a,D] view); returns sum_sel p [B,H,n]."""
+    B, H, _, D = q.shape
+    n, n_sel = b_ - a, ksel.shape[2]
+    ksel, vsel = ksel.contiguous(), vsel.contiguous()
+    psel = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
+    sq, so, sd, sl = q.stride(), out.stride(), dest.stride(), lse.stride()
+    _removal_cf_kernel[(triton.cdiv(n, block_m), B * H)](
+        q, ksel, vsel, out, lse, dest, psel,
+        sq[0], sq[1], sq[2], sq[3], so[0], so[1], so[2], so[3], sd[0], sd[1], sd[2], sd[3], sl[0], sl[1], sl[2],
+        H, a, n, n_sel, float(scale) * LOG2E,
+        BLOCK_M=block_m, HEAD_D=D, num_warps=4,
+    )
+    return psel
 
 
 def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
@@ -224,7 +333,7 @@ def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
         sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
         H, query_start, nq, Lk, n_qb, float(scale) * LOG2E,
         HAS_LSE=lse is not None, WANT_TOP5=want_top5,
-        BLOCK_M=cfg.row_block_m, BLOCK_N=cfg.row_block_n, HEAD_D=D, PREC=_prec(q),
+        BLOCK_M=cfg.row_block_m, BLOCK_N=cfg.row_block_n, HEAD_D=D, PREC=_prec(q), TOPK_MODE=_topk_mode(q, cfg),
         num_warps=cfg.row_warps, num_stages=cfg.row_stages,
     )
     return (lse_out if lse is None else None), (top if want_top5 else None)
@@ -247,6 +356,14 @@ def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_en
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
     )
     return mass, (ent if want_entropy else None)
+
+
+def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
+    # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
+    # not for fp32, which gets the exact static mode
+    if cfg.topk_mode >= 3 and q.dtype == torch.float32:
+        return 1
+    return cfg.topk_mode
 
 
 def _prec(q: torch.Tensor) -> str:
