@@ -11,6 +11,7 @@ from analysis import MissingWeightsError, compute_metrics, load_run
 from analysis.metrics.fid_shift import INCEPTION_FILE, FIDShiftMetric, fid_calibration, frechet_distance
 
 
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")  # inside clean-fid
 def test_frechet_matches_clean_fid_and_is_a_distance():
     from cleanfid.fid import frechet_distance as clean_fd
 
@@ -70,6 +71,7 @@ class _FakeInception(torch.nn.Module):
         return self.layers(x)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # clean-fid's Inception file is TorchScript
 def test_local_torchscript_inception_is_used(tmp_path):
     target = tmp_path / "weights" / "fid_shift" / INCEPTION_FILE
     target.parent.mkdir(parents=True)
