@@ -62,7 +62,8 @@ def make_scheduler(pipe, kind: str):
 
 def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) -> torch.Tensor:
     pipe = loaded.pipe
-    shape = (1, pipe.transformer.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    denoiser = pipe.unet if loaded.family == "sdxl" else pipe.transformer
+    shape = (1, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
@@ -96,13 +97,18 @@ def generate_group(
     if height % side or width % side:
         raise ValueError(f"height/width {height}×{width} must be multiples of {side} (VAE scale × patch size)")
     use_cfg = generation.guidance > 1.0  # diffusers runs CFG only above 1; its batch is then [uncond, cond]
+    sd3 = loaded.family == "sd3"
+    if not sd3 and generation.scheduler != "default":
+        raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     with torch.no_grad():
+        extra = {"prompt_3": None, "max_sequence_length": generation.max_sequence_length} if sd3 else {}
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=pipe._execution_device,
-            do_classifier_free_guidance=use_cfg, max_sequence_length=generation.max_sequence_length,
+            prompt=prompt, prompt_2=None, device=pipe._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=use_cfg, **extra,
         )
     t5_cond = _t5_valid(pipe, prompt, generation.max_sequence_length)
     t5_uncond = _t5_valid(pipe, "", generation.max_sequence_length)
+    call_extra = {"max_sequence_length": generation.max_sequence_length} if sd3 else {}
     latents = initial_latents(loaded, seed, height, width)
     original_scheduler = pipe.scheduler
     results = []
@@ -111,7 +117,7 @@ def generate_group(
         elements = [ElementPlan(arm.name, "cond", iv, seed, t5_cond)]
         if use_cfg:
             elements.insert(0, ElementPlan(arm.name, "uncond", iv, seed, t5_uncond))
-        ctx = RunContext(elements=elements, recording=recording if recording.layers else None, num_clip_tokens=pipe.tokenizer_max_length)
+        ctx = RunContext(elements=elements, recording=recording if recording.layers else None, num_clip_tokens=loaded.geometry.clip_tokens)
         pipe.scheduler = make_scheduler(pipe, generation.scheduler)
         loaded.session.context = ctx
         start = time.perf_counter()
@@ -120,7 +126,7 @@ def generate_group(
                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                 pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled,
                 latents=latents.clone(), num_inference_steps=generation.steps, guidance_scale=generation.guidance,
-                height=height, width=width, max_sequence_length=generation.max_sequence_length, output_type="pil",
+                height=height, width=width, output_type="pil", **call_extra,
             )
             if str(loaded.device).startswith("cuda"):
                 torch.cuda.synchronize()
@@ -129,6 +135,6 @@ def generate_group(
             pipe.scheduler = original_scheduler
         seconds = time.perf_counter() - start
         if ctx.step + 1 != generation.steps:
-            raise RuntimeError(f"arm {arm.name!r}: the transformer ran {ctx.step + 1} times for {generation.steps} steps")
+            raise RuntimeError(f"arm {arm.name!r}: the denoiser ran {ctx.step + 1} times for {generation.steps} steps")
         results.append(ArmResult(arm=arm.name, image=output.images[0], sink_rows=records_to_table(ctx.records), seconds=seconds))
     return results

@@ -24,11 +24,17 @@ __all__ = ["KeyMassStats", "key_mass_stats", "KeyLayout", "rank_keys", "select_k
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """Where each modality sits in the joint key sequence [image | CLIP | T5]."""
+    """Where each modality sits in the key sequence [image | CLIP | T5], and how the queries split.
+
+    Joint attention (SD3) has the same sequence for queries and keys; cross-attention (SDXL attn2) has
+    image queries and CLIP keys, so `query_image` / `query_text` default to the key counts but may differ.
+    """
 
     num_image: int
     num_clip: int
     num_t5: int
+    query_image: int | None = None
+    query_text: int | None = None
 
     @property
     def num_text(self) -> int:
@@ -39,19 +45,21 @@ class KeyLayout:
         return self.num_image + self.num_text
 
     def query_range(self, scope: str) -> tuple[int, int]:
-        """[start, end) of the image / text / all query rows."""
+        """[start, end) of the image / text / all query rows (may be empty, e.g. text rows of a self-attention)."""
+        n_image = self.num_image if self.query_image is None else self.query_image
+        n_text = self.num_text if self.query_text is None else self.query_text
         if scope == "image":
-            return 0, self.num_image
+            return 0, n_image
         if scope == "text":
-            return self.num_image, self.num_keys
+            return n_image, n_image + n_text
         if scope == "all":
-            return 0, self.num_keys
+            return 0, n_image + n_text
         raise ValueError(f"unknown query scope {scope!r}")
 
     def eligible(self, which: str, device=None) -> torch.Tensor:
         """Boolean [K] mask of the keys a selection may pick."""
         mask = torch.zeros(self.num_keys, dtype=torch.bool, device=device)
-        start, end = self.query_range("all" if which == "all" else which)
+        start, end = {"all": (0, self.num_keys), "image": (0, self.num_image), "text": (self.num_image, self.num_keys)}[which]
         mask[start:end] = True
         return mask
 

@@ -12,7 +12,7 @@ import torch
 
 from manifests.models import PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
-from workers.processors import install_sd3_processors
+from workers.processors import install_sd3_processors, install_sdxl_processors
 from workers.session import SinkSession
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -24,8 +24,8 @@ class ModelNotAvailableError(FileNotFoundError):
 
 @dataclass
 class LoadedPipeline:
-    pipe: object  # diffusers StableDiffusion3Pipeline
-    family: str  # "sd3"
+    pipe: object  # diffusers StableDiffusion3Pipeline or StableDiffusionXLPipeline
+    family: str  # "sd3" | "sdxl"
     random_weights: bool
     geometry: Geometry  # measured on the loaded model, not taken from the manifests table
     description: str
@@ -59,37 +59,71 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
-    from diffusers import StableDiffusion3Pipeline
+_PIPELINE_FAMILY = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
 
-    source = model.hub_id or model.path
+
+def _not_available(model: ModelSpec, exc: Exception) -> ModelNotAvailableError:
     if model.path is not None:
-        folder = Path(model.path)
-        if not (folder / "model_index.json").is_file():
-            raise ModelNotAvailableError(f"model.path {folder} is not a diffusers folder (no model_index.json)")
-        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-        if class_name != "StableDiffusion3Pipeline":
-            raise ValueError(f"model.path {folder}: pipeline class {class_name!r} is not supported yet (supported: StableDiffusion3Pipeline)")
-    kwargs = {"dtype": dtype, "revision": model.revision}
-    if not model.load_t5:
-        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        return ModelNotAvailableError(f"could not load the diffusers folder {model.path}: {exc}")
+    revision = f" --revision {model.revision}" if model.revision else ""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return ModelNotAvailableError(
+        f"model {model.hub_id!r}{' @ ' + model.revision if model.revision else ''} is not available in the Hugging Face "
+        f"cache ({cache}). Workers do not download weights; fetch them beforehand on a machine with network access:\n"
+        f"    huggingface-cli download {model.hub_id}{revision}     (or: hf download {model.hub_id}{revision})\n"
+        f"gated models need `huggingface-cli login` and accepting the license first; or set model.path to a local "
+        f"diffusers folder. Underlying error: {type(exc).__name__}: {exc}"
+    )
+
+
+def _pipeline_class_name(model: ModelSpec) -> str:
+    """The `_class_name` of model_index.json, from the local folder or the HF cache (never the network)."""
+    from diffusers import DiffusionPipeline
+
+    if model.path is not None:
+        index = Path(model.path) / "model_index.json"
+        if not index.is_file():
+            raise ModelNotAvailableError(f"model.path {model.path} is not a diffusers folder (no model_index.json)")
+        return json.loads(index.read_text()).get("_class_name", "")
     try:
-        return StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+        return DiffusionPipeline.load_config(model.hub_id, revision=model.revision).get("_class_name", "")
     except (OSError, ValueError) as exc:
-        if model.path is not None:
-            raise ModelNotAvailableError(f"could not load the diffusers folder {model.path}: {exc}") from exc
-        revision = f" --revision {model.revision}" if model.revision else ""
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise ModelNotAvailableError(
-            f"model {model.hub_id!r}{' @ ' + model.revision if model.revision else ''} is not available in the Hugging Face "
-            f"cache ({cache}). Workers do not download weights; fetch them beforehand on a machine with network access:\n"
-            f"    huggingface-cli download {model.hub_id}{revision}     (or: hf download {model.hub_id}{revision})\n"
-            f"gated models need `huggingface-cli login` and accepting the license first; or set model.path to a local "
-            f"diffusers folder. Underlying error: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _not_available(model, exc) from exc
 
 
-def _measured_geometry(pipe, random_weights: bool) -> Geometry:
+def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    class_name = _pipeline_class_name(model)
+    family = _PIPELINE_FAMILY.get(class_name)
+    if family is None:
+        raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
+    source = model.hub_id or model.path
+    kwargs = {"dtype": dtype, "revision": model.revision}
+    try:
+        if family == "sd3":
+            if not model.load_t5:
+                kwargs.update(text_encoder_3=None, tokenizer_3=None)
+            return StableDiffusion3Pipeline.from_pretrained(source, **kwargs), family
+        if dtype == torch.float16:  # SDXL repos ship an fp16 variant (the paper loads it); fall back to the main files
+            try:
+                return StableDiffusionXLPipeline.from_pretrained(source, variant="fp16", **kwargs), family
+            except (OSError, ValueError):
+                pass
+        return StableDiffusionXLPipeline.from_pretrained(source, **kwargs), family
+    except (OSError, ValueError) as exc:
+        raise _not_available(model, exc) from exc
+
+
+def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
+    if family == "sdxl":
+        unet = pipe.unet
+        cross = [m for n, m in unet.named_modules() if n.endswith(".attn2")]
+        return Geometry(
+            family="sdxl", num_layers=len(cross), heads=unet.mid_block.attentions[0].transformer_blocks[0].attn2.heads,
+            patch_size=1, vae_scale=pipe.vae_scale_factor, clip_tokens=pipe.tokenizer.model_max_length, t5_tokens=0,
+            default_resolution=pipe.default_sample_size * pipe.vae_scale_factor, random_weights=random_weights,
+        )
     cfg = pipe.transformer.config
     return Geometry(
         family="sd3",
@@ -112,15 +146,16 @@ def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline
         from workers.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(model.preset)
+        family = "sdxl" if hasattr(pipe, "unet") else "sd3"
         random_weights = True
     else:
-        pipe = _from_pretrained(model, dtype)
+        pipe, family = _from_pretrained(model, dtype)
         random_weights = False
     pipe.to(device)
     if random_weights and dtype != torch.float32:  # tiny presets are built in fp32; real weights load in `dtype`
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    geometry = _measured_geometry(pipe, random_weights)
+    geometry = _measured_geometry(pipe, family, random_weights)
     # the manifests table, when it knows the model (a tiny preset it lacks is checked against the build only)
     table = PRESET_GEOMETRY.get(model.preset) if model.preset is not None else model.geometry()
     if table is not None and (table.num_layers, table.heads) != (geometry.num_layers, geometry.heads):
@@ -129,11 +164,14 @@ def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline
             f"the loaded model has {geometry.num_layers} × {geometry.heads}: fix manifests/models.py"
         )
     session = SinkSession(pipe)
-    layers = install_sd3_processors(pipe.transformer, session)
+    if family == "sdxl":
+        layers = install_sdxl_processors(pipe.unet, session)
+    else:
+        layers = install_sd3_processors(pipe.transformer, session)
     kind = "random weights" if random_weights else (model.hub_id or model.path) + (f"@{model.revision}" if model.revision else "")
     t5 = "" if random_weights else (", T5" if getattr(pipe, "text_encoder_3", None) is not None else ", no T5")
     description = f"{model.label} ({kind}, {geometry.num_layers} layers × {geometry.heads} heads, {model.dtype}{t5})"
     return LoadedPipeline(
-        pipe=pipe, family="sd3", random_weights=random_weights, geometry=geometry, description=description,
+        pipe=pipe, family=family, random_weights=random_weights, geometry=geometry, description=description,
         device=str(device), dtype=dtype, session=session, attention_layers=layers,
     )

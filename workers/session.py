@@ -109,7 +109,8 @@ class SinkSession:
     def __init__(self, pipe):
         self.pipe = pipe
         self.context: RunContext | None = None
-        self._hook = pipe.transformer.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
+        denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+        self._hook = denoiser.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
 
     def _on_transformer_call(self, module, args, kwargs):
         ctx = self.context
@@ -127,7 +128,7 @@ class SinkSession:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if timestep is not None and not math.isclose(float(timestep.flatten()[0]), expected, rel_tol=1e-5, abs_tol=1e-4):
             raise RuntimeError(f"transformer call {step} got timestep {float(timestep.flatten()[0])}, scheduler expects {expected}")
-        batch = kwargs.get("hidden_states", args[0] if args else None)
+        batch = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
         if batch is not None and batch.shape[0] != len(ctx.elements):
             raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {len(ctx.elements)} elements")
         ctx.timestep = expected

@@ -34,6 +34,9 @@ TINY_PRESETS: dict[str, TinySD3Config] = {
 }
 
 
+TINY_SDXL = "tiny-sdxl"  # UNet (8, 16, 32) channels, 4 heads everywhere, 11 transformer blocks, 64 px
+
+
 def _tiny_clip_config():
     from transformers import CLIPTextConfig
 
@@ -45,22 +48,61 @@ def _tiny_clip_config():
     )
 
 
-def _tiny_vae():
+def _tiny_vae(latent_channels: int = 16):
     from diffusers import AutoencoderKL
 
-    # 4 levels → vae_scale_factor 8 as in the real SD3 VAE; 16 latent channels, SD3's shift/scale.
+    # 4 levels → vae_scale_factor 8 as in the real VAEs. SD3: 16 latent channels, its shift/scale; SDXL: 4.
+    sd3 = latent_channels == 16
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-        scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5035 if sd3 else 0.13025, shift_factor=0.0609 if sd3 else None,
+        use_quant_conv=not sd3, use_post_quant_conv=not sd3,
     )
 
 
+def _build_tiny_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from workers.tokenizer import load_clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
+            block_out_channels=(8, 16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(4, 4, 4),  # diffusers' historical name: the number of heads
+            transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+            cross_attention_dim=2 * CLIP_HIDDEN,  # CLIP-L ⊕ CLIP-G hidden, as in SDXL
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + CLIP_HIDDEN,  # 6 size/crop conditions + pooled CLIP-G
+        )
+        text_encoder = CLIPTextModel(_tiny_clip_config())
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
+        vae = _tiny_vae(latent_channels=4)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+    )
+    for module in (unet, text_encoder, text_encoder_2, vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_pipeline(name: str):
-    """Build the named tiny preset (`TINY_PRESETS`) on the CPU in fp32, eval mode, progress bar off."""
+    """Build the named tiny preset (`TINY_PRESETS` or "tiny-sdxl") on the CPU in fp32, eval mode, progress bar off."""
+    if name == TINY_SDXL:
+        return _build_tiny_sdxl()
     if name not in TINY_PRESETS:
-        raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(TINY_PRESETS)}")
+        raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join([*TINY_PRESETS, TINY_SDXL])}")
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
