@@ -166,3 +166,28 @@ def test_load_pipeline_metadata_and_missing_model(tiny_loaded):
     assert tiny_loaded.pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"].__class__.__name__ == "SD3SinkAttnProcessor"
     with pytest.raises(ModelNotAvailableError, match="huggingface-cli download sinkscope-test/not-a-model"):
         load_pipeline(ModelSpec(hub_id="sinkscope-test/not-a-model"), device="cpu")
+
+
+def test_without_cfg_only_the_cond_branch_exists(tiny_loaded):
+    arm = ArmSpec(name="m1b", intervention={"preset": "paper.m1b", "layers": [0], "cfg_branch": "uncond"})
+    both = ArmSpec(name="m1", intervention={"preset": "paper.m1b", "layers": [0]})
+    gen = GenerationSpec(steps=2, guidance=1.0)
+    uncond_only, on_cond = generate_group(tiny_loaded, PROMPT, 2, [arm, both], gen, RecordingSpec(layers=[0]))
+    assert set(uncond_only.sink_rows.column("branch").to_pylist()) == {"cond"}
+    assert not any(uncond_only.sink_rows.column("intervened").to_pylist())  # its only target branch is absent
+    assert all(on_cond.sink_rows.column("intervened").to_pylist())
+
+
+def test_local_folder_loads_through_from_pretrained(tiny_loaded, tmp_path):
+    from workers import load_pipeline
+
+    folder = tmp_path / "tiny-sd3-folder"
+    build_tiny_pipeline("tiny-sd3").save_pretrained(folder)
+    loaded = load_pipeline(ModelSpec(path=str(folder), load_t5=False), device="cpu")
+    assert not loaded.random_weights and loaded.family == "sd3" and "no T5" in loaded.description
+    arms = [ArmSpec(name="base")]
+    ours = generate_group(loaded, PROMPT, 6, arms, GenerationSpec(steps=2, guidance=5.0), RecordingSpec())[0]
+    tiny = generate_group(tiny_loaded, PROMPT, 6, arms, GenerationSpec(steps=2, guidance=5.0), RecordingSpec())[0]
+    assert np.array_equal(np.asarray(ours.image), np.asarray(tiny.image))  # same weights, same pixels
+    with pytest.raises(Exception, match="not a diffusers folder"):
+        load_pipeline(ModelSpec(path=str(tmp_path)), device="cpu")
