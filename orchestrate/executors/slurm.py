@@ -301,8 +301,9 @@ class SlurmExecutor(Executor):
         else:
             self.notes.append("sacct not found (no Slurm accounting): finished jobs read as 'unknown'")
         if shutil.which("squeue"):
-            # squeue is current where sacct lags behind slurmdbd; -r lists every array element
-            proc = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
+            # squeue is current where sacct lags behind slurmdbd (or never hears of a job cancelled before it
+            # became eligible); -t all includes jobs finished less than MinJobAge ago; -r lists array elements
+            proc = _run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(bases)])
             if proc.returncode == 0:
                 states.update(parse_job_states(proc.stdout))
             elif "Invalid job id" not in proc.stderr:
@@ -316,14 +317,19 @@ class SlurmExecutor(Executor):
         if not latest:
             return {}
         raw = self.query_states(list(latest.values()))
-        return {shard: map_state(raw[jid]) if jid in raw else "unknown" for shard, jid in latest.items()}
+        out = {}
+        for shard, jid in latest.items():
+            # an array cancelled (or ended) before its elements were split out is listed as one job "12"
+            state = raw.get(jid) or raw.get(jid.split("_")[0])
+            out[shard] = map_state(state) if state else "unknown"
+        return out
 
     def cancel(self, run: RunDir) -> list[str]:
         """scancel every array/job of this run that Slurm still lists as pending or running."""
         require_slurm()
         ids = self.latest_job_ids(run)
-        raw = self.query_states(list(ids.values()))
-        live = sorted({jid for jid in ids.values() if map_state(raw.get(jid, "")) in ("pending", "running")})
+        states = self.scheduler_states(run)
+        live = sorted({ids[s] for s, state in states.items() if state in ("pending", "running")})
         if live:
             proc = _run(["scancel", *live])
             if proc.returncode != 0:
