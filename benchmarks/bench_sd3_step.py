@@ -72,26 +72,49 @@ def _finish(attn, out, hidden_states, encoder_hidden_states):
 
 
 class FastSinkProcessor:
-    """Attention with lse, Triton sink statistics over the image queries, optional exact top-k removal."""
+    """Attention with lse, Triton sink statistics over the image queries, optional exact top-k removal.
 
-    def __init__(self, log: list, layer: int, remove_top: int = 0, entropy=True, top5=True, config=None):
+    With ``side`` (a CUDA stream), statistics nobody needs inside this layer (all of them on record-only
+    layers; entropy and top-5 on a removal layer) run on that stream, overlapping the rest of the step.
+    """
+
+    def __init__(self, log: list, layer: int, remove_top: int = 0, entropy=True, top5=True, config=None, side=None):
         self.log, self.layer, self.remove_top = log, layer, remove_top
-        self.entropy, self.top5, self.config = entropy, top5, config
+        self.entropy, self.top5, self.config, self.side = entropy, top5, config, side
+
+    def _stats(self, q, k, scale, n_img, lse, entropy, top5):
+        if self.config is not None and q.is_cuda:
+            from workers.kernels import triton_mass as tm
+
+            return tm.key_mass_stats_triton(q, k, scale, 0, n_img, want_entropy=entropy, want_top5=top5, lse=lse,
+                                            config=self.config)
+        return key_mass_stats(q, k, scale, 0, n_img, want_entropy=entropy, want_top5=top5, lse=lse)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         q, k, v = _project(attn, hidden_states, encoder_hidden_states)
         n_img = hidden_states.shape[1]
         out, lse = attention_with_lse(q, k, v, attn.scale)
-        if self.config is not None and q.is_cuda:
-            from workers.kernels import triton_mass as tm
-
-            st = tm.key_mass_stats_triton(q, k, attn.scale, 0, n_img, want_entropy=self.entropy, want_top5=self.top5,
-                                          lse=lse, config=self.config)
-        else:
-            st = key_mass_stats(q, k, attn.scale, 0, n_img, want_entropy=self.entropy, want_top5=self.top5, lse=lse)
+        side = self.side if q.is_cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+            for t in (q, k, lse):
+                t.record_stream(side)  # keep them alive until the side stream is done with them
         if self.remove_top:
+            # the mass is needed now; entropy (same kernel, free) too; top-5 can go to the side
+            st = self._stats(q, k, attn.scale, n_img, lse, self.entropy, self.top5 and side is None)
+            if side is not None and self.top5:
+                from workers.kernels import triton_mass as tm
+
+                with torch.cuda.stream(side):
+                    t5 = tm.top5_concentration(q, k, attn.scale, 0, n_img, lse, config=self.config)
+                st = st._replace(top5=t5)
             idx = st.mass.topk(self.remove_top, dim=-1).indices
             out = remove_keys(q, k, v, out, lse, idx, 0, n_img, attn.scale, check=False)
+        elif side is not None:
+            with torch.cuda.stream(side):
+                st = self._stats(q, k, attn.scale, n_img, lse, self.entropy, self.top5)
+        else:
+            st = self._stats(q, k, attn.scale, n_img, lse, self.entropy, self.top5)
         self.log.append((self.layer, st))  # stays on the device: no host sync per layer
         return _finish(attn, out, hidden_states, encoder_hidden_states)
 
@@ -149,7 +172,7 @@ def set_processors(model, make):
         block.attn.set_processor(p if p is not None else JointAttnProcessor2_0())
 
 
-def time_step(model, inputs, device, iters, warmup=2):
+def time_step(model, inputs, device, iters, warmup=2, side=None):
     with torch.inference_mode():
         for _ in range(warmup):
             out = model(**inputs).sample
@@ -161,6 +184,8 @@ def time_step(model, inputs, device, iters, warmup=2):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 out = model(**inputs).sample
+                if side is not None:  # the step ends when its side-stream statistics are done too
+                    torch.cuda.current_stream().wait_stream(side)
                 b.record()
                 torch.cuda.synchronize()
                 ts.append(a.elapsed_time(b))
@@ -229,6 +254,7 @@ def main():
     print(json.dumps(info), flush=True)
 
     log: list = []
+    side = torch.cuda.Stream() if dev == "cuda" else None
     variants = [
         ("stock diffusers (JointAttnProcessor2_0)", lambda i: None, args.iters),
         ("attention via lse op, no stats (all layers)", lambda i: LseOnlyProcessor(), args.iters),
@@ -240,6 +266,14 @@ def main():
          lambda i: FastSinkProcessor(log, i, 1 if i == rm_layer else 0, config=config), args.iters),
         (f"fast: mass+entropy all {n_layers}, top-5 at {rec_layers}, remove top-1 at {rm_layer}",
          lambda i: FastSinkProcessor(log, i, 1 if i == rm_layer else 0, top5=i in rec_layers, config=config), args.iters),
+        (f"fast+side stream: stats at {rec_layers} + remove top-1 at {rm_layer}",
+         lambda i: FastSinkProcessor(log, i, 1 if i == rm_layer else 0, config=config, side=side) if i in rec_layers else None,
+         args.iters),
+        (f"fast+side stream: stats all {n_layers} + remove top-1 at {rm_layer}",
+         lambda i: FastSinkProcessor(log, i, 1 if i == rm_layer else 0, config=config, side=side), args.iters),
+        (f"fast+side stream: mass+entropy all {n_layers}, top-5 at {rec_layers}, remove top-1 at {rm_layer}",
+         lambda i: FastSinkProcessor(log, i, 1 if i == rm_layer else 0, top5=i in rec_layers, config=config, side=side),
+         args.iters),
         (f"fast: mass only, all {n_layers}",
          lambda i: FastSinkProcessor(log, i, 0, entropy=False, top5=False, config=config), args.iters),
         (f"fast: mass+entropy (no top-5), all {n_layers}",
@@ -256,7 +290,7 @@ def main():
         set_processors(model, make)
         log.clear()
         try:
-            med, best, peak, out = time_step(model, inputs, dev, iters)
+            med, best, peak, out = time_step(model, inputs, dev, iters, side=side)
         except Exception as exc:
             print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
             rows.append(dict(name=name, ms=None))

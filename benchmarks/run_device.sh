@@ -15,12 +15,15 @@ cd $S
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())";
   python3 -c "import diffusers; print('diffusers', diffusers.__version__)"; date -u; } 2>&1 | tee $OUT/env.txt
-if [[ $WHAT == all || $WHAT == tests ]]; then
+if [[ $WHAT == all || $WHAT == final || $WHAT == tests ]]; then
   timeout 300 python3 -m pytest tests_kernels -q -p no:cacheprovider -rs --timeout 240 2>&1 | tee $OUT/pytest.txt | tail -25
 fi
-if [[ $WHAT == all || $WHAT == bench ]]; then
-  timeout 240 python3 benchmarks/bench_identification.py --sweep --json $OUT/ident.json 2>&1 | tee $OUT/ident.txt | grep -v '^  [a-zA-Z(]' 
+SWEEP=--sweep; [[ $WHAT == final ]] && SWEEP=
+if [[ $WHAT == all || $WHAT == final || $WHAT == bench ]]; then
+  timeout 240 python3 benchmarks/bench_identification.py $SWEEP --json $OUT/ident.json 2>&1 | tee $OUT/ident.txt | grep -v '^  [a-zA-Z(]'
 fi
-if [[ $WHAT == all || $WHAT == step ]]; then
-  timeout 240 python3 benchmarks/bench_sd3_step.py --json $OUT/step.json --mass-config-from $OUT/ident.json 2>&1 | tee $OUT/step.txt | tail -14
+if [[ $WHAT == all || $WHAT == final || $WHAT == step ]]; then
+  # "all" takes the sweep's fastest tiles; "final" runs the shipped defaults
+  FROM=; [[ $WHAT == all ]] && FROM="--mass-config-from $OUT/ident.json"
+  timeout 300 python3 benchmarks/bench_sd3_step.py --json $OUT/step.json $FROM 2>&1 | tee $OUT/step.txt | tail -18
 fi

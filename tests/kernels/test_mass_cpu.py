@@ -211,7 +211,9 @@ def test_triton_kernels_in_interpreter():
 
     fp32 and fp16: the interpreter's bf16 tl.dot is wrong (seen with triton 3.8), unlike the compiled kernel.
     """
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip("the Triton 3.6 interpreter fails on scalar loop bounds (seen on the GPU machine)")
     env = dict(os.environ, TRITON_INTERPRET="1", SINKSCOPE_KERNEL="triton")
     r = subprocess.run(
         [sys.executable, "-c", _INTERP_SCRIPT, str(PKG_ROOT), str(HERE)],

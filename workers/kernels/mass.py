@@ -322,8 +322,8 @@ def remove_keys(
     method="auto": closed form out' = (out - sum_sel p v) / (1 - sum_sel p), p = exp(q.k scale - lse),
     costing O(Lq k D); rows where sum_sel p >= ``guard`` lose precision in the division (``out`` is
     stored rounded), so they are recomputed by attention over the remaining keys. ``guard`` defaults
-    to 0.99 for fp32/fp64 ``out`` and 0.5 for 16-bit ``out`` (its rounding error is amplified by
-    1/(1 - sum_sel p)). method="recompute": attention over the remaining keys for the whole scope.
+    to 0.9 for fp32/fp64 ``out`` and 0.5 for 16-bit ``out``: the error of ``out`` is amplified by
+    1/(1 - sum_sel p), and at 0.99 an fp32 H200 run measured 2e-4 relative error. method="recompute": attention over the remaining keys for the whole scope.
     ``check=False`` skips the distinct/in-range test of ``selected_idx`` (a host sync); pass it only
     for indices distinct by construction (topk). "auto" still syncs once to size the recompute.
     """
@@ -336,11 +336,13 @@ def remove_keys(
     if out.shape[:3] != (B, H, Lq) or lse.shape != (B, H, Lq):
         raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)} do not match q {tuple(q.shape)}")
     _check_idx(selected_idx, B, H, Lk)
-    keep = _keep_index(selected_idx, Lk, check)
+    if check:
+        _keep_index(selected_idx, Lk, check=True)  # validates before anything is written
     a, b_ = query_start, query_end
     result = out.clone()
 
     def exact(qrows: torch.Tensor) -> torch.Tensor:
+        keep = _keep_index(selected_idx, Lk, check=False)
         kc, vc = _gather_rows(k, keep), _gather_rows(v, keep)
         return _attend(qrows, kc, vc, scale)
 
@@ -349,7 +351,7 @@ def remove_keys(
         return result
 
     if guard is None:
-        guard = 0.99 if out.dtype in (torch.float32, torch.float64) else 0.5
+        guard = 0.9 if out.dtype in (torch.float32, torch.float64) else 0.5
     scope = result[:, :, a:b_]  # a view: the closed form and the guard write into result
     psel = _closed_form(q, k, v, out, lse, selected_idx.long(), a, b_, scale, scope)
     if method == "auto":

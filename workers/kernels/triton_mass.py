@@ -34,7 +34,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     _TRITON_ERR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["MassConfig", "DEFAULT_CONFIG", "supported", "key_mass_stats_triton", "removal_closed_form"]
+__all__ = ["MassConfig", "DEFAULT_CONFIG", "supported", "key_mass_stats_triton", "top5_concentration", "removal_closed_form"]
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -48,9 +48,9 @@ class MassConfig:
     col_block_n: int = 64
     col_warps: int = 4
     col_stages: int = 3
-    row_block_m: int = 128
-    row_block_n: int = 64
-    row_warps: int = 8
+    row_block_m: int = 64
+    row_block_n: int = 128
+    row_warps: int = 4
     row_stages: int = 2
     topk_mode: int = 4  # see _row_kernel; 16-bit inputs only, fp32 falls back to the exact mode 1
 
@@ -362,7 +362,7 @@ def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
     # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
     # not for fp32, which gets the exact static mode
     if cfg.topk_mode >= 3 and q.dtype == torch.float32:
-        return 1
+        return 0  # measured faster than the static exact mode 1 (H200, benchmarks/RESULTS.md)
     return cfg.topk_mode
 
 
@@ -409,3 +409,17 @@ def key_mass_stats_triton(
         entropy=(ent.sum(dim=1) * (-LN2 / nq)).view(B, H) if want_entropy else None,
         top5=(top.sum(dim=1) / nq).view(B, H) if want_top5 else None,
     )
+
+
+def top5_concentration(
+    q: torch.Tensor, k: torch.Tensor, scale: float, query_start: int, query_end: int, lse: torch.Tensor,
+    config: MassConfig | None = None,
+) -> torch.Tensor:
+    """[B,H] top-5 concentration alone (row kernel only), e.g. to run it on a side stream while the
+    mass, which an intervention needs at once, is computed on the main one."""
+    nq = _check_qk(q, k, query_start, query_end)
+    B, H, Lq, _ = q.shape
+    if tuple(lse.shape) != (B, H, Lq):
+        raise ValueError(f"lse must be [B,H,Lq]={B, H, Lq}; got {tuple(lse.shape)}")
+    _, top = _launch_row(q, k, lse.float(), query_start, nq, scale, True, config or DEFAULT_CONFIG)
+    return (top.sum(dim=1) / nq).view(B, H)
