@@ -265,9 +265,11 @@ class RayExecutor(Executor):
         out = {}
         for shard in shards:
             state = _TASK_STATE_MAP.get(tasks[shard][1], "unknown") if shard in tasks else None
-            if status in _TERMINAL_JOB and state in (None, "pending", "running", "unknown"):
+            if status == "STOPPED" and state != "completed":
+                state = "cancelled"  # stopped by `orchestrate cancel` / `ray job stop`: its tasks died with the driver
+            elif status in _TERMINAL_JOB and state in (None, "pending", "running", "unknown"):
                 # the driver is gone; its unfinished tasks went with it
-                state = {"SUCCEEDED": "completed", "FAILED": "failed", "STOPPED": "cancelled"}[status]
+                state = "completed" if status == "SUCCEEDED" else "failed"
             out[shard] = state or "pending"  # the driver has not submitted it yet
         return out
 
