@@ -74,6 +74,7 @@ def apply_sinks(
         start, end = layout.query_range(iv.query_scope)
         if end <= start:  # e.g. text queries in a self-attention layer (SD3.5 .attn2): nothing to change
             del active[e]
+            del selected[e]
             continue
         key = (iv.query_scope, iv.score_op, iv.bias, iv.eta, iv.value_op, iv.sigma, iv.alpha, selected[e].shape[-1])
         groups.setdefault(key, []).append(e)
