@@ -39,6 +39,9 @@ class Geometry:
 PRESET_GEOMETRY: dict[str, Geometry] = {
     "tiny-sd3": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
     "tiny-sd3-deep": Geometry("sd3", num_layers=4, heads=4, default_resolution=64, random_weights=True),
+    "tiny-sd35": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
+    # SDXL: integer layer i = the attn2 of the i-th transformer block in unet.attn_processors order
+    "tiny-sdxl": Geometry("sdxl", num_layers=11, heads=4, patch_size=1, t5_tokens=0, default_resolution=64, random_weights=True),
 }
 
 HUB_GEOMETRY: dict[str, Geometry] = {

@@ -94,12 +94,19 @@ class GenerationSpec(_Strict):
         "default", description="default = the pipeline's own; flow_* are valid flow-matching samplers (paper bug §5.11 avoided)"
     )
     max_sequence_length: int = Field(256, ge=1, le=512)
+    arms_per_batch: int = Field(
+        1, ge=1, le=64,
+        description="arms of one (prompt, seed) group run in one batched forward (1: one after another). "
+        "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash.",
+    )
 
 
 class RecordingSpec(_Strict):
     """What the per-step sink recorder computes. Only what is asked for is computed."""
 
-    layers: list[int] = Field(default_factory=list, description="block indices to record (empty: none)")
+    layers: list[int | str] = Field(
+        default_factory=list, description="block indices, or glob patterns on attention-module names, to record (empty: none)"
+    )
     topk: int = Field(5, ge=1, le=64)
     stats: list[Literal["mass", "entropy", "top5"]] = Field(default_factory=lambda: ["mass", "entropy", "top5"])
     branches: list[Literal["cond", "uncond"]] = Field(default_factory=lambda: ["cond", "uncond"])
@@ -107,12 +114,12 @@ class RecordingSpec(_Strict):
 
     @field_validator("layers")
     @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
+    def _unique(cls, v: list[int | str]) -> list[int | str]:
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate layer indices {v}")
-        if any(x < 0 for x in v):
+        if any(isinstance(x, int) and x < 0 for x in v):
             raise ValueError(f"layer indices must be ≥ 0, got {v}")
-        return sorted(v)
+        return sorted(x for x in v if isinstance(x, int)) + [x for x in v if isinstance(x, str)]
 
 
 class ShardingSpec(_Strict):
@@ -211,7 +218,7 @@ class Sweep(_Strict):
                 if px % side:
                     raise ValueError(f"generation.{label}: {px} is not a multiple of {side} (VAE scale × patch size)")
             for layer in self.recording.layers:
-                if layer >= geo.num_layers:
+                if isinstance(layer, int) and layer >= geo.num_layers:
                     raise ValueError(
                         f"recording.layers: layer {layer} is outside the model ({self.model.label} has layers 0..{geo.num_layers - 1})"
                     )
