@@ -202,6 +202,19 @@ got = out.clone()
 ks, vs = (torch.gather(t, 2, idx[..., None].expand(2, 2, 2, 32)) for t in (k, v))
 ps = tm.removal_closed_form(q, ks, vs, out, lse, 4, 45, 0.2, got[:, :, 4:45], block_m=16)
 worst = max(worst, rel(got, ref), rel(ps, ps_ref))
+# fused exact recompute of packed guarded rows
+from kernel_refs import ref_attention
+bad = torch.zeros(2, 2, 41, dtype=torch.bool)
+bad[0, 0, [1, 5, 40]] = True
+bad[1, 1, 0] = True
+order = torch.argsort(bad.to(torch.int8), dim=-1, descending=True, stable=True)
+got = out.clone()
+tm.guard_recompute(q, k, v, idx, order, bad.sum(-1), 4, 0.2, got[:, :, 4:45])
+ex, _ = ref_attention(q, k, v, 0.2, removed=idx, a=4, b=45)
+for (b_, h_, r_) in bad.nonzero().tolist():
+    worst = max(worst, rel(got[b_, h_, 4 + r_], ex[b_, h_, 4 + r_]))
+untouched = ~bad
+worst = max(worst, float((got[:, :, 4:45][untouched] != out[:, :, 4:45][untouched]).any()))
 print("WORST", worst)
 """
 

@@ -141,3 +141,26 @@ def test_remove_keys_gpu(dtype, method):
     ref, _ = ref_attention(q, k, v, scale, removed=idx, a=0, b=1000)
     assert rel(new[:, :, :1000], ref[:, :, :1000]) <= TOL[dtype]
     assert torch.equal(new[:, :, 1000:], out[:, :, 1000:])
+
+
+def test_statistics_and_removal_never_sync_the_host():
+    """A processor calls these inside every recorded layer: a host sync would stall the launch queue."""
+    q, k, v = sink_inputs(2, 4, 700, 700, 64, sink=5, strength=16.0, dtype=torch.bfloat16, device=DEV)
+    scale = 64**-0.5
+    out, lse = attention_with_lse(q, k, v, scale)
+    key_mass_stats(q, k, scale, 0, 600, lse=lse)  # compile outside the checked region
+    st = key_mass_stats(q, k, scale, 0, 600, lse=lse)
+    idx = st.mass.topk(2, dim=-1).indices
+    remove_keys(q, k, v, out, lse, idx, 0, 600, scale, check=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out2, lse2 = attention_with_lse(q, k, v, scale)
+        st = key_mass_stats(q, k, scale, 0, 600, lse=lse2)
+        idx = st.mass.topk(2, dim=-1).indices
+        new = remove_keys(q, k, v, out2, lse2, idx, 0, 600, scale, check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref, _ = ref_attention(q, k, v, scale, removed=idx, a=0, b=600)
+    assert rel(new[:, :, :600], ref[:, :, :600]) <= 1e-2
+    assert (removed_mass(q, k, lse, idx, 0, 600, scale) >= 0.5).any(), "the guard path must have run"

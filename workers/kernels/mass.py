@@ -325,7 +325,8 @@ def remove_keys(
     to 0.9 for fp32/fp64 ``out`` and 0.5 for 16-bit ``out``: the error of ``out`` is amplified by
     1/(1 - sum_sel p), and at 0.99 an fp32 H200 run measured 2e-4 relative error. method="recompute": attention over the remaining keys for the whole scope.
     ``check=False`` skips the distinct/in-range test of ``selected_idx`` (a host sync); pass it only
-    for indices distinct by construction (topk). "auto" still syncs once to size the recompute.
+    for indices distinct by construction (topk). On CUDA with Triton, "auto" is then sync-free (the
+    guarded rows go through a fused masked attention); elsewhere it syncs once to size the recompute.
     """
     if method not in ("auto", "closed_form", "recompute"):
         raise ValueError(f"method must be auto, closed_form or recompute; got {method!r}")
@@ -357,10 +358,18 @@ def remove_keys(
     if method == "auto":
         bad = psel >= guard
         cnt = bad.sum(dim=-1)  # [B,H]
+        # each (b,h)'s guarded rows first, in row order
+        order = torch.argsort(bad.to(torch.int8), dim=-1, descending=True, stable=True)
+        if q.is_cuda and kernel_choice(q) == "triton":
+            from . import triton_mass
+
+            # fused masked attention over the packed rows; no host sync
+            triton_mass.guard_recompute(q, k, v, selected_idx, order, cnt, a, scale, scope)
+            return result
         nmax = int(cnt.max())  # host sync: size of the packed recompute
         if nmax > 0:
-            # pack each (b,h)'s guarded rows first, recompute them against the remaining keys
-            order = torch.argsort(bad.to(torch.int8), dim=-1, descending=True, stable=True)[..., :nmax]
+            # recompute the packed rows against the remaining keys
+            order = order[..., :nmax]
             valid = torch.arange(nmax, device=q.device)[None, None, :] < cnt[..., None]
             fixed = exact(_gather_rows(q[:, :, a:b_], order)).to(out.dtype)
             cur = _gather_rows(scope, order)

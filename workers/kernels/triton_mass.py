@@ -302,6 +302,73 @@ if triton is not None:
         tl.store(PSEL + pid_bh * n_q + offs_m, psum, mask=mmask)
 
 
+    @triton.jit
+    def _guard_attn_kernel(
+        Q, K, V, SEL, ROWS, CNT, DEST,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        s_vb, s_vh, s_vn, s_vd,
+        s_db, s_dh, s_dm, s_dd,
+        H, q_start, n_q, Lk, n_sel, qk_scale2,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+    ):
+        # Exact attention without the selected keys for the packed rows ROWS[bh, :CNT[bh]] (rows where
+        # the closed form is ill-conditioned). Programs past CNT exit at once, so the launch needs no
+        # host-side count.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        cnt = tl.load(CNT + pid_bh)
+        if pid_m * BLOCK_M < cnt:
+            b = pid_bh // H
+            h = pid_bh % H
+            offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = offs < cnt
+            rows = tl.load(ROWS + pid_bh * n_q + offs, mask=valid, other=0)
+            offs_d = tl.arange(0, HEAD_D)
+            q = tl.load(Q + b * s_qb + h * s_qh + (q_start + rows)[:, None] * s_qm + offs_d[None, :] * s_qd,
+                        mask=valid[:, None], other=0.0)
+            m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile gives p = 0
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+            for start_n in range(0, Lk, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                keep = offs_n < Lk
+                for j in range(n_sel):
+                    keep = keep & (offs_n != tl.load(SEL + pid_bh * n_sel + j))
+                kt = tl.load(K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+                             mask=(offs_n < Lk)[None, :], other=0.0)
+                vv = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                             mask=(offs_n < Lk)[:, None], other=0.0)
+                s = tl.dot(q, kt, input_precision=PREC) * qk_scale2
+                s = tl.where(keep[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+                m_i = m_new
+            o = acc / l_i[:, None]
+            tl.store(DEST + b * s_db + h * s_dh + rows[:, None] * s_dm + offs_d[None, :] * s_dd,
+                     o.to(DEST.dtype.element_ty), mask=valid[:, None])
+
+
+def guard_recompute(q, k, v, selected_idx, rows, cnt, a, scale, dest, block_m: int = 16, block_n: int = 64) -> None:
+    """Exact attention without ``selected_idx`` keys for rows ``rows[b,h,:cnt[b,h]]`` (relative to ``a``),
+    written into ``dest`` (the [B,H,n,D] scope view). No host sync: the grid covers every row."""
+    B, H, _, D = q.shape
+    n, n_sel = rows.shape[2], selected_idx.shape[2]
+    sel = selected_idx.to(torch.int32).contiguous()
+    rows = rows.to(torch.int32).contiguous()
+    cnt = cnt.to(torch.int32).contiguous()
+    sq, sk, sv, sd = q.stride(), k.stride(), v.stride(), dest.stride()
+    _guard_attn_kernel[(triton.cdiv(n, block_m), B * H)](
+        q, k, v, sel, rows, cnt, dest,
+        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sv[0], sv[1], sv[2], sv[3], sd[0], sd[1], sd[2], sd[3],
+        H, a, n, k.shape[2], n_sel, float(scale) * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, PREC=_prec(q), num_warps=4, num_stages=2,
+    )
+
+
 def removal_closed_form(q, ksel, vsel, out, lse, a, b_, scale, dest, block_m: int = 64) -> torch.Tensor:
     """Closed-form key removal for rows [a, b_) into ``dest`` (a [B,H,b_-a,D] view); returns sum_sel p [B,H,n]."""
     B, H, _, D = q.shape
