@@ -7,7 +7,8 @@
 #         the processes it started, never another Ray on the host), waits for the Jobs API, prints the
 #         addresses. Auth off, 127.0.0.1 kept (RAY_AUTH_MODE=disabled, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
 #         every driver needs the second one too: source the printed `export` line).
-# stop    SIGTERM to that process group, SIGKILL after 25 s (Ray heads may ignore SIGTERM for ~20 s).
+# stop    SIGTERM to that process group, SIGKILL after SINKSCOPE_RAY_STOP_WAIT (25) s (Ray heads may ignore
+#         SIGTERM for ~20 s).
 # status  exit 0 when the head answers, 3 when not.
 #
 # Knobs: SINKSCOPE_RAY_ROOT (${TMPDIR:-/tmp}/sinkscope-ray: temp dir, logs, pgid file),
@@ -40,7 +41,7 @@ stop() {
   group_alive || { rm -f "$PGID_FILE"; return 0; }
   local g; g=$(cat "$PGID_FILE")
   kill -TERM -- "-$g" 2>/dev/null || true
-  for _ in $(seq 250); do kill -0 -- "-$g" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq $(( ${SINKSCOPE_RAY_STOP_WAIT:-25} * 10 ))); do kill -0 -- "-$g" 2>/dev/null || break; sleep 0.1; done
   kill -KILL -- "-$g" 2>/dev/null || true
   rm -f "$PGID_FILE"
   log "stopped Ray head (process group $g)"

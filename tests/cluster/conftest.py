@@ -244,4 +244,6 @@ def ray_head():
         started = True
     yield f"127.0.0.1:{RAY_PORT}"
     if started:
-        subprocess.run(["bash", str(RAY_SCRIPT), "stop"], capture_output=True, env=env, timeout=120)
+        # a test head has nothing to save: 3 s of SIGTERM grace, then SIGKILL
+        subprocess.run(["bash", str(RAY_SCRIPT), "stop"], capture_output=True, timeout=120,
+                       env={**env, "SINKSCOPE_RAY_STOP_WAIT": "3"})

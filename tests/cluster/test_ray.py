@@ -49,14 +49,17 @@ def ray_block(address: str, **extra) -> dict:
 
 
 def test_ray_job_returns_at_once_and_matches_local(ray_head, reference, tmp_path):
-    run = _submit(cluster_sweep(tmp_path, "rayjob", ids=REF_PROMPTS[:2], per_shard=1, executor=ray_block(ray_head)))
+    """address: auto, resolved through RAY_ADDRESS as inside a cluster allocation."""
+    sweep = cluster_sweep(tmp_path, "rayjob", ids=REF_PROMPTS[:2], per_shard=1, executor=ray_block("auto"))
+    run = _submit(sweep, env={"RAY_ADDRESS": ray_head})
     (record,) = submission_records(run, "ray", "job")
     assert record["shards"] == [0, 1] and record["submission_id"].startswith("sinkscope-rayjob-")
+    assert record["dashboard"].startswith("http://127.0.0.1:")
     assert set(_states(run).values()) <= {"pending", "running", "completed"}
     wait_done(run, timeout=180)
     wait_for(lambda: _states(run) == {0: "completed", 1: "completed"}, 60, "tasks FINISHED in Ray", run)
     assert_same_as_reference(run, reference)
-    assert "2 done" in run_cli("status", str(run.root), env=RAY_ENV).stdout
+    assert "2 done" in run_cli("status", str(run.root), env={**RAY_ENV, "RAY_ADDRESS": ray_head}).stdout
 
 
 def test_worker_sigkill_is_retried_by_ray_and_resumes(ray_head, reference, tmp_path):
