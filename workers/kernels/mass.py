@@ -320,10 +320,13 @@ def remove_keys(
     returned unchanged. A new tensor is returned; ``out`` is not modified.
 
     method="auto": closed form out' = (out - sum_sel p v) / (1 - sum_sel p), p = exp(q.k scale - lse),
-    costing O(Lq k D); rows where sum_sel p >= ``guard`` lose precision in the division (``out`` is
-    stored rounded), so they are recomputed by attention over the remaining keys. ``guard`` defaults
-    to 0.9 for fp32/fp64 ``out`` and 0.5 for 16-bit ``out``: the error of ``out`` is amplified by
-    1/(1 - sum_sel p), and at 0.99 an fp32 H200 run measured 2e-4 relative error. method="recompute": attention over the remaining keys for the whole scope.
+    costing O(Lq k D). ``out`` is stored rounded, and the division amplifies that rounding error by
+    about cond = |out| / ((1 - sum_sel p) |out'|) per row; rows with cond > ``guard`` (or a non-finite
+    result, e.g. sum_sel p >= 1) are recomputed exactly by attention over the remaining keys. ``guard``
+    defaults to 2 for 16-bit ``out`` (closed-form rows stay within ~2 roundings of bf16) and 20 for
+    fp32/fp64. (A plain sum_sel p >= 0.99 test let 2e-4 errors through in fp32 and ~1e-2 in bf16 on an
+    H200.) method="closed_form": no guard. method="recompute": attention over the remaining keys for
+    the whole scope.
     ``check=False`` skips the distinct/in-range test of ``selected_idx`` (a host sync); pass it only
     for indices distinct by construction (topk). On CUDA with Triton, "auto" is then sync-free (the
     guarded rows go through a fused masked attention); elsewhere it syncs once to size the recompute.
@@ -352,11 +355,11 @@ def remove_keys(
         return result
 
     if guard is None:
-        guard = 0.9 if out.dtype in (torch.float32, torch.float64) else 0.5
+        guard = 20.0 if out.dtype in (torch.float32, torch.float64) else 2.0
     scope = result[:, :, a:b_]  # a view: the closed form and the guard write into result
-    psel = _closed_form(q, k, v, out, lse, selected_idx.long(), a, b_, scale, scope)
+    _, cond = _closed_form(q, k, v, out, lse, selected_idx.long(), a, b_, scale, scope)
     if method == "auto":
-        bad = psel >= guard
+        bad = ~(cond <= guard)  # NaN counts as bad
         cnt = bad.sum(dim=-1)  # [B,H]
         # each (b,h)'s guarded rows first, in row order
         order = torch.argsort(bad.to(torch.int8), dim=-1, descending=True, stable=True)
@@ -377,8 +380,9 @@ def remove_keys(
     return result
 
 
-def _closed_form(q, k, v, out, lse, idx, a, b_, scale, dest) -> torch.Tensor:
-    """Write (out - sum_sel p v) / (1 - sum_sel p) for rows [a, b_) into ``dest``; return sum_sel p [B,H,n].
+def _closed_form(q, k, v, out, lse, idx, a, b_, scale, dest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write (out - sum_sel p v) / (1 - sum_sel p) for rows [a, b_) into ``dest``; return
+    (sum_sel p, cond = |out| / |out - sum_sel p v|), both [B,H,n] fp32.
 
     Fused Triton kernel on CUDA (reads q, out once); fp32/fp64 torch elsewhere.
     """
@@ -392,8 +396,12 @@ def _closed_form(q, k, v, out, lse, idx, a, b_, scale, dest) -> torch.Tensor:
     p = torch.exp(logits - lse[:, :, a:b_, None].to(cdt))
     psel = p.sum(dim=-1)
     denom = (1.0 - psel).clamp_min(torch.finfo(cdt).tiny)
-    dest.copy_(((out[:, :, a:b_].to(cdt) - torch.matmul(p, vsel.to(cdt))) / denom[..., None]).to(dest.dtype))
-    return psel
+    o = out[:, :, a:b_].to(cdt)
+    d = o - torch.matmul(p, vsel.to(cdt))
+    # relative error amplification of out's rounding; infinite once p_sel >= 1
+    cond = torch.where(psel < 1, o.norm(dim=-1) / d.norm(dim=-1), torch.full_like(psel, float("inf")))
+    dest.copy_((d / denom[..., None]).to(dest.dtype))
+    return psel.float(), cond.float()
 
 
 def removed_mass(

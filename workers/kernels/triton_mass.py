@@ -266,7 +266,7 @@ if triton is not None:
 
     @triton.jit
     def _removal_cf_kernel(
-        Q, KS, VS, OUT, LSE, DEST, PSEL,
+        Q, KS, VS, OUT, LSE, DEST, PSEL, COND,
         s_qb, s_qh, s_qm, s_qd,
         s_ob, s_oh, s_om, s_od,
         s_db, s_dh, s_dm, s_dd,
@@ -289,6 +289,7 @@ if triton is not None:
         o = tl.load(OUT + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :] * s_od,
                     mask=mmask[:, None], other=0.0).to(tl.float32)
         lse2 = tl.load(LSE + b * s_lb + h * s_lh + rows * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
+        o_norm = tl.sqrt(tl.sum(o * o, axis=1))
         psum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j in range(n_sel):
             ks = tl.load(KS + (pid_bh * n_sel + j) * HEAD_D + offs_d).to(tl.float32)
@@ -296,10 +297,15 @@ if triton is not None:
             p = tl.math.exp2(tl.sum(q * ks[None, :], axis=1) * qk_scale2 - lse2)
             psum += p
             o -= p[:, None] * vs[None, :]
+        # o is now out - sum p_s v_s. Relative error amplification of out's rounding:
+        # |out| / |out - sum p_s v_s| (= |out| / ((1 - p_sel) |out'|)); infinite once p_sel >= 1
+        d_norm = tl.sqrt(tl.sum(o * o, axis=1))
+        cond = tl.where(psum < 1.0, o_norm / d_norm, float("inf"))
         new = o / tl.maximum(1.0 - psum, 1.0e-30)[:, None]
         tl.store(DEST + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
                  new.to(DEST.dtype.element_ty), mask=mmask[:, None])
         tl.store(PSEL + pid_bh * n_q + offs_m, psum, mask=mmask)
+        tl.store(COND + pid_bh * n_q + offs_m, cond, mask=mmask)
 
 
     @triton.jit
@@ -369,20 +375,22 @@ def guard_recompute(q, k, v, selected_idx, rows, cnt, a, scale, dest, block_m: i
     )
 
 
-def removal_closed_form(q, ksel, vsel, out, lse, a, b_, scale, dest, block_m: int = 64) -> torch.Tensor:
-    """Closed-form key removal for rows [a, b_) into ``dest`` (a [B,H,b_-a,D] view); returns sum_sel p [B,H,n]."""
+def removal_closed_form(q, ksel, vsel, out, lse, a, b_, scale, dest, block_m: int = 64):
+    """Closed-form key removal for rows [a, b_) into ``dest`` (a [B,H,b_-a,D] view); returns
+    (sum_sel p, cond), both [B,H,n] fp32 (see mass.remove_keys)."""
     B, H, _, D = q.shape
     n, n_sel = b_ - a, ksel.shape[2]
     ksel, vsel = ksel.contiguous(), vsel.contiguous()
     psel = torch.empty(B, H, n, dtype=torch.float32, device=q.device)
+    cond = torch.empty_like(psel)
     sq, so, sd, sl = q.stride(), out.stride(), dest.stride(), lse.stride()
     _removal_cf_kernel[(triton.cdiv(n, block_m), B * H)](
-        q, ksel, vsel, out, lse, dest, psel,
+        q, ksel, vsel, out, lse, dest, psel, cond,
         sq[0], sq[1], sq[2], sq[3], so[0], so[1], so[2], so[3], sd[0], sd[1], sd[2], sd[3], sl[0], sl[1], sl[2],
         H, a, n, n_sel, float(scale) * LOG2E,
         BLOCK_M=block_m, HEAD_D=D, num_warps=4,
     )
-    return psel
+    return psel, cond
 
 
 def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
