@@ -1,19 +1,25 @@
 """Load a diffusers pipeline for a ModelSpec (tiny preset, hub id through the normal HF cache, or local
-folder), move it to its device and dtype, and install the sink processors once."""
+folder), move it to its device and dtype, and install the sink processors once.
+
+Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ), chosen by the pipeline class.
+The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
+for a reference run.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 
 from manifests.models import PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
-from workers.processors import install_sd3_processors, install_sdxl_processors
-from workers.session import SinkSession
+from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
+from workers.session import LayerInfo, SinkSession
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,8 +30,8 @@ class ModelNotAvailableError(FileNotFoundError):
 
 @dataclass
 class LoadedPipeline:
-    pipe: object  # diffusers StableDiffusion3Pipeline or StableDiffusionXLPipeline
-    family: str  # "sd3" | "sdxl"
+    pipe: object  # diffusers StableDiffusion3Pipeline, StableDiffusionXLPipeline, FluxPipeline or PixArtSigmaPipeline
+    family: str  # "sd3" | "sdxl" | "flux" | "pixart"
     random_weights: bool
     geometry: Geometry  # measured on the loaded model, not taken from the manifests table
     description: str
@@ -33,33 +39,51 @@ class LoadedPipeline:
     dtype: torch.dtype
     session: SinkSession
     attention_layers: list[str]  # module names the processors are installed on, e.g. "transformer_blocks.3.attn"
+    layers: list[LayerInfo] = field(default_factory=list)  # the same modules: integer index and record id of each
+    stock_processors: dict = field(default_factory=dict)  # "<module>.processor" -> diffusers' own processor
+
+    @property
+    def denoiser(self):
+        return self.pipe.unet if self.family == "sdxl" else self.pipe.transformer
+
+    def layer_name(self, layer_id: int) -> str:
+        """The module name behind a sink record's `layer` value."""
+        for info in self.layers:
+            if info.layer_id == layer_id:
+                return info.name
+        raise KeyError(f"no attention module of {self.description} has layer id {layer_id}")
 
     def check_layers(self, arms: list[ArmSpec], recording: RecordingSpec) -> None:
         """Fail early, naming the offender, if a layer index or glob does not exist in this model."""
         last = self.geometry.num_layers - 1
-        for layer in recording.layers:
-            if layer > last:
-                raise ValueError(f"recording.layers: layer {layer} is outside {self.description} (layers 0..{last})")
-        from fnmatch import fnmatch
 
+        def check(layer, where: str) -> None:
+            if isinstance(layer, int) and layer > last:
+                raise ValueError(f"{where} layer {layer} is outside {self.description} (layers 0..{last})")
+            if isinstance(layer, str) and not any(fnmatch(name, layer) for name in self.attention_layers):
+                raise ValueError(
+                    f"{where} layer pattern {layer!r} matches no attention module of {self.description} "
+                    f"(e.g. {', '.join(self.attention_layers[:3])})"
+                )
+
+        for layer in recording.layers:
+            check(layer, "recording.layers:")
         for arm in arms:
-            if arm.intervention is None:
-                continue
-            for layer in arm.intervention.layers:
-                if isinstance(layer, int) and layer > last:
-                    raise ValueError(f"arm {arm.name!r}: intervention layer {layer} is outside {self.description} (layers 0..{last})")
-                if isinstance(layer, str) and not any(fnmatch(name, layer) for name in self.attention_layers):
-                    raise ValueError(
-                        f"arm {arm.name!r}: layer pattern {layer!r} matches no attention module of {self.description} "
-                        f"(e.g. {', '.join(self.attention_layers[:3])})"
-                    )
+            if arm.intervention is not None:
+                for layer in arm.intervention.layers:
+                    check(layer, f"arm {arm.name!r}: intervention")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_PIPELINE_FAMILY = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINE_FAMILY = {
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+    "PixArtSigmaPipeline": "pixart",
+}
 
 
 def _not_available(model: ModelSpec, exc: Exception) -> ModelNotAvailableError:
@@ -92,50 +116,65 @@ def _pipeline_class_name(model: ModelSpec) -> str:
 
 
 def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+    import diffusers
 
     class_name = _pipeline_class_name(model)
     family = _PIPELINE_FAMILY.get(class_name)
     if family is None:
         raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
+    if not model.load_t5 and family in ("flux", "pixart"):
+        raise ValueError(f"{model.label}: load_t5=false is only possible for SD3 ({class_name} conditions on T5 alone)")
+    pipeline_class = getattr(diffusers, class_name)
     source = model.hub_id or model.path
     kwargs = {"dtype": dtype, "revision": model.revision}
     try:
-        if family == "sd3":
-            if not model.load_t5:
-                kwargs.update(text_encoder_3=None, tokenizer_3=None)
-            return StableDiffusion3Pipeline.from_pretrained(source, **kwargs), family
-        if dtype == torch.float16:  # SDXL repos ship an fp16 variant (the paper loads it); fall back to the main files
+        if family == "sd3" and not model.load_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        if family == "sdxl" and dtype == torch.float16:  # SDXL repos ship an fp16 variant (the paper loads it)
             try:
-                return StableDiffusionXLPipeline.from_pretrained(source, variant="fp16", **kwargs), family
+                return pipeline_class.from_pretrained(source, variant="fp16", **kwargs), family
             except (OSError, ValueError):
-                pass
-        return StableDiffusionXLPipeline.from_pretrained(source, **kwargs), family
+                pass  # fall back to the main files
+        return pipeline_class.from_pretrained(source, **kwargs), family
     except (OSError, ValueError) as exc:
         raise _not_available(model, exc) from exc
 
 
 def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
+    common = dict(vae_scale=pipe.vae_scale_factor, random_weights=random_weights)
     if family == "sdxl":
         unet = pipe.unet
         cross = [m for n, m in unet.named_modules() if n.endswith(".attn2")]
         return Geometry(
             family="sdxl", num_layers=len(cross), heads=unet.mid_block.attentions[0].transformer_blocks[0].attn2.heads,
-            patch_size=1, vae_scale=pipe.vae_scale_factor, clip_tokens=pipe.tokenizer.model_max_length, t5_tokens=0,
-            default_resolution=pipe.default_sample_size * pipe.vae_scale_factor, random_weights=random_weights,
+            patch_size=1, clip_tokens=pipe.tokenizer.model_max_length, t5_tokens=0,
+            default_resolution=pipe.default_sample_size * pipe.vae_scale_factor, **common,
         )
     cfg = pipe.transformer.config
+    if family == "flux":  # 2×2 latent packing acts as patch size 2; CLIP is pooled only, T5 is the text sequence
+        return Geometry(
+            family="flux", num_layers=cfg.num_layers + cfg.num_single_layers, heads=cfg.num_attention_heads, patch_size=2,
+            clip_tokens=0, t5_tokens=512, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor, **common,
+        )
+    if family == "pixart":  # cross-attention keys are the T5 tokens (300 in the pipeline's default)
+        return Geometry(
+            family="pixart", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
+            clip_tokens=0, t5_tokens=300, default_resolution=cfg.sample_size * pipe.vae_scale_factor, **common,
+        )
     return Geometry(
-        family="sd3",
-        num_layers=cfg.num_layers,
-        heads=cfg.num_attention_heads,
-        patch_size=cfg.patch_size,
-        vae_scale=pipe.vae_scale_factor,
-        clip_tokens=pipe.tokenizer_max_length,
-        t5_tokens=256,
-        default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
-        random_weights=random_weights,
+        family="sd3", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
+        clip_tokens=pipe.tokenizer_max_length, t5_tokens=256, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
+        **common,
     )
+
+
+_INSTALL = {
+    "sd3": install_sd3_processors,
+    "sdxl": install_sdxl_processors,
+    "flux": install_flux_processors,
+    "pixart": install_pixart_processors,
+}
+_TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transformer
 
 
 def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline:
@@ -143,10 +182,10 @@ def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline
     device = device or model.device or default_device()
     dtype = DTYPES[model.dtype]
     if model.preset is not None:
-        from workers.tiny import build_tiny_pipeline
+        from workers.tiny import build_tiny_pipeline, tiny_family
 
         pipe = build_tiny_pipeline(model.preset)
-        family = "sdxl" if hasattr(pipe, "unet") else "sd3"
+        family = tiny_family(model.preset)
         random_weights = True
     else:
         pipe, family = _from_pretrained(model, dtype)
@@ -163,15 +202,17 @@ def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline
             f"{model.label}: the manifests geometry table says {table.num_layers} layers × {table.heads} heads, "
             f"the loaded model has {geometry.num_layers} × {geometry.heads}: fix manifests/models.py"
         )
-    session = SinkSession(pipe)
-    if family == "sdxl":
-        layers = install_sdxl_processors(pipe.unet, session)
-    else:
-        layers = install_sd3_processors(pipe.transformer, session)
+    session = SinkSession(pipe, timestep_scale=_TIMESTEP_SCALE.get(family, 1.0))
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    stock = dict(denoiser.attn_processors)
+    layers = _INSTALL[family](denoiser, session)
     kind = "random weights" if random_weights else (model.hub_id or model.path) + (f"@{model.revision}" if model.revision else "")
-    t5 = "" if random_weights else (", T5" if getattr(pipe, "text_encoder_3", None) is not None else ", no T5")
+    t5 = ""
+    if family == "sd3" and not random_weights:
+        t5 = ", T5" if getattr(pipe, "text_encoder_3", None) is not None else ", no T5"
     description = f"{model.label} ({kind}, {geometry.num_layers} layers × {geometry.heads} heads, {model.dtype}{t5})"
     return LoadedPipeline(
         pipe=pipe, family=family, random_weights=random_weights, geometry=geometry, description=description,
-        device=str(device), dtype=dtype, session=session, attention_layers=layers,
+        device=str(device), dtype=dtype, session=session, attention_layers=[info.name for info in layers],
+        layers=layers, stock_processors=stock,
     )

@@ -3,6 +3,12 @@
 The columns are the worker half of docs/design.md "Sink record"; jobs prepends unit_id, prompt_id,
 seed_index and arm. The schema is explicit so that a column that is all-null in one file (e.g. entropy
 when not requested) never makes the dataset unreadable.
+
+`layer` is an integer id that is stable for a given architecture: the block index for modules that integer
+layers address (SD3 `transformer_blocks.{i}.attn`, SDXL's i-th `attn2`, Flux's i-th block, PixArt's
+`transformer_blocks.{i}.attn2`), and num_blocks + rank (in module order) for modules reachable by glob only
+(SD3.5 `.attn2`, SDXL / PixArt `attn1`), so two modules never share an id. `layer_name` (last column) is
+the module name.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ SINK_STEP_SCHEMA = pa.schema(
         pa.field("intervened", pa.bool_(), nullable=False),
         pa.field("selected_idx", pa.list_(pa.int32())),
         pa.field("removed_mass_after", pa.float32()),
+        pa.field("layer_name", pa.string(), nullable=False),
     ]
 )
 
@@ -75,4 +82,5 @@ def records_to_table(records: list[CallRecord]) -> pa.Table:
             columns["intervened"].append(intervened)
             columns["selected_idx"].append(selected[head].tolist() if intervened else None)
             columns["removed_mass_after"].append(float(after[head]) if intervened and after is not None else None)
+            columns["layer_name"].append(rec.layer_name)
     return pa.Table.from_pydict(columns, schema=SINK_STEP_SCHEMA)

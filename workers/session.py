@@ -2,12 +2,13 @@
 
 One `SinkSession` belongs to a loaded pipeline. Its processors stay installed for the pipeline's lifetime
 and behave exactly like stock diffusers while no `RunContext` is active. A run (one pipeline call) sets a
-`RunContext` holding one `ElementPlan` per batch element of the transformer call, so a batch may later
-carry several arms (each with its own intervention, branch and unit seed) without changing the processors.
+`RunContext` holding one `ElementPlan` per batch element of the transformer call, so one batch can carry
+several arms (each with its own intervention, branch and unit seed): the processors look every decision up
+per element, never per batch position.
 
-The step index comes from a forward pre-hook on the transformer: the n-th transformer call of a run is
-step n, and its timestep is checked against `scheduler.timesteps[n]` (the paper instead set the step in a
-callback that runs after the scheduler step, an off-by-one: paper-spec §5.2, §5.10).
+The step index comes from a forward pre-hook on the denoiser: the n-th denoiser call of a run is step n,
+and its timestep is checked against `scheduler.timesteps[n]` (the paper instead set the step in a callback
+that runs after the scheduler step, an off-by-one: paper-spec §5.2, §5.10).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from typing import Callable
 
 import torch
 
@@ -29,8 +31,17 @@ class ElementPlan:
     arm: str
     branch: str  # "cond" | "uncond"
     intervention: Intervention | None
-    unit_seed: int
+    unit_seed: int  # the group seed: random draws depend on it, never on the batch position
     t5_valid: tuple[bool, ...] | None = None  # per T5 slot, True for a real token; None: T5 absent (all padding)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """How one attention module is addressed: its name, its integer index (if integers address it), its record id."""
+
+    name: str  # module name, e.g. "transformer_blocks.12.attn"
+    block_index: int | None  # the integer that `layers: [i]` matches; None: reachable by glob only
+    layer_id: int  # the `layer` column of the sink record: block_index, else a stable id ≥ the integer-addressable count
 
 
 @dataclass
@@ -44,6 +55,7 @@ class CallRecord:
     timestep: float
     sigma: float
     layer: int
+    layer_name: str
     heads: int
     num_image: int
     num_clip: int
@@ -66,8 +78,10 @@ class RunContext:
     step: int = -1
     timestep: float = math.nan
     sigma: float = math.nan
+    num_text_tokens: int | None = None  # text tokens of the current denoiser call (Flux single blocks need it)
     active_steps: list[frozenset[int] | None] = field(default_factory=list)  # per element
     records: list[CallRecord] = field(default_factory=list)
+    probe: Callable | None = None  # workers.verify: called with every intervened call's tensors (None in normal runs)
 
     def intervention_active(self, element: int, layer_name: str, block_index: int | None) -> Intervention | None:
         """The element's intervention if it acts at this layer, branch and step, else None."""
@@ -82,18 +96,24 @@ class RunContext:
             return None
         return iv
 
-    def records_layer(self, element: int, block_index: int | None) -> bool:
+    def records_layer(self, element: int, layer_name: str, block_index: int | None) -> bool:
         rec = self.recording
         return (
             rec is not None
-            and block_index is not None
-            and block_index in rec.layers
             and self.elements[element].branch in rec.branches
+            and layer_matches(rec.layers, layer_name, block_index)
+        )
+
+    def wants(self, layer_name: str, block_index: int | None) -> bool:
+        """Whether any element records or intervenes at this layer and step (cheap; lets processors skip work)."""
+        return any(
+            self.records_layer(e, layer_name, block_index) or self.intervention_active(e, layer_name, block_index) is not None
+            for e in range(len(self.elements))
         )
 
 
 def layer_matches(layers: list[int | str], layer_name: str, block_index: int | None) -> bool:
-    """Integers name a block's joint attention (`transformer_blocks.{i}.attn`); strings are globs on module names."""
+    """Integers match a module's block index (see LayerInfo); strings are globs on module names."""
     for layer in layers:
         if isinstance(layer, int):
             if block_index is not None and layer == block_index:
@@ -104,11 +124,16 @@ def layer_matches(layers: list[int | str], layer_name: str, block_index: int | N
 
 
 class SinkSession:
-    """Holds the active RunContext and keeps its step counter in sync with the transformer calls."""
+    """Holds the active RunContext and keeps its step counter in sync with the denoiser calls.
 
-    def __init__(self, pipe):
+    `timestep_scale`: the factor between the timestep the denoiser receives and `scheduler.timesteps`
+    (Flux's pipeline passes t / 1000).
+    """
+
+    def __init__(self, pipe, timestep_scale: float = 1.0):
         self.pipe = pipe
         self.context: RunContext | None = None
+        self.timestep_scale = timestep_scale
         denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         self._hook = denoiser.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
 
@@ -122,15 +147,21 @@ class SinkSession:
         if step >= len(scheduler.timesteps):
             raise RuntimeError(
                 f"transformer call {step + 1} exceeds the scheduler's {len(scheduler.timesteps)} timesteps "
-                "(extra transformer calls per step, e.g. skip-layer guidance, are not supported)"
+                "(extra transformer calls per step, e.g. skip-layer guidance or Flux true CFG, are not supported)"
             )
         expected = float(scheduler.timesteps[step])
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if timestep is not None and not math.isclose(float(timestep.flatten()[0]), expected, rel_tol=1e-5, abs_tol=1e-4):
-            raise RuntimeError(f"transformer call {step} got timestep {float(timestep.flatten()[0])}, scheduler expects {expected}")
+        if timestep is not None:
+            got = float(timestep.flatten()[0]) * self.timestep_scale
+            # the pipeline may cast t to the model dtype first (Flux: bf16), so allow that rounding
+            tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
+            if not math.isclose(got, expected, rel_tol=tol, abs_tol=1e-4):
+                raise RuntimeError(f"transformer call {step} got timestep {got}, scheduler expects {expected}")
         batch = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
         if batch is not None and batch.shape[0] != len(ctx.elements):
             raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {len(ctx.elements)} elements")
+        context = kwargs.get("encoder_hidden_states")
+        ctx.num_text_tokens = None if context is None else int(context.shape[1])
         ctx.timestep = expected
         ctx.sigma = float(scheduler.sigmas[step])
         if step == 0:

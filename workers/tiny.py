@@ -1,9 +1,11 @@
 """Tiny, randomly initialised diffusers pipelines, built offline with a fixed init seed.
 
-They exercise the real diffusers code paths (StableDiffusion3Pipeline, SD3Transformer2DModel, the
-joint attention processor, the VAE, the CLIP encoders) in well under a second per image on a CPU, so
-the processors, the recorder and the whole sweep machinery can be tested end to end without weights.
-The same name always gives the same weights: the init runs under a forked, seeded torch RNG on the CPU.
+They exercise the real diffusers code paths (the pipelines, SD3Transformer2DModel, UNet2DConditionModel,
+FluxTransformer2DModel, PixArtTransformer2DModel, their attention processors, the VAE, the CLIP / T5
+encoders) in well under a second per image on a CPU, so the processors, the recorder and the whole sweep
+machinery can be tested end to end without weights. The same name always gives the same weights: the init
+runs under a forked, seeded torch RNG on the CPU. T5 encoders are tiny random `T5EncoderModel`s with the
+offline stand-in tokenizer of `workers.tokenizer.load_t5_tokenizer` (T5's own vocabulary cannot be fetched).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 INIT_SEED = 20260101  # fixed: a preset's weights are part of its identity
 CLIP_HIDDEN = 32
+T5_HIDDEN = 32
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,25 @@ TINY_PRESETS: dict[str, TinySD3Config] = {
 
 
 TINY_SDXL = "tiny-sdxl"  # UNet (8, 16, 32) channels, 4 heads everywhere, 11 transformer blocks, 64 px
+TINY_FLUX = "tiny-flux"  # FLUX.1-dev-like: 2 joint + 2 single blocks, 4 heads × 16, RoPE, guidance embedding, 64 px
+TINY_PIXART = "tiny-pixart"  # PixArt-Σ-like: 2 blocks (self attn1 + cross attn2 over T5), 4 heads × 8, 64 px
+
+
+def tiny_family(name: str) -> str:
+    """The workers family of a tiny preset ("sd3", "sdxl", "flux", "pixart")."""
+    if name == TINY_SDXL:
+        return "sdxl"
+    if name == TINY_FLUX:
+        return "flux"
+    if name == TINY_PIXART:
+        return "pixart"
+    if name in TINY_PRESETS:
+        return "sd3"
+    raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(all_presets())}")
+
+
+def all_presets() -> list[str]:
+    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART]
 
 
 def _tiny_clip_config():
@@ -48,7 +70,7 @@ def _tiny_clip_config():
     )
 
 
-def _tiny_vae(latent_channels: int = 16):
+def _tiny_vae(latent_channels: int = 16, scaling_factor: float | None = None, shift_factor: float | None = None):
     from diffusers import AutoencoderKL
 
     # 4 levels → vae_scale_factor 8 as in the real VAEs. SD3: 16 latent channels, its shift/scale; SDXL: 4.
@@ -57,9 +79,84 @@ def _tiny_vae(latent_channels: int = 16):
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-        scaling_factor=1.5035 if sd3 else 0.13025, shift_factor=0.0609 if sd3 else None,
+        scaling_factor=scaling_factor or (1.5035 if sd3 else 0.13025),
+        shift_factor=shift_factor if shift_factor is not None else (0.0609 if sd3 else None),
         use_quant_conv=not sd3, use_post_quant_conv=not sd3,
     )
+
+
+def _tiny_t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 v1.1 layout (gated-GELU, no bias), tiny widths
+    config = T5Config(
+        vocab_size=vocab_size, d_model=T5_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _randomise_qk_norms(module) -> None:
+    """RMSNorm weights start at 1 for every norm, which would make norm_k and norm_added_k interchangeable;
+    random weights make per-stream QK-norm observable in tests."""
+    for name, param in module.named_parameters():
+        if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+            param.data.copy_(1.0 + 0.5 * torch.randn(param.shape))
+
+
+def _build_tiny_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from workers.tokenizer import load_clip_tokenizer, load_t5_tokenizer
+
+    tokenizer_2 = load_t5_tokenizer(model_max_length=512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+            joint_attention_dim=T5_HIDDEN, pooled_projection_dim=CLIP_HIDDEN, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        )
+        _randomise_qk_norms(transformer)
+        text_encoder = CLIPTextModel(_tiny_clip_config())
+        text_encoder_2 = _tiny_t5(len(tokenizer_2))
+        vae = _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE scale / shift
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipe.default_sample_size = 8  # 64 px (the pipeline hard-codes 128 → 1024 px)
+    for module in (transformer, text_encoder, text_encoder_2, vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_tiny_pixart():
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    from workers.tokenizer import load_t5_tokenizer
+
+    tokenizer = load_t5_tokenizer(model_max_length=300)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+            cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=T5_HIDDEN, norm_type="ada_norm_single",
+            use_additional_conditions=False, num_embeds_ada_norm=1000,
+        )
+        text_encoder = _tiny_t5(len(tokenizer))
+        vae = _tiny_vae(4)  # PixArt-Σ uses the SDXL VAE (4 channels, scale 0.13025)
+    scheduler = DPMSolverMultistepScheduler()  # PixArt-Σ's default: DPM-Solver++ order 2, ε-prediction, linear betas
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    for module in (transformer, text_encoder, vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _build_tiny_sdxl():
@@ -98,11 +195,14 @@ def _build_tiny_sdxl():
 
 
 def build_tiny_pipeline(name: str):
-    """Build the named tiny preset (`TINY_PRESETS` or "tiny-sdxl") on the CPU in fp32, eval mode, progress bar off."""
-    if name == TINY_SDXL:
+    """Build the named tiny preset (`all_presets()`) on the CPU in fp32, eval mode, progress bar off."""
+    family = tiny_family(name)
+    if family == "sdxl":
         return _build_tiny_sdxl()
-    if name not in TINY_PRESETS:
-        raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join([*TINY_PRESETS, TINY_SDXL])}")
+    if family == "flux":
+        return _build_tiny_flux()
+    if family == "pixart":
+        return _build_tiny_pixart()
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
@@ -120,11 +220,7 @@ def build_tiny_pipeline(name: str):
             qk_norm=cfg.qk_norm, dual_attention_layers=cfg.dual_attention_layers,
         )
         if cfg.qk_norm is not None:
-            # RMSNorm weights start at 1 for every norm, which would make norm_k and norm_added_k
-            # interchangeable; random weights make per-stream QK-norm observable in tests.
-            for name, param in transformer.named_parameters():
-                if ".norm_" in name and name.endswith("weight"):
-                    param.data.copy_(1.0 + 0.5 * torch.randn(param.shape))
+            _randomise_qk_norms(transformer)
         text_encoder = CLIPTextModelWithProjection(_tiny_clip_config())
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
         vae = _tiny_vae()

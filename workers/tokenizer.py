@@ -95,3 +95,37 @@ def load_clip_tokenizer(pad_token: str = END_TOKEN):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir(pad_token)))
+
+
+# --- T5 stand-in -------------------------------------------------------------------------------------
+# T5's SentencePiece model cannot be downloaded here and `sentencepiece` is not installed, so the tiny Flux
+# and PixArt presets use a small Unigram tokenizer built deterministically from the bundled GenEval prompts
+# (no training, no randomness): one piece per GenEval word, scored by its log frequency, plus single
+# characters as a fallback so any ASCII text tokenizes. It keeps what the sink bookkeeping depends on —
+# T5's special ids (<pad>=0, </s>=1, <unk>=2), EOS appended, right padding to max_length with attention
+# mask 0 — but not T5's 32k vocabulary. Real models always load their own tokenizer.
+
+_FALLBACK_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&+"
+
+
+def t5_stand_in_vocab() -> list[tuple[str, float]]:
+    """[(piece, log-probability score)] in id order: specials, "▁", GenEval words by frequency, then characters."""
+    import math
+    from collections import Counter
+
+    from manifests import load_bundled_prompts
+
+    counts = Counter(word for p in load_bundled_prompts("geneval") for word in p.text.split())
+    total = sum(counts.values())
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -12.0)]
+    vocab += [("\u2581" + w, math.log(counts[w] / total)) for w in words]
+    vocab += [(c, -15.0) for c in _FALLBACK_CHARS]
+    return vocab
+
+
+def load_t5_tokenizer(model_max_length: int = 512):
+    """A transformers T5Tokenizer (tokenizers backend) over `t5_stand_in_vocab()`, built in memory."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=t5_stand_in_vocab(), extra_ids=0, model_max_length=model_max_length)

@@ -12,7 +12,7 @@ from attention_reference import reference_attention, reference_mass, reference_s
 from workers.attention_ops import intervened_attention
 from workers.identification import KeyLayout, select_keys
 from workers.processors.common import apply_sinks
-from workers.session import ElementPlan, RunContext
+from workers.session import ElementPlan, LayerInfo, RunContext
 
 B, H, NUM_IMAGE, NUM_CLIP, NUM_T5, D = 2, 3, 12, 5, 4, 8
 K = NUM_IMAGE + NUM_CLIP + NUM_T5
@@ -38,7 +38,7 @@ def _run(q, k, v, interventions, layer=1, record=True, step=0, seeds=(7, 7)):
     ctx.step, ctx.timestep, ctx.sigma = step, 1000.0, 1.0
     ctx.active_steps = [None] * len(plans)
     stock = F.scaled_dot_product_attention(q, k, v)
-    out = apply_sinks(ctx, f"transformer_blocks.{layer}.attn", layer, q, k, v, stock.clone(), LAYOUT)
+    out = apply_sinks(ctx, LayerInfo(f"transformer_blocks.{layer}.attn", layer, layer), q, k, v, stock.clone(), LAYOUT)
     return stock, out, ctx.records
 
 

@@ -1,103 +1,190 @@
 """The per-call sink logic shared by the attention processors: identify, select, intervene, record.
 
-`apply_sinks` takes the q / k / v that the stock attention used and the stock SDPA output, and returns
+`apply_sinks` takes the q / k / v that the stock attention used and the stock attention output, and returns
 that output with the in-scope query rows of the intervened batch elements replaced. Rows and elements
 that are not intervened keep the stock values bit for bit; identification never touches the output.
+
+Processors call it with q / k / v in `[b, H, L, D]` and keys in the canonical order [image | CLIP | T5]
+(Flux reorders its [text | image] sequence first). A processor may pass a subset of the batch (`elements`)
+and of the keys (`key_index`, e.g. PixArt's unmasked T5 tokens); records and selections are reported in
+the full key index space.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from workers.attention_ops import apply_value_op, intervened_attention
 from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_keys, selection_seed
-from workers.session import CallRecord, RunContext
+from workers.session import CallRecord, LayerInfo, RunContext
 
 _MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
 
 
+@dataclass
+class ProbeCall:
+    """One intervened attention call as `workers.verify` sees it (local batch rows, local keys)."""
+
+    layer: LayerInfo
+    step: int
+    elements: list[int]  # ctx element index of each local batch row
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: KeyLayout
+    key_index: torch.Tensor | None
+    stock: torch.Tensor  # the attention output before the intervention
+    out: torch.Tensor  # after
+    interventions: dict  # local row -> Intervention
+    selected: dict  # local row -> [H, n] local key indices
+    removed_after: dict  # local row -> [H]
+    noise_seeds: dict  # local row -> seed of value_op=noise
+
+
+def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
+    """Integer-addressable modules keep their block index as id; the others get num_blocks + their rank, in module order."""
+    blocks = [b for _, b in entries if b is not None]
+    next_id = (max(blocks) + 1) if blocks else 0
+    out = []
+    for name, block in entries:
+        if block is None:
+            out.append(LayerInfo(name, None, next_id))
+            next_id += 1
+        else:
+            out.append(LayerInfo(name, block, block))
+    return out
+
+
+def _budget(iv, heads: int) -> int:
+    if iv.selection == "static":
+        return len(iv.indices or [])
+    return iv.k * heads if iv.selection in ("union_topk", "union_bottomk", "random_union") else iv.k
+
+
+def _static_local(iv, key_index: torch.Tensor, layout: KeyLayout, full_layout: KeyLayout):
+    """A static intervention re-expressed in the local (subset) key space; fails on a masked key."""
+    joint = full_layout.to_joint_order(list(iv.indices or []), iv.key_order)
+    position = {int(j): i for i, j in enumerate(key_index.tolist())}
+    missing = [j for j in joint if j not in position]
+    if missing:
+        raise ValueError(f"static keys {missing} are masked (padding) in this call; a static selection must name attended keys")
+    return iv.model_copy(update={"indices": [position[j] for j in joint], "key_order": "image_text"})
+
+
 def apply_sinks(
     ctx: RunContext,
-    layer_name: str,
-    block_index: int | None,
+    layer: LayerInfo,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     attn_out: torch.Tensor,
     layout: KeyLayout,
+    elements: list[int] | None = None,
+    key_index: torch.Tensor | None = None,
+    full_layout: KeyLayout | None = None,
 ) -> torch.Tensor:
+    """Identify / intervene / record for one call; `attn_out` [b,H,Lq,D] is modified in place and returned."""
     batch, heads = q.shape[:2]
-    if batch != len(ctx.elements):
-        raise RuntimeError(f"{layer_name}: batch of {batch} but the run plans {len(ctx.elements)} elements")
-    active = {e: ctx.intervention_active(e, layer_name, block_index) for e in range(batch)}
-    active = {e: iv for e, iv in active.items() if iv is not None}
-    recorded = [e for e in range(batch) if ctx.records_layer(e, block_index)]
+    if elements is None:
+        if batch != len(ctx.elements):
+            raise RuntimeError(f"{layer.name}: batch of {batch} but the run plans {len(ctx.elements)} elements")
+        elements = list(range(batch))
+    layer_name, block_index = layer.name, layer.block_index
+    active = {}
+    for pos, e in enumerate(elements):
+        iv = ctx.intervention_active(e, layer_name, block_index)
+        if iv is not None:
+            active[pos] = iv
+    recorded = [pos for pos, e in enumerate(elements) if ctx.records_layer(e, layer_name, block_index)]
     if not active and not recorded:
         return attn_out
-    scale = q.shape[-1] ** -0.5  # SDPA's default, which the stock joint processor uses
+    scale = q.shape[-1] ** -0.5  # SDPA's default, which the stock processors use
+    full_layout = full_layout or layout
+    stock = attn_out.clone() if ctx.probe is not None and active else None
 
     # 1. identification: one key_mass_stats pass per distinct query range that someone needs
     rec = ctx.recording
     wants: dict[str, set[int]] = {}
-    for e, iv in active.items():
+    for pos, iv in active.items():
         if iv.selection in _MASS_SELECTIONS:
-            wants.setdefault(iv.mass_queries, set()).add(e)
+            wants.setdefault(iv.mass_queries, set()).add(pos)
     if recorded and rec.stats:
         wants.setdefault(rec.mass_queries, set()).update(recorded)
     stats = {}
-    for scope, elements in wants.items():
-        idx = sorted(elements)
+    for scope, rows in wants.items():
+        idx = sorted(rows)
         start, end = layout.query_range(scope)
-        need_extra = rec is not None and scope == rec.mass_queries and any(e in recorded for e in idx)
+        if end <= start:
+            raise ValueError(f"{layer_name}: mass over {scope!r} queries, but this layer has none")
+        need_extra = rec is not None and scope == rec.mass_queries and any(p in recorded for p in idx)
         result = key_mass_stats(
             q[idx], k[idx], scale, start, end,
             want_entropy=need_extra and "entropy" in rec.stats,
             want_top5=need_extra and "top5" in rec.stats,
             max_chunk_bytes=ctx.max_chunk_bytes,
         )
-        for pos, e in enumerate(idx):
-            stats[(scope, e)] = (
-                result.mass[pos],
-                None if result.entropy is None else result.entropy[pos],
-                None if result.top5 is None else result.top5[pos],
+        for i, pos in enumerate(idx):
+            stats[(scope, pos)] = (
+                result.mass[i],
+                None if result.entropy is None else result.entropy[i],
+                None if result.top5 is None else result.top5[i],
             )
 
     # 2. selection and intervention, grouped by identical op so each group is one batched call
     selected: dict[int, torch.Tensor] = {}
-    for e, iv in active.items():
-        plan = ctx.elements[e]
-        mass = stats[(iv.mass_queries, e)][0] if iv.selection in _MASS_SELECTIONS else None
+    for pos, iv in list(active.items()):
+        plan = ctx.elements[elements[pos]]
+        if key_index is not None and _budget(iv, heads) >= layout.num_keys:
+            # a masked layer (PixArt cross-attention) with no more attended keys than the budget, e.g. the
+            # unconditional prompt's lone EOS token: removing them all is undefined, so this call is left stock
+            del active[pos]
+            continue
+        if key_index is not None and iv.selection == "static":
+            iv = _static_local(iv, key_index, layout, full_layout)
+        mass = stats[(iv.mass_queries, pos)][0] if iv.selection in _MASS_SELECTIONS else None
         seed = selection_seed(plan.unit_seed, iv.random_seed_offset, ctx.step, layer_name, plan.branch)
-        selected[e] = select_keys(iv, layout, mass, heads, seed).to(q.device)
+        selected[pos] = select_keys(iv, layout, mass, heads, seed).to(q.device)
     groups: dict[tuple, list[int]] = {}
-    for e, iv in list(active.items()):
+    for pos, iv in list(active.items()):
         start, end = layout.query_range(iv.query_scope)
         if end <= start:  # e.g. text queries in a self-attention layer (SD3.5 .attn2): nothing to change
-            del active[e]
-            del selected[e]
+            del active[pos]
+            del selected[pos]
             continue
-        key = (iv.query_scope, iv.score_op, iv.bias, iv.eta, iv.value_op, iv.sigma, iv.alpha, selected[e].shape[-1])
-        groups.setdefault(key, []).append(e)
+        key = (iv.query_scope, iv.score_op, iv.bias, iv.eta, iv.value_op, iv.sigma, iv.alpha, selected[pos].shape[-1])
+        groups.setdefault(key, []).append(pos)
     removed_after: dict[int, torch.Tensor] = {}
-    for (scope, score_op, bias, eta, value_op, sigma, alpha, _), elements in groups.items():
-        idx = torch.tensor(elements, device=q.device)
+    noise_seeds: dict[int, int] = {}
+    for (scope, score_op, bias, eta, value_op, sigma, alpha, _), rows in groups.items():
+        idx = torch.tensor(rows, device=q.device)
         start, end = layout.query_range(scope)
-        sel = torch.stack([selected[e] for e in elements])
-        noise_seeds = [
-            selection_seed(ctx.elements[e].unit_seed, active[e].random_seed_offset, ctx.step, layer_name, ctx.elements[e].branch, "value_noise")
-            for e in elements
-        ]
+        sel = torch.stack([selected[p] for p in rows])
+        seeds = []
+        for p in rows:
+            plan = ctx.elements[elements[p]]
+            noise_seeds[p] = selection_seed(plan.unit_seed, active[p].random_seed_offset, ctx.step, layer_name, plan.branch, "value_noise")
+            seeds.append(noise_seeds[p])
         q_rows, k_g = q[idx, :, start:end], k[idx]
-        v_g = apply_value_op(v[idx], sel, value_op, sigma=sigma, alpha=alpha, noise_seeds=noise_seeds)
+        v_g = apply_value_op(v[idx], sel, value_op, sigma=sigma, alpha=alpha, noise_seeds=seeds)
         out, after = intervened_attention(q_rows, k_g, v_g, sel, score_op, bias=bias, eta=eta)
         attn_out[idx, :, start:end] = out
-        for pos, e in enumerate(elements):
-            removed_after[e] = after[pos]
+        for i, p in enumerate(rows):
+            removed_after[p] = after[i]
+    if stock is not None and active:
+        ctx.probe(ProbeCall(layer, ctx.step, list(elements), q, k, v, layout, key_index, stock, attn_out,
+                            dict(active), dict(selected), dict(removed_after), noise_seeds))
 
-    # 3. records (device tensors; converted to a table when the run ends)
-    for e in recorded:
-        plan = ctx.elements[e]
-        mass, entropy, top5 = stats.get((rec.mass_queries, e), (None, None, None))
+    # 3. records (device tensors; converted to a table when the run ends), in the full key index space
+    def to_full(indices: torch.Tensor | None) -> torch.Tensor | None:
+        if indices is None or key_index is None:
+            return indices
+        return key_index.to(indices.device)[indices]
+
+    for pos in recorded:
+        plan = ctx.elements[elements[pos]]
+        mass, entropy, top5 = stats.get((rec.mass_queries, pos), (None, None, None))
         topk_idx = topk_mass = max_mass = None
         if mass is not None and "mass" in rec.stats:
             topk_idx = rank_keys(mass, min(rec.topk, mass.shape[-1]))
@@ -105,10 +192,11 @@ def apply_sinks(
             max_mass = topk_mass[:, 0]
         ctx.records.append(
             CallRecord(
-                arm=plan.arm, branch=plan.branch, element=e, step=ctx.step, timestep=ctx.timestep, sigma=ctx.sigma,
-                layer=block_index, heads=heads, num_image=layout.num_image, num_clip=layout.num_clip, t5_valid=plan.t5_valid,
-                topk_idx=topk_idx, topk_mass=topk_mass, max_mass=max_mass, entropy=entropy, top5=top5,
-                selected=selected.get(e), removed_mass_after=removed_after.get(e),
+                arm=plan.arm, branch=plan.branch, element=elements[pos], step=ctx.step, timestep=ctx.timestep, sigma=ctx.sigma,
+                layer=layer.layer_id, layer_name=layer_name, heads=heads,
+                num_image=full_layout.num_image, num_clip=full_layout.num_clip, t5_valid=plan.t5_valid,
+                topk_idx=to_full(topk_idx), topk_mass=topk_mass, max_mass=max_mass, entropy=entropy, top5=top5,
+                selected=to_full(selected.get(pos)), removed_mass_after=removed_after.get(pos),
             )
         )
     return attn_out

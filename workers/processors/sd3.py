@@ -16,17 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks
+from workers.processors.common import apply_sinks, layer_ids
+from workers.session import LayerInfo
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 
 
 class SD3SinkAttnProcessor:
-    def __init__(self, session, layer_name: str):
+    def __init__(self, session, layer: LayerInfo):
         self.session = session
-        self.layer_name = layer_name  # module name, e.g. "transformer_blocks.12.attn"
-        match = _BLOCK.match(layer_name)
-        self.block_index = int(match.group(1)) if match else None  # integer layers address the joint `.attn` only
+        self.layer = layer  # name e.g. "transformer_blocks.12.attn"; integer layers address the joint `.attn` only
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
@@ -67,7 +66,7 @@ class SD3SinkAttnProcessor:
             num_text = key.shape[2] - num_image
             num_clip = min(ctx.num_clip_tokens, num_text)
             layout = KeyLayout(num_image=num_image, num_clip=num_clip, num_t5=num_text - num_clip)
-            hidden_states = apply_sinks(ctx, self.layer_name, self.block_index, query, key, value, hidden_states, layout)
+            hidden_states = apply_sinks(ctx, self.layer, query, key, value, hidden_states, layout)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -86,13 +85,14 @@ class SD3SinkAttnProcessor:
         return hidden_states
 
 
-def install_sd3_processors(transformer, session) -> list[str]:
+def block_index(module_name: str) -> int | None:
+    match = _BLOCK.match(module_name)
+    return int(match.group(1)) if match else None
+
+
+def install_sd3_processors(transformer, session) -> list[LayerInfo]:
     """Replace every joint attention processor (`...attn` and `...attn2`) with an SD3SinkAttnProcessor."""
-    processors = {}
-    names = []
-    for name in transformer.attn_processors:
-        module = name.removesuffix(".processor")
-        processors[name] = SD3SinkAttnProcessor(session, module)
-        names.append(module)
-    transformer.set_attn_processor(processors)  # consumes the dict
-    return names
+    names = [name.removesuffix(".processor") for name in transformer.attn_processors]
+    layers = layer_ids([(name, block_index(name)) for name in names])
+    transformer.set_attn_processor({f"{info.name}.processor": SD3SinkAttnProcessor(session, info) for info in layers})
+    return layers
