@@ -32,3 +32,32 @@ def tiny_loaded(_private_cache):
     from workers import load_pipeline
 
     return load_pipeline(ModelSpec(preset="tiny-sd3"), device="cpu")
+
+
+def _load_tiny(preset: str):
+    from manifests import ModelSpec
+    from workers import load_pipeline
+
+    # model_construct: presets the manifests geometry table may not list yet are checked against the build only
+    spec = ModelSpec.model_construct(preset=preset, hub_id=None, path=None, revision=None, dtype="fp32", device=None, load_t5=True)
+    return load_pipeline(spec, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny35_loaded(_private_cache):
+    return _load_tiny("tiny-sd35")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_loaded(_private_cache):
+    return _load_tiny("tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_loaded(_private_cache):
+    return _load_tiny("tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_loaded(_private_cache):
+    return _load_tiny("tiny-pixart")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from manifests import ArmSpec, GenerationSpec, ModelSpec, RecordingSpec
-from workers import generate_group, load_pipeline
+from manifests import ArmSpec, GenerationSpec, RecordingSpec
+from workers import generate_group
 from workers.generate import initial_latents
 from workers.tiny import build_tiny_pipeline
 
@@ -62,10 +62,8 @@ def test_flow_samplers(tiny_loaded):
 
 
 @pytest.fixture(scope="module")
-def tiny35():
-    # tiny-sd35 is not in manifests' PRESET_GEOMETRY yet; model_construct skips that validation only
-    spec = ModelSpec.model_construct(preset="tiny-sd35", hub_id=None, path=None, revision=None, dtype="fp32", device=None, load_t5=True)
-    return load_pipeline(spec, device="cpu")
+def tiny35(tiny35_loaded):
+    return tiny35_loaded
 
 
 def test_sd35_noop_bit_identical_and_attn2_addressable(tiny35):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from manifests import ArmSpec, GenerationSpec, ModelSpec, RecordingSpec
-from workers import generate_group, load_pipeline
+from manifests import ArmSpec, GenerationSpec, RecordingSpec
+from workers import generate_group
 from workers.generate import initial_latents
 from workers.tiny import build_tiny_pipeline
 
@@ -14,10 +14,8 @@ GEN = GenerationSpec(steps=3, guidance=5.0)
 
 
 @pytest.fixture(scope="module")
-def tiny_xl():
-    # tiny-sdxl is not in manifests' PRESET_GEOMETRY yet; model_construct skips only that validation
-    spec = ModelSpec.model_construct(preset="tiny-sdxl", hub_id=None, path=None, revision=None, dtype="fp32", device=None, load_t5=True)
-    return load_pipeline(spec, device="cpu")
+def tiny_xl(tiny_xl_loaded):
+    return tiny_xl_loaded
 
 
 def test_sdxl_geometry_and_layer_names(tiny_xl):
