@@ -151,6 +151,11 @@ class RayExecutor(Executor):
     def _run_local(self, run: RunDir, shard_ids: list[int]) -> dict:
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        if self.config.num_gpus > 0:
+            from orchestrate.executors.local import visible_gpus
+
+            if not visible_gpus():  # refuse before paying for ray.init (~8 s)
+                _check_resources({"GPU": 0, "CPU": os.cpu_count() or 1}, self.config.num_gpus, 0, "this machine")
         import ray
 
         started_here = not ray.is_initialized()

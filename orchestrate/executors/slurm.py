@@ -204,6 +204,11 @@ class SlurmExecutor(Executor):
     def slurm_parameters(self, run: RunDir) -> dict:
         """submitit `slurm_*` parameters from the executor block (exposed for tests and `--dry-run`)."""
         c = self.config
+        for field in ("partition", "account", "qos", "mem", "constraint"):
+            value = getattr(c, field)
+            if value is not None and (not str(value).strip() or any(ch in str(value) for ch in "\n\r\0")):
+                # submitit writes these into the sbatch script: a line break would start a shell command
+                raise SlurmError(f"executor.{field}: {value!r} must be one non-empty line")
         name = "sinkscope-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run.root.name)[:60]
         params = {
             "slurm_job_name": name,

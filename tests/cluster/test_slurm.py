@@ -239,6 +239,9 @@ def test_unsafe_run_path_and_reserved_sbatch_options_are_refused(slurm_cluster, 
     sweep = cluster_sweep(tmp_path, "reserved", ids=[0], executor=slurm_block(slurm_cluster, sbatch_extra={"array": "0-99"}))
     proc = run_cli("submit", str(sweep), check=False)
     assert proc.returncode != 0 and "--array is set by sinkscope" in proc.stdout + proc.stderr
+    sweep = cluster_sweep(tmp_path, "newline", ids=[0], executor=slurm_block(slurm_cluster, partition="debug\ntouch /tmp/x"))
+    proc = run_cli("submit", str(sweep), check=False)
+    assert proc.returncode != 0 and "executor.partition" in proc.stdout + proc.stderr
     for root in (bad_root, tmp_path):
         for run_root in (root / "runs").iterdir():
             assert not submission_records(RunDir(run_root), "slurm", "array"), "nothing may reach sbatch"
