@@ -30,6 +30,7 @@ class ProbeCall:
     layer: LayerInfo
     step: int
     elements: list[int]  # ctx element index of each local batch row
+    plans: list  # the ElementPlan of each local batch row
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -173,7 +174,7 @@ def apply_sinks(
         for i, p in enumerate(rows):
             removed_after[p] = after[i]
     if stock is not None and active:
-        ctx.probe(ProbeCall(layer, ctx.step, list(elements), q, k, v, layout, key_index, stock, attn_out,
+        ctx.probe(ProbeCall(layer, ctx.step, list(elements), [ctx.elements[e] for e in elements], q, k, v, layout, key_index, stock, attn_out,
                             dict(active), dict(selected), dict(removed_after), noise_seeds))
 
     # 3. records (device tensors; converted to a table when the run ends), in the full key index space
