@@ -173,6 +173,10 @@ def main():
             ("triton mass+entropy (lse given)", dict(want_entropy=True, want_top5=False, lse=lse)),
             ("triton mass+entropy+top5 (lse given)", dict(want_entropy=True, want_top5=True, lse=lse)),
             ("triton mass+entropy+top5 (own lse)", dict(want_entropy=True, want_top5=True, lse=None)),
+            ("triton mass+entropy+top5 [row-kernel top-5, mode 4] (lse given)",
+             dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=4))),
+            ("triton mass+entropy+top5 [group-max refine, mode 5] (lse given)",
+             dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=5))),
         ]
         for name, kw in variants:
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw)
@@ -216,36 +220,25 @@ def main():
 
         add("FAST LAYER: attn+lse, stats, remove top-1", fast_layer)
 
-    # ---- tile sweep of the two kernels
+    # ---- sweep: whole statistics call (mass+entropy+top-5, lse given) over kernel configurations
     sweep = []
     if args.sweep and use_triton:
-        nq = n_img
-        col_cfgs = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (32, 128, 4, 3)]
-        row_cfgs = [(64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
-        for ent in (False, True):
-            for bm, bn, w, st_ in col_cfgs:
-                cfg = tm.MassConfig(col_block_m=bm, col_block_n=bn, col_warps=w, col_stages=st_)
-                try:
-                    ms = bench(lambda: tm._launch_col(q, k, lse, lse.stride(), 0, 0, nq, scale, ent, cfg), dev, 100)
-                except Exception as exc:
-                    ms = None
-                    print("col", cfg, exc)
-                sweep.append(dict(kernel="col", entropy=ent, cfg=[bm, bn, w, st_], ms=ms))
-        for what in ("top5 mode0", "top5 mode1", "top5 mode2", "top5 mode3", "top5 mode4", "lse only"):
-            for bm, bn, w, st_ in row_cfgs:
-                mode = int(what[-1]) if what.startswith("top5") else 1
-                cfg = tm.MassConfig(row_block_m=bm, row_block_n=bn, row_warps=w, row_stages=st_, topk_mode=mode)
-                top = what.startswith("top5")
-                try:
-                    err = None
-                    if top:
-                        _, t5 = tm._launch_row(q, k, lse, 0, nq, scale, True, cfg)
-                        err = rel(t5.sum(1).view(B, H) / nq, ref.top5)
-                    ms = bench(lambda: tm._launch_row(q, k, lse if top else None, 0, nq, scale, top, cfg), dev, 100)
-                except Exception as exc:
-                    ms = None
-                    print("row", cfg, exc)
-                sweep.append(dict(kernel="row", what=what, mode=mode, cfg=[bm, bn, w, st_], ms=ms, err=err))
+        import dataclasses
+
+        cands = [tm.MassConfig()]
+        for col in ((64, 64, 4, 3), (128, 64, 8, 3)):
+            for group in (8, 16):
+                for rbm, rw in ((32, 4), (32, 2), (16, 2)):
+                    cands.append(tm.MassConfig(*col, topk_mode=5, group=group, refine_block_m=rbm, refine_warps=rw))
+        for cfg in cands:
+            try:
+                st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=lse, config=cfg)
+                err = stats_err(st, ref)
+                ms = bench(lambda cfg=cfg: tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=lse, config=cfg), dev, 100)
+            except Exception as exc:
+                ms, err = None, None
+                print("config", cfg, "failed:", str(exc).splitlines()[0][:200])
+            sweep.append(dict(kernel="full", cfg=list(dataclasses.astuple(cfg)), ms=ms, err=err))
 
     base = next((r["ms"] for r in rows if r["name"] == "sdpa default"), None)
     print()
@@ -257,10 +250,11 @@ def main():
         err = "" if r["err"] is None else f"{r['err']:.1e}"
         print(f"{r['name']:48s} {ms:>9s} {ratio:>7s} {mem:>8s} {err:>9s} {r['note']}")
     if sweep:
-        print("\nTriton tile sweep (block_m, block_n, warps, stages): ms")
+        print("\nstatistics (mass+entropy+top-5, lse given) per MassConfig: ms, rel err")
         for s in sweep:
-            tag = f"{s['kernel']} " + (f"entropy={s['entropy']}" if s["kernel"] == "col" else s["what"])
-            print(f"  {tag:22s} {str(s['cfg']):20s} {s['ms'] if s['ms'] is None else round(s['ms'], 4)}")
+            ms = None if s["ms"] is None else round(s["ms"], 4)
+            err = None if s["err"] is None else f"{s['err']:.1e}"
+            print(f"  {str(s['cfg']):50s} {ms} {err}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(info=info, rows=rows, sweep=sweep), indent=1))
 

@@ -205,7 +205,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--mass-config", default=None, help="col_bm,col_bn,col_w,col_s,row_bm,row_bn,row_w,row_s,topk_mode")
+    ap.add_argument("--mass-config", default=None, help="the fields of workers.kernels.triton_mass.MassConfig, in order")
     ap.add_argument("--mass-config-from", default=None, help="bench_identification --sweep JSON: take its fastest tiles")
     ap.add_argument("--skip-paper-all", action="store_true", help="skip the slow paper-style all-layer variant")
     ap.add_argument("--json", default=None)
@@ -216,13 +216,9 @@ def main():
     config = None
     if args.mass_config_from and Path(args.mass_config_from).exists():
         sw = json.loads(Path(args.mass_config_from).read_text()).get("sweep", [])
-        col = [s for s in sw if s["kernel"] == "col" and s["entropy"] and s["ms"]]
-        row = [s for s in sw if s["kernel"] == "row" and s["what"].startswith("top5") and s["ms"]
-               and s.get("err") is not None and s["err"] <= 1e-3]
-        if col and row:
-            best_c = min(col, key=lambda s: s["ms"])["cfg"]
-            best_r = min(row, key=lambda s: s["ms"])
-            args.mass_config = ",".join(str(x) for x in best_c + best_r["cfg"] + [best_r["mode"]])
+        ok = [s for s in sw if s.get("kernel") == "full" and s["ms"] and s["err"] is not None and s["err"] <= 1e-3]
+        if ok:
+            args.mass_config = ",".join(str(x) for x in min(ok, key=lambda s: s["ms"])["cfg"])
     if args.mass_config:
         from workers.kernels import triton_mass as tm
 

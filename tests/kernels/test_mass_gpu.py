@@ -70,15 +70,19 @@ def test_triton_stats_match_reference(dtype, with_lse, B, H, Lq, Lk, D, a, b):
     # the public entry point dispatches to the same kernel
     st2 = key_mass_stats(q, k, scale, a, b, lse=lse)
     torch.testing.assert_close(st2.mass, st.mass, rtol=0, atol=0)
+    # the other top-5 algorithm agrees with the reference too
+    other = tm.MassConfig(topk_mode=4 if tm.DEFAULT_CONFIG.topk_mode == 5 else 5)
+    st3 = tm.key_mass_stats_triton(q, k, scale, a, b, lse=lse, config=other)
+    assert rel(st3.top5, top5) <= tol
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_adversarial_sink_and_ties(dtype, mode):
     q, k, v = sink_inputs(2, 3, 1000, 1000, 64, sink=17, strength=16.0, dtype=dtype, device=DEV)
     k[:, :, 40] = k[:, :, 41]  # duplicate keys tie in the top-5
     k[:, :, 300] = k[:, :, 17]  # the sink twice: a tie at the top
-    cfg = tm.MassConfig(topk_mode=mode)
+    cfg = tm.MassConfig(topk_mode=mode, group=8 if mode == 5 else 16)
     scale = 64**-0.5
     p = ref_probs(q, k, scale, 0, 900)
     assert (p[..., 17] + p[..., 300] >= 0.99).float().mean() > 0.3

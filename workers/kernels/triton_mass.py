@@ -52,7 +52,12 @@ class MassConfig:
     row_block_n: int = 128
     row_warps: int = 4
     row_stages: int = 2
-    topk_mode: int = 4  # see _row_kernel; 16-bit inputs only, fp32 falls back to the exact mode 1
+    # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
+    # 5: group maxima from the column kernel + _top5_refine_kernel
+    topk_mode: int = 4
+    group: int = 16
+    refine_block_m: int = 32
+    refine_warps: int = 4
 
 
 DEFAULT_CONFIG = MassConfig()
@@ -90,13 +95,13 @@ if triton is not None:
 
     @triton.jit
     def _colmass_kernel(
-        Q, K, LSE, MASS, ENT,
+        Q, K, LSE, MASS, ENT, GMAX,
         s_qb, s_qh, s_qm, s_qd,
         s_kb, s_kh, s_kn, s_kd,
         s_lb, s_lh, s_lm,
         H, q_start, l_start, n_q, Lk, n_kblocks,
         qk_scale2, inv_nq,
-        WANT_ENT: tl.constexpr,
+        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
         PREC: tl.constexpr,
     ):
@@ -127,6 +132,14 @@ if triton is not None:
             acc += p
             if WANT_ENT:
                 acc_e += p * d
+            if WANT_GMAX:
+                # per query, the largest logit of each group of GROUP keys (for the top-5 pass)
+                NGB: tl.constexpr = BLOCK_N // GROUP
+                sm = tl.where(nmask[None, :], s, float("-inf"))
+                g = tl.max(tl.reshape(sm, [BLOCK_M, NGB, GROUP]), axis=2)
+                gcol = pid_n * NGB + tl.arange(0, NGB)
+                tl.store(GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None], g,
+                         mask=mmask[:, None])
         col = tl.sum(acc, axis=0) * inv_nq
         tl.store(MASS + pid_bh * Lk + offs_n, col, mask=nmask)
         if WANT_ENT:
@@ -263,6 +276,86 @@ if triton is not None:
             tot = tl.where(mmask, tot, 0.0)
             tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
 
+
+    @triton.jit
+    def _insert5_idx(t0, t1, t2, t3, t4, i0, i1, i2, i3, i4, v, vi):
+        # like _insert5, carrying an index; a value equal to a kept one goes after it
+        c0 = v > t0
+        c1 = v > t1
+        c2 = v > t2
+        c3 = v > t3
+        c4 = v > t4
+        n4 = tl.where(c3, t3, tl.where(c4, v, t4))
+        j4 = tl.where(c3, i3, tl.where(c4, vi, i4))
+        n3 = tl.where(c2, t2, tl.where(c3, v, t3))
+        j3 = tl.where(c2, i2, tl.where(c3, vi, i3))
+        n2 = tl.where(c1, t1, tl.where(c2, v, t2))
+        j2 = tl.where(c1, i1, tl.where(c2, vi, i2))
+        n1 = tl.where(c0, t0, tl.where(c1, v, t1))
+        j1 = tl.where(c0, i0, tl.where(c1, vi, i1))
+        n0 = tl.where(c0, v, t0)
+        j0 = tl.where(c0, vi, i0)
+        return n0, n1, n2, n3, n4, j0, j1, j2, j3, j4
+
+    @triton.jit
+    def _top5_refine_kernel(
+        Q, K, GMAX, LSE, TOP,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        s_lb, s_lh, s_lm,
+        H, q_start, l_start, n_q, Lk, n_groups, n_qblocks, qk_scale2,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+    ):
+        # Exact top-5 from group maxima: the 5 largest logits of a row all lie in the 5 groups with
+        # the largest maxima (up to ties, which leave the sum unchanged). Pick those groups per row,
+        # recompute their GROUP logits each in fp32 on CUDA cores, and extract the top 5.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < n_q
+        neg = float("-inf")
+        t0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
+        t1 = t0
+        t2 = t0
+        t3 = t0
+        t4 = t0
+        i0 = tl.full([BLOCK_M], -1, dtype=tl.int32)
+        i1 = i0
+        i2 = i0
+        i3 = i0
+        i4 = i0
+        gbase = GMAX + pid_bh * n_groups * n_q + offs_m
+        for g in range(n_groups):
+            v = tl.load(gbase + g * n_q, mask=mmask, other=neg)
+            t0, t1, t2, t3, t4, i0, i1, i2, i3, i4 = _insert5_idx(t0, t1, t2, t3, t4, i0, i1, i2, i3, i4, v, g)
+        # refinement: the exact fp32 logit of every key of the chosen groups, inserted one by one
+        # (so tied keys count), on CUDA cores; dynamic loops keep the kernel small to compile
+        u0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
+        u1 = u0
+        u2 = u0
+        u3 = u0
+        u4 = u0
+        offs_d = tl.arange(0, HEAD_D)
+        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :] * s_qd,
+                    mask=mmask[:, None], other=0.0).to(tl.float32)
+        k_base = K + b * s_kb + h * s_kh
+        for r in range(5):
+            gi = tl.where(r == 0, i0, tl.where(r == 1, i1, tl.where(r == 2, i2, tl.where(r == 3, i3, i4))))
+            for j in range(GROUP):
+                key = gi * GROUP + j
+                ok = (gi >= 0) & (key < Lk) & mmask
+                kr = tl.load(k_base + key[:, None] * s_kn + offs_d[None, :] * s_kd, mask=ok[:, None], other=0.0)
+                sj = tl.sum(q * kr.to(tl.float32), axis=1) * qk_scale2
+                u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(ok, sj, neg))
+        lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + offs_m) * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
+        tot = (
+            tl.math.exp2(u0 - lse2) + tl.math.exp2(u1 - lse2) + tl.math.exp2(u2 - lse2)
+            + tl.math.exp2(u3 - lse2) + tl.math.exp2(u4 - lse2)
+        )
+        tot = tl.where(mmask, tot, 0.0)
+        tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
 
     @triton.jit
     def _removal_cf_kernel(
@@ -414,28 +507,51 @@ def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
     return (lse_out if lse is None else None), (top if want_top5 else None)
 
 
-def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg):
-    """Column kernel: mass [BH, Lk] (already divided by nq) and entropy partials [BH, n_kblocks]."""
+def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=False):
+    """Column kernel: mass [BH, Lk] (already divided by nq), entropy partials [BH, n_kblocks] and,
+    with ``want_gmax``, per-query group maxima [BH, n_groups, nq] for the top-5 refinement."""
     B, H, _, D = q.shape
     BH, Lk, dev = B * H, k.shape[2], q.device
     n_kb = triton.cdiv(Lk, cfg.col_block_n)
     mass = torch.empty(BH, Lk, dtype=torch.float32, device=dev)
     ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else mass
+    group = min(cfg.group, cfg.col_block_n)
+    gmax = torch.empty(BH, n_kb * (cfg.col_block_n // group), nq, dtype=torch.float32, device=dev) if want_gmax else mass
     sq, sk, sl = q.stride(), k.stride(), lse_strides
     _colmass_kernel[(n_kb, BH)](
-        q, k, lse, mass, ent,
+        q, k, lse, mass, ent, gmax,
         sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
         H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq,
-        WANT_ENT=want_entropy,
+        WANT_ENT=want_entropy, WANT_GMAX=want_gmax, GROUP=group,
         BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q),
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
     )
-    return mass, (ent if want_entropy else None)
+    return mass, (ent if want_entropy else None), (gmax if want_gmax else None)
+
+
+def _launch_refine(q, k, gmax, lse, lse_strides, l_start, query_start, nq, scale, cfg):
+    """Top-5 partial sums [BH, n_qblocks] from the group maxima of ``_launch_col``."""
+    B, H, _, D = q.shape
+    BH, Lk = B * H, k.shape[2]
+    bm = cfg.refine_block_m
+    n_qb = triton.cdiv(nq, bm)
+    top = torch.empty(BH, n_qb, dtype=torch.float32, device=q.device)
+    sq, sk, sl = q.stride(), k.stride(), lse_strides
+    _top5_refine_kernel[(n_qb, BH)](
+        q, k, gmax, lse, top,
+        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
+        H, query_start, l_start, nq, Lk, gmax.shape[1], n_qb, float(scale) * LOG2E,
+        GROUP=min(cfg.group, cfg.col_block_n), BLOCK_M=bm, HEAD_D=D,
+        num_warps=cfg.refine_warps, num_stages=1,
+    )
+    return top
 
 
 def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
     # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
     # not for fp32, which gets the exact static mode
+    if cfg.topk_mode == 5:
+        return 4 if q.dtype != torch.float32 else 0  # the row kernel serves top5_concentration only
     if cfg.topk_mode >= 3 and q.dtype == torch.float32:
         return 0  # measured faster than the static exact mode 1 (H200, benchmarks/RESULTS.md)
     return cfg.topk_mode
@@ -474,11 +590,14 @@ def key_mass_stats_triton(
         sl, l_start = lse.stride(), query_start
 
     top = None
-    if lse is None or want_top5:
-        own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg)
+    refine = want_top5 and cfg.topk_mode == 5
+    if lse is None or (want_top5 and not refine):
+        own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5 and not refine, cfg)
         if lse is None:
             lse, sl, l_start = own_lse, (H * nq, nq, 1), 0
-    mass, ent = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg)
+    mass, ent, gmax = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=refine)
+    if refine:
+        top = _launch_refine(q, k, gmax, lse, sl, l_start, query_start, nq, scale, cfg)
     return KeyMassStats(
         mass=mass.view(B, H, Lk),
         entropy=(ent.sum(dim=1) * (-LN2 / nq)).view(B, H) if want_entropy else None,
