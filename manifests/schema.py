@@ -150,7 +150,11 @@ class SlurmExecutorConfig(_Strict):
 
 class RayExecutorConfig(_Strict):
     kind: Literal["ray"]
-    address: str = Field("local", description="'local' (own instance), 'auto' (running cluster) or 'ray://host:port'")
+    address: str = Field(
+        "local",
+        description="'local' (an in-process Ray; submit blocks), or a running cluster: 'auto', 'host:port', "
+        "'ray://host:port' or the dashboard 'http://host:8265' (a detached Ray job; submit returns at once)",
+    )
     num_gpus: float = Field(1, ge=0)
     num_cpus: float = Field(1, ge=0)
     max_retries: int = Field(3, ge=0)
@@ -161,8 +165,11 @@ ExecutorConfig = Annotated[
 ]
 
 
+METRICS = ("clip_t", "imagereward", "hpsv2", "lpips", "fid_shift")  # analysis.metrics registry (tested equal)
+
+
 class AnalysisSpec(_Strict):
-    metrics: list[str] = Field(default_factory=lambda: ["lpips"])
+    metrics: list[Literal["clip_t", "imagereward", "hpsv2", "lpips", "fid_shift"]] = Field(default_factory=lambda: ["lpips"])
     baseline: str | None = Field(None, description="reference arm (default: the one arm without intervention)")
     bootstrap_resamples: int = Field(10_000, ge=100)
     bootstrap_seed: int = 0

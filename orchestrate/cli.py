@@ -116,7 +116,13 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
         for shard_id in todo:
             atomic_write_json(run.running_path(shard_id), claim)
     failed = 0
-    for record in executor.submit(run, todo):
+    try:
+        records = executor.submit(run, todo)
+    except RuntimeError as error:  # refused before anything ran (e.g. GPUs asked of a CPU-only Ray)
+        for shard_id in todo:
+            run.running_path(shard_id).unlink(missing_ok=True)
+        _fail(f"{executor.kind} executor: {error}")
+    for record in records:
         run.append_submission(record)
         failed += len(record.get("failed", []))
     return failed
@@ -138,6 +144,8 @@ def _scheduler_states(run: RunDir) -> dict[int, str]:
         try:
             executor = make_executor(TypeAdapter(ExecutorConfig).validate_python(config))
             states.update(executor.scheduler_states(run))
+            for note in getattr(executor, "notes", []):
+                console.print(f"[yellow]{config['kind']}: {note}[/yellow]")
         except Exception as error:  # noqa: BLE001 — status must still show the markers
             console.print(f"[yellow]could not ask {config['kind']} for job states: {error}[/yellow]")
     return states
@@ -326,12 +334,40 @@ def logs(
 def analyze(
     run_dir: Path = typer.Argument(..., help="run directory"),
     metric: list[str] = typer.Option([], "--metric", "-m", help="metrics to compute (default: the sweep's analysis.metrics)"),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", "-e", help="score the shards as jobs on slurm or ray (default: here, in this process)"
+    ),
+    executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
 ) -> None:
-    """Score the run's images (only what is missing) and write report/summary.md with paired statistics."""
+    """Score the run's images (only what is missing) and write report/summary.md with paired statistics.
+
+    With --executor slurm|ray, one metric job per finished shard is submitted through that executor and the
+    command returns; run `orchestrate analyze RUN_DIR` again once they are done to reduce set metrics
+    (FID-shift) and write the summary (already scored shards are not scored again).
+    """
     import analysis
+    from jobs.tasks import ShardJob
+    from manifests.schema import METRICS
 
     run, sweep = _load_run(run_dir)
     metrics = metric or list(sweep.analysis.metrics)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        _fail(f"--metric: unknown metric(s) {unknown}; expected some of {', '.join(METRICS)}")
+    if executor and executor != "local":
+        done = sorted(run.done_shards())
+        if not done:
+            _fail(f"{run.root}: no finished shard to score yet")
+        ex = _executor_for(run, sweep, executor, executor_opt)
+        job = ShardJob("metrics", tuple(metrics))
+        with run.lock():
+            records = ex.submit(run, done, job)
+            for record in records:
+                run.append_submission(record)
+        console.print(f"submitted metric jobs ({', '.join(metrics)}) for {len(done)} shard(s) to {ex.kind}")
+        if not ex.blocking:
+            console.print(f"when they finish: `orchestrate analyze {run.root}` reduces set metrics and writes the summary")
+            return
     random_weights = True if sweep.analysis.random_metric_weights else None
     analysis.compute_metrics(run.root, metrics=metrics, random_weights=random_weights)
     summary = analysis.write_summary(run.root)

@@ -10,6 +10,7 @@ import abc
 from typing import ClassVar
 
 from jobs.rundir import RunDir
+from jobs.tasks import GENERATE, ShardJob
 
 SCHEDULER_STATES = ("pending", "running", "failed", "cancelled", "timeout", "completed", "unknown")
 
@@ -22,11 +23,12 @@ class Executor(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    def submit(self, run: RunDir, shard_ids: list[int]) -> list[dict]:
-        """Start the shards; return one submission record per job or array (appended to state/submissions.jsonl)."""
+    def submit(self, run: RunDir, shard_ids: list[int], job: ShardJob = GENERATE) -> list[dict]:
+        """Start `job` (generation by default, or metrics) on the shards; return one submission record per job
+        or array (appended to state/submissions.jsonl). Records of a metrics job carry `task: metrics`."""
 
     def scheduler_states(self, run: RunDir) -> dict[int, str]:
-        """shard_id -> one of SCHEDULER_STATES, for shards the scheduler knows about."""
+        """shard_id -> one of SCHEDULER_STATES of its latest *generation* job, for shards the scheduler knows about."""
         return {}
 
     def cancel(self, run: RunDir) -> list[str]:

@@ -17,6 +17,7 @@ import traceback
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jobs.rundir import RunDir
+from jobs.tasks import GENERATE, ShardJob
 from orchestrate.executors.base import Executor
 
 
@@ -41,12 +42,12 @@ def _groups_per_shard(run: RunDir) -> dict[int, int]:
 
 def _progress_bar() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("groups"),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )
 
 
-def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp.Queue") -> None:
+def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp.Queue", job: ShardJob = GENERATE) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from jobs import run_shard  # after pinning the GPU: torch reads the variable at import
@@ -63,7 +64,10 @@ def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp
             last[0] = done
 
         try:
-            run_shard(run_root, shard_id, progress=progress)
+            if job.kind == "generate":
+                run_shard(run_root, shard_id, progress=progress)
+            else:
+                job.run(run_root, shard_id)
             events.put(("done", shard_id, None))
         except Exception:  # noqa: BLE001 — the failure is recorded by run_shard; report and go on
             events.put(("failed", shard_id, traceback.format_exc(limit=3)))
@@ -73,25 +77,29 @@ class LocalExecutor(Executor):
     kind = "local"
     blocking = True
 
-    def submit(self, run: RunDir, shard_ids: list[int]) -> list[dict]:
+    def submit(self, run: RunDir, shard_ids: list[int], job: ShardJob = GENERATE) -> list[dict]:
         gpus = visible_gpus()
         workers = self.config.workers or max(len(gpus), 1)
         workers = min(workers, max(len(shard_ids), 1))
         if not shard_ids:
             return []
-        groups = _groups_per_shard(run)
-        total = sum(groups.get(s, 0) for s in shard_ids)
+        if job.kind == "generate":
+            groups = _groups_per_shard(run)
+            total = sum(groups.get(s, 0) for s in shard_ids)
+        else:
+            total = len(shard_ids)  # metric jobs report per shard
         failed: dict[int, str] = {}
         with _progress_bar() as bar:
-            task = bar.add_task(run.root.name, total=total)
+            task = bar.add_task(run.root.name, total=total, unit="groups" if job.kind == "generate" else "shards scored")
             if workers == 1:
-                self._run_in_process(run, shard_ids, bar, task, failed)
+                self._run_in_process(run, shard_ids, bar, task, failed, job)
             else:
-                self._run_in_workers(run, shard_ids, gpus, workers, bar, task, failed)
-        return [{"executor": "local", "event": "finished", "shards": list(shard_ids), "workers": workers, "gpus": gpus, "failed": sorted(failed)}]
+                self._run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job)
+        return [{"executor": "local", "event": "finished", "shards": list(shard_ids), "workers": workers, "gpus": gpus,
+                 "failed": sorted(failed), **job.record()}]
 
     @staticmethod
-    def _run_in_process(run, shard_ids, bar, task, failed) -> None:
+    def _run_in_process(run, shard_ids, bar, task, failed, job: ShardJob) -> None:
         from jobs import run_shard
 
         for shard_id in shard_ids:
@@ -102,19 +110,23 @@ class LocalExecutor(Executor):
                 last[0] = done
 
             try:
-                run_shard(run.root, shard_id, progress=progress)
+                if job.kind == "generate":
+                    run_shard(run.root, shard_id, progress=progress)
+                else:
+                    job.run(run.root, shard_id)
+                    bar.advance(task, 1)
             except Exception as error:  # noqa: BLE001 — recorded in state/failed by run_shard
                 failed[shard_id] = f"{type(error).__name__}: {error}"
                 bar.console.print(f"[red]shard {shard_id} failed[/red]: {failed[shard_id]} (see `orchestrate logs`)")
 
     @staticmethod
-    def _run_in_workers(run, shard_ids, gpus, workers, bar, task, failed) -> None:
+    def _run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job: ShardJob) -> None:
         ctx = mp.get_context("spawn")
         shards, events = ctx.Queue(), ctx.Queue()
         for shard_id in shard_ids:
             shards.put(shard_id)
         procs = [
-            ctx.Process(target=_worker_loop, args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, events))
+            ctx.Process(target=_worker_loop, args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, events, job))
             for i in range(workers)
         ]
         for proc in procs:
@@ -131,6 +143,8 @@ class LocalExecutor(Executor):
                 bar.advance(task, payload)
             else:
                 finished += 1
+                if job.kind != "generate":
+                    bar.advance(task, 1)
                 if kind == "failed":
                     failed[shard_id] = payload.strip().splitlines()[-1]
                     bar.console.print(f"[red]shard {shard_id} failed[/red]: {failed[shard_id]}")

@@ -29,6 +29,7 @@ import time
 import uuid
 
 from jobs.rundir import RunDir
+from jobs.tasks import GENERATE, ShardJob, is_generation_record
 from orchestrate.executors.base import Executor
 
 log = logging.getLogger("sinkscope.orchestrate.ray")
@@ -61,16 +62,14 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if PASSED_ENV.match(k)}
 
 
-def _ray_run_shard(run_dir: str, shard_id: int) -> dict:
+def _ray_run_shard(run_dir: str, shard_id: int, job: ShardJob = GENERATE) -> dict:
     """The body of one Ray task (module-level, so workers import it by name)."""
     import ray
 
     ctx = ray.get_runtime_context()
     os.environ["SINKSCOPE_JOB_ID"] = f"ray:{ctx.get_job_id()}:{ctx.get_task_id()}"
-    from jobs import run_shard
-
-    marker = run_shard(run_dir, shard_id)
-    return {"shard_id": shard_id, "rows": marker.get("rows", {})}
+    marker = job.run(run_dir, shard_id)
+    return {"shard_id": shard_id, "rows": marker.get("rows", {}), "task": job.kind}
 
 
 def _check_resources(resources: dict, num_gpus: float, num_cpus: float, where: str) -> None:
@@ -84,7 +83,7 @@ def _check_resources(resources: dict, num_gpus: float, num_cpus: float, where: s
 
 
 def run_shards(run_root: str, shard_ids: list[int], num_gpus: float, num_cpus: float, max_retries: int,
-               on_done=None) -> dict[int, str]:
+               on_done=None, job: ShardJob = GENERATE) -> dict[int, str]:
     """Run the shards as Ray tasks in the connected Ray and wait; shard -> completed | failed | cancelled."""
     import ray
     from ray.exceptions import RayTaskError, TaskCancelledError
@@ -101,7 +100,8 @@ def run_shards(run_root: str, shard_ids: list[int], num_gpus: float, num_cpus: f
     options = dict(num_gpus=num_gpus, num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False)
     if forwarded_env():
         options["runtime_env"] = {"env_vars": forwarded_env()}
-    refs = {task.options(name=task_name(s), **options).remote(run_root, s): s for s in shard_ids}
+    name = task_name if job.kind == "generate" else (lambda s: f"{task_name(s)}-{job.kind}")
+    refs = {task.options(name=name(s), **options).remote(run_root, s, job): s for s in shard_ids}
     outcome: dict[int, str] = {}
     pending = list(refs)
     while pending:
@@ -142,13 +142,14 @@ class RayExecutor(Executor):
         return self.local
 
     # ---- submission -------------------------------------------------------------------------------
-    def submit(self, run: RunDir, shard_ids: list[int]) -> list[dict]:
+    def submit(self, run: RunDir, shard_ids: list[int], job: ShardJob = GENERATE) -> list[dict]:
         shard_ids = [int(s) for s in shard_ids]
         if not shard_ids:
             return []
-        return [self._run_local(run, shard_ids) if self.local else self._submit_job(run, shard_ids)]
+        record = self._run_local(run, shard_ids, job) if self.local else self._submit_job(run, shard_ids, job)
+        return [{**record, **job.record()}]
 
-    def _run_local(self, run: RunDir, shard_ids: list[int]) -> dict:
+    def _run_local(self, run: RunDir, shard_ids: list[int], job: ShardJob) -> dict:
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         if self.config.num_gpus > 0:
@@ -163,7 +164,8 @@ class RayExecutor(Executor):
             ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
         started = time.time()
         try:
-            outcome = run_shards(str(run.root), shard_ids, self.config.num_gpus, self.config.num_cpus, self.config.max_retries)
+            outcome = run_shards(str(run.root), shard_ids, self.config.num_gpus, self.config.num_cpus, self.config.max_retries,
+                                 job=job)
         finally:
             if started_here:
                 ray.shutdown()
@@ -186,7 +188,7 @@ class RayExecutor(Executor):
                 "Is a Ray cluster running there with its dashboard (ray start --head; scripts/ray/start_ray.sh)?"
             ) from error
 
-    def _submit_job(self, run: RunDir, shard_ids: list[int]) -> dict:
+    def _submit_job(self, run: RunDir, shard_ids: list[int], job: ShardJob) -> dict:
         client = self._client()
         dashboard = client.get_address()
         try:
@@ -208,6 +210,8 @@ class RayExecutor(Executor):
             "--shards", ",".join(str(s) for s in shard_ids),
             "--num-gpus", repr(float(c.num_gpus)), "--num-cpus", repr(float(c.num_cpus)),
             "--max-retries", str(int(c.max_retries)),
+            "--task", job.kind,
+            *(["--metrics", shlex.quote(",".join(job.metrics))] if job.metrics else []),
         ])
         env = {**forwarded_env(), **RAY_ENV_DEFAULTS}
         try:
@@ -223,7 +227,7 @@ class RayExecutor(Executor):
     def _latest_jobs(run: RunDir) -> dict[int, dict]:
         out: dict[int, dict] = {}
         for record in run.submissions():
-            if record.get("executor") == "ray" and record.get("event") == "job":
+            if record.get("executor") == "ray" and record.get("event") == "job" and is_generation_record(record):
                 for shard in record.get("shards", []):
                     out[int(shard)] = record
         return out
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=float, default=1.0)
     parser.add_argument("--num-cpus", type=float, default=1.0)
     parser.add_argument("--max-retries", type=int, default=3)
+    parser.add_argument("--task", choices=("generate", "metrics"), default="generate")
+    parser.add_argument("--metrics", default="", help="comma-separated metric names (with --task metrics)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for key, value in RAY_ENV_DEFAULTS.items():
@@ -305,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(configure_logging=False)  # RAY_ADDRESS is set by the job supervisor
     shards = [int(s) for s in args.shards.split(",") if s.strip()]
+    job = ShardJob(args.task, tuple(m for m in args.metrics.split(",") if m))
     outcome = run_shards(args.run_dir, shards, args.num_gpus, args.num_cpus, args.max_retries,
-                         on_done=lambda s, st: log.info("shard %s: %s", s, st))
+                         on_done=lambda s, st: log.info("shard %s: %s", s, st), job=job)
     failed = sorted(s for s, st in outcome.items() if st != "completed")
     log.info("%d shard(s) completed, %d failed %s", len(shards) - len(failed), len(failed), failed or "")
     return 1 if failed else 0

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 
 from jobs.rundir import RunDir
+from jobs.tasks import GENERATE, ShardJob, is_generation_record
 from orchestrate.executors.base import Executor
 
 log = logging.getLogger("sinkscope.orchestrate.slurm")
@@ -63,9 +64,10 @@ class PartialSubmissionError(SlurmError):
 class ShardTask:
     """The picklable job function: run one shard in the array element. Checkpointable (requeue = rerun)."""
 
-    def __init__(self, run_dir: str, shard_id: int):
+    def __init__(self, run_dir: str, shard_id: int, job: ShardJob = GENERATE):
         self.run_dir = str(run_dir)
         self.shard_id = int(shard_id)
+        self.job = job
 
     def __call__(self) -> dict:
         array_id, task_id = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -75,10 +77,8 @@ class ShardTask:
         if cpus:  # torch would start one thread per core of the node, not of the allocation
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ.setdefault(var, cpus)
-        from jobs import run_shard  # heavy imports happen on the node only
-
-        marker = run_shard(self.run_dir, self.shard_id)
-        return {"shard_id": self.shard_id, "rows": marker.get("rows", {}), "job_id": job_id,
+        marker = self.job.run(self.run_dir, self.shard_id)  # heavy imports happen on the node only
+        return {"shard_id": self.shard_id, "rows": marker.get("rows", {}), "job_id": job_id, "task": self.job.kind,
                 "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
 
     def checkpoint(self, *args, **kwargs):
@@ -88,7 +88,7 @@ class ShardTask:
         """
         import submitit
 
-        return submitit.helpers.DelayedSubmission(ShardTask(self.run_dir, self.shard_id))
+        return submitit.helpers.DelayedSubmission(ShardTask(self.run_dir, self.shard_id, self.job))
 
     def __repr__(self) -> str:
         return f"ShardTask(shard={self.shard_id}, run_dir={self.run_dir!r})"
@@ -237,7 +237,7 @@ class SlurmExecutor(Executor):
         ex.update_parameters(**self.slurm_parameters(run))
         return ex
 
-    def submit(self, run: RunDir, shard_ids: list[int]) -> list[dict]:
+    def submit(self, run: RunDir, shard_ids: list[int], job: ShardJob = GENERATE) -> list[dict]:
         """Queue the shards as arrays of at most max_array_size elements; one record per array."""
         shard_ids = [int(s) for s in shard_ids]
         if not shard_ids:
@@ -250,7 +250,7 @@ class SlurmExecutor(Executor):
         records: list[dict] = []
         for n, chunk in enumerate(chunks):
             try:
-                jobs = ex.submit_array([ShardTask(str(run.root), s) for s in chunk])
+                jobs = ex.submit_array([ShardTask(str(run.root), s, job) for s in chunk])
             except Exception as error:  # noqa: BLE001 — report what was and was not queued
                 unsent = [s for c in chunks[n:] for s in c]
                 message = f"sbatch failed for shards {unsent}: {error}"
@@ -274,6 +274,7 @@ class SlurmExecutor(Executor):
                 "arrays": len(chunks),
                 "max_array_size": size,
                 "folder": str(run.executor_dir),
+                **job.record(),
             })
             log.info("queued shards %s as Slurm job %s", chunk, array_id)
         return records
@@ -284,7 +285,7 @@ class SlurmExecutor(Executor):
         """shard -> the Slurm job id ('12_3' or '12') of its most recent submission."""
         out: dict[int, str] = {}
         for record in run.submissions():
-            if record.get("executor") == "slurm" and isinstance(record.get("job_ids"), dict):
+            if record.get("executor") == "slurm" and isinstance(record.get("job_ids"), dict) and is_generation_record(record):
                 for shard, jid in record["job_ids"].items():
                     out[int(shard)] = str(jid)
         return out

@@ -129,3 +129,11 @@ def test_sigma_window():
 def test_intervention_budget():
     assert Intervention(selection="static", indices=[0, 3], layers=[1]).keys_per_head == 2
     assert Intervention(selection="topk", k=5, layers=[1]).keys_per_head == 5
+
+
+def test_metric_names_match_the_analysis_registry():
+    import analysis.metrics
+
+    from manifests.schema import METRICS
+
+    assert sorted(METRICS) == sorted(analysis.metrics.available())

@@ -1,0 +1,44 @@
+"""What a job does with its shard: generate its images (the default) or score them with metrics.
+
+Executors send a `ShardJob` with every shard, so metrics run through the same executors, sharded and
+resumable like generation: `analysis.compute_metrics(..., shard=…)` recomputes only missing or stale parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    kind: Literal["generate", "metrics"] = "generate"
+    metrics: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("generate", "metrics"):
+            raise ValueError(f"unknown shard job {self.kind!r}; expected generate or metrics")
+        if self.kind == "metrics" and not self.metrics:
+            raise ValueError("a metrics job needs at least one metric name")
+
+    def run(self, run_dir: str | Path, shard_id: int) -> dict:
+        if self.kind == "generate":
+            from jobs.run_shard import run_shard
+
+            return run_shard(run_dir, shard_id)
+        import analysis  # heavy: metric backbones are loaded only where a metric job runs
+
+        parts = analysis.compute_metrics(run_dir, metrics=list(self.metrics), shard=shard_id)
+        return {"shard_id": shard_id, "metric_parts": [str(p) for p in parts]}
+
+    def record(self) -> dict:
+        """The fields submission records carry, so status tells generation jobs from metric jobs."""
+        return {"task": self.kind, **({"metrics": list(self.metrics)} if self.metrics else {})}
+
+
+GENERATE = ShardJob()
+
+
+def is_generation_record(record: dict) -> bool:
+    return record.get("task", "generate") == "generate"
