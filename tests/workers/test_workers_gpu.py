@@ -72,3 +72,29 @@ def test_cuda_score_ops_against_fp64_reference(dtype):
     scaled = torch.where(mask, 0.1 * p, p * (1 - 0.1 * P) / (1 - P))
     torch.testing.assert_close(intervened_attention(qc, kc, vc, sc, "prob_scale", eta=0.1)[0].double().cpu(), scaled @ v.double(), **tol)
     assert torch.equal(intervened_attention(qc, kc, vc, sc, "remove")[1].cpu(), torch.zeros(b, h))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart"])
+def test_cuda_verify_sweep_all_families(preset, dtype):
+    """workers.verify on CUDA in half precision: stock-exact no-op, fp64-checked interventions, batched arms."""
+    from manifests import PromptSpec, Sweep, load_bundled_prompts
+    from workers import load_pipeline
+    from workers.verify import verify_sweep
+
+    spec = ModelSpec.model_construct(preset=preset, hub_id=None, path=None, revision=None, dtype=dtype, device=None, load_t5=True)
+    loaded = load_pipeline(spec, device="cuda")
+    if preset == "tiny-sdxl":
+        arms = [ArmSpec(name="base"), ArmSpec(name="cross", intervention="paper.m4_cross"), ArmSpec(name="self", intervention="paper.m4_self")]
+    else:
+        layer = "transformer_blocks.*.attn1" if preset == "tiny-pixart" else 1
+        arms = [ArmSpec(name="base"), ArmSpec(name="m1", intervention={"preset": "fixed.m1", "layers": [0]}),
+                ArmSpec(name="m2", intervention={"preset": "paper.m2", "layers": [layer]}),
+                ArmSpec(name="rnd", intervention={"preset": "fixed.modality_random", "layers": [0, layer], "value_op": "noise"})]
+    sweep = Sweep.model_construct(
+        name="v", model=spec, prompts=PromptSpec(set="geneval", limit=1), seeds=Sweep.model_fields["seeds"].default,
+        generation=GenerationSpec(steps=3, guidance=4.0, max_sequence_length=32, arms_per_batch=2), arms=arms,
+        recording=RecordingSpec(layers=[0]),
+    )
+    rows = verify_sweep(loaded, sweep, load_bundled_prompts("geneval")[:2])
+    assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]

@@ -64,7 +64,7 @@ def _budget(iv, heads: int) -> int:
     return iv.k * heads if iv.selection in ("union_topk", "union_bottomk", "random_union") else iv.k
 
 
-def _static_local(iv, key_index: torch.Tensor, layout: KeyLayout, full_layout: KeyLayout):
+def _static_local(iv, key_index: torch.Tensor, full_layout: KeyLayout):
     """A static intervention re-expressed in the local (subset) key space; fails on a masked key."""
     joint = full_layout.to_joint_order(list(iv.indices or []), iv.key_order)
     position = {int(j): i for i, j in enumerate(key_index.tolist())}
@@ -143,7 +143,7 @@ def apply_sinks(
             del active[pos]
             continue
         if key_index is not None and iv.selection == "static":
-            iv = _static_local(iv, key_index, layout, full_layout)
+            iv = _static_local(iv, key_index, full_layout)
         mass = stats[(iv.mass_queries, pos)][0] if iv.selection in _MASS_SELECTIONS else None
         seed = selection_seed(plan.unit_seed, iv.random_seed_offset, ctx.step, layer_name, plan.branch)
         selected[pos] = select_keys(iv, layout, mass, heads, seed).to(q.device)

@@ -39,6 +39,7 @@ class FluxSinkAttnProcessor:
     def __init__(self, session, layer: LayerInfo):
         self.session = session
         self.layer = layer
+        self._orders: dict = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
@@ -88,8 +89,13 @@ class FluxSinkAttnProcessor:
         """[B, S, H, D] tensors in Flux order [text | image] → sink logic in [image | text] → output in Flux order."""
         seq = query.shape[1]
         num_image = seq - num_text
-        to_canonical = torch.cat([torch.arange(num_text, seq), torch.arange(0, num_text)]).to(query.device)
-        to_flux = torch.cat([torch.arange(num_image, seq), torch.arange(0, num_image)]).to(query.device)
+        key = (seq, num_text, query.device)
+        if key not in self._orders:  # built once per shape, not per call
+            self._orders[key] = (
+                torch.cat([torch.arange(num_text, seq), torch.arange(0, num_text)]).to(query.device),
+                torch.cat([torch.arange(num_image, seq), torch.arange(0, num_image)]).to(query.device),
+            )
+        to_canonical, to_flux = self._orders[key]
 
         def canonical(x):
             return x.index_select(1, to_canonical).transpose(1, 2)  # [B, H, S, D], a copy
