@@ -89,13 +89,13 @@ class FluxSinkAttnProcessor:
         """[B, S, H, D] tensors in Flux order [text | image] → sink logic in [image | text] → output in Flux order."""
         seq = query.shape[1]
         num_image = seq - num_text
-        key = (seq, num_text, query.device)
-        if key not in self._orders:  # built once per shape, not per call
-            self._orders[key] = (
+        order_key = (seq, num_text, query.device)
+        if order_key not in self._orders:  # built once per shape, not per call
+            self._orders[order_key] = (
                 torch.cat([torch.arange(num_text, seq), torch.arange(0, num_text)]).to(query.device),
                 torch.cat([torch.arange(num_image, seq), torch.arange(0, num_image)]).to(query.device),
             )
-        to_canonical, to_flux = self._orders[key]
+        to_canonical, to_flux = self._orders[order_key]
 
         def canonical(x):
             return x.index_select(1, to_canonical).transpose(1, 2)  # [B, H, S, D], a copy
