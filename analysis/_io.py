@@ -57,6 +57,7 @@ SINK_STEPS_SCHEMA = pa.schema(
         ("intervened", pa.bool_()),
         ("selected_idx", pa.list_(pa.int32())),
         ("removed_mass_after", pa.float32()),
+        ("layer_name", pa.string()),  # the attention module's name (layer ids of glob-only modules are num_blocks + rank)
     ]
 )
 

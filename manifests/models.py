@@ -42,6 +42,10 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     "tiny-sd35": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
     # SDXL: integer layer i = the attn2 of the i-th transformer block in unet.attn_processors order
     "tiny-sdxl": Geometry("sdxl", num_layers=11, heads=4, patch_size=1, t5_tokens=0, default_resolution=64, random_weights=True),
+    # Flux: integer layer i = the i-th block in forward order (joint blocks, then single blocks)
+    "tiny-flux": Geometry("flux", num_layers=4, heads=4, clip_tokens=0, t5_tokens=512, default_resolution=64, random_weights=True),
+    # PixArt-Σ: integer layer i = transformer_blocks.{i}.attn2 (cross-attention to T5)
+    "tiny-pixart": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=300, default_resolution=64, random_weights=True),
 }
 
 HUB_GEOMETRY: dict[str, Geometry] = {
@@ -50,15 +54,25 @@ HUB_GEOMETRY: dict[str, Geometry] = {
     "stabilityai/stable-diffusion-3.5-large": Geometry("sd3", num_layers=38, heads=38),
     # SDXL: attention modules are addressed by name pattern (e.g. "mid_block.*.attn2"); 70 transformer blocks
     "stabilityai/stable-diffusion-xl-base-1.0": Geometry("sdxl", num_layers=70, heads=20, patch_size=1, t5_tokens=0),
+    "black-forest-labs/FLUX.1-dev": Geometry("flux", num_layers=57, heads=24, clip_tokens=0, t5_tokens=512),
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=300),
 }
 
 
 def geometry_from_folder(path: Path) -> Geometry | None:
-    """Read block and head counts from a local diffusers folder's transformer config, if present."""
+    """Read block and head counts from a local diffusers folder's transformer config, if present
+    (SDXL folders have a unet/ instead: their integer layers are checked at load time)."""
     config = path / "transformer" / "config.json"
     if not config.is_file():
         return None
     cfg = json.loads(config.read_text())
-    if cfg.get("_class_name") == "SD3Transformer2DModel":
+    name = cfg.get("_class_name")
+    if name == "SD3Transformer2DModel":
         return Geometry("sd3", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 2))
+    if name == "FluxTransformer2DModel":
+        return Geometry("flux", num_layers=cfg["num_layers"] + cfg["num_single_layers"], heads=cfg["num_attention_heads"],
+                        clip_tokens=0, t5_tokens=512)
+    if name == "PixArtTransformer2DModel":
+        return Geometry("pixart", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"],
+                        patch_size=cfg.get("patch_size", 2), clip_tokens=0, t5_tokens=300)
     return None

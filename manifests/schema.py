@@ -219,7 +219,7 @@ class Sweep(_Strict):
             raise ValueError(f"analysis.baseline: {self.analysis.baseline!r} is not an arm name (arms: {names})")
         geo = self.model.geometry()
         height, width = self.resolution()
-        if geo is not None and geo.family == "sd3":  # token-level checks need the joint [image | text] layout
+        if geo is not None and geo.family in ("sd3", "flux"):  # token-level checks need a joint [image | text] layout
             side = geo.vae_scale * geo.patch_size
             for label, px in (("height", height), ("width", width)):
                 if px % side:
@@ -230,6 +230,8 @@ class Sweep(_Strict):
                         f"recording.layers: layer {layer} is outside the model ({self.model.label} has layers 0..{geo.num_layers - 1})"
                     )
             n_keys = geo.total_tokens(height, width)
+            if geo.family == "flux":  # Flux's text length is the T5 sequence length the pipeline is called with
+                n_keys = geo.image_tokens(height, width) + self.generation.max_sequence_length
             if self.recording.topk > n_keys:
                 raise ValueError(f"recording.topk: {self.recording.topk} is larger than the {n_keys} keys of the model at {height}×{width}")
             for i, arm in enumerate(self.arms):

@@ -11,7 +11,7 @@ import copy
 
 from manifests.models import PRESET_GEOMETRY
 
-TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl"}
+TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "pixart": "tiny-pixart"}
 
 
 def _map_layer(layer, source_layers: int, target_layers: int):

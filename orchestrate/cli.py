@@ -236,6 +236,44 @@ def _write_smoke_copy(sweep_path: Path, output_root: Optional[Path]) -> Path:
 
 
 @app.command()
+def verify(
+    sweep: Path = typer.Argument(..., help="sweep.yaml whose arms to check"),
+    prompts: int = typer.Option(2, "--prompts", "-n", min=1, help="how many of the sweep's prompts to run"),
+    smoke: bool = typer.Option(False, "--smoke", help="check on the tiny random model of the sweep's family instead"),
+) -> None:
+    """Check the sweep's processors on a few prompts, here: no-op bit-exactness and every arm's intervention.
+
+    (a) with the processors installed and no intervention, images equal stock diffusers bit for bit;
+    (b) per intervened arm: the selection, the intervened output against an fp64 reference, the mass left on
+    removed keys, that out-of-scope rows are untouched and that value ops touch only the selected rows.
+    Exits 1 if any check fails.
+    """
+    from manifests import read_sweep_file, resolve_prompts
+
+    path = _write_smoke_copy(sweep, None) if smoke else sweep
+    try:
+        parsed, _ = read_sweep_file(path)
+        prompt_list = resolve_prompts(parsed, base_dir=Path(path).parent, source=str(path))
+    except SweepError as e:
+        _fail(str(e))
+    import workers
+
+    loaded = workers.load_pipeline(parsed.model)
+    console.print(f"verifying {len(parsed.arms)} arm(s) of {parsed.name} on {loaded.description} ({loaded.device}, {loaded.dtype})")
+    rows = workers.verify_sweep(loaded, parsed, prompt_list, max_prompts=prompts)
+    table = Table(title=f"verify {parsed.name}")
+    for column in ("arm", "check", "result", "detail"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["arm"], row["check"], "[green]pass[/green]" if row["passed"] else "[red]FAIL[/red]", row["detail"])
+    console.print(table)
+    failed = [r for r in rows if not r["passed"]]
+    if failed:
+        _fail(f"{len(failed)} of {len(rows)} checks failed", code=1)
+    console.print(f"all {len(rows)} checks passed")
+
+
+@app.command()
 def resume(
     run_dir: Path = typer.Argument(..., help="run directory"),
     executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
@@ -361,7 +399,10 @@ def analyze(
         ex = _executor_for(run, sweep, executor, executor_opt)
         job = ShardJob("metrics", tuple(metrics))
         with run.lock():
-            records = ex.submit(run, done, job)
+            try:
+                records = ex.submit(run, done, job)
+            except RuntimeError as error:
+                _fail(f"metric jobs on {ex.kind}: {error}")
             for record in records:
                 run.append_submission(record)
         console.print(f"submitted metric jobs ({', '.join(metrics)}) for {len(done)} shard(s) to {ex.kind}")

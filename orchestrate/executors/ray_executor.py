@@ -200,7 +200,10 @@ class RayExecutor(Executor):
         except Exception as error:  # noqa: BLE001 — an old Ray without the state API: let the driver check
             log.warning("could not list Ray nodes (%s); the driver will check resources", error)
         else:
-            _check_resources(per_node, self.config.num_gpus, self.config.num_cpus, f"Ray at {dashboard}")
+            if per_node["CPU"] > 0:
+                _check_resources(per_node, self.config.num_gpus, self.config.num_cpus, f"Ray at {dashboard}")
+            else:  # a head that has just started may not have reported its resources yet: the driver checks
+                log.warning("Ray at %s reports no node resources yet; the driver will check resources", dashboard)
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", run.root.name)[:60]
         submission_id = f"sinkscope-{safe}-{uuid.uuid4().hex[:8]}"
         c = self.config

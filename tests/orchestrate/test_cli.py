@@ -9,7 +9,7 @@ from orchestrate.cli import app
 from tests.conftest import run_cli
 
 runner = CliRunner()
-COMMANDS = ["plan", "submit", "status", "resume", "cancel", "logs", "analyze", "report", "demo"]
+COMMANDS = ["plan", "submit", "verify", "status", "resume", "cancel", "logs", "analyze", "report", "demo"]
 MALFORMED = Path(__file__).parents[1] / "manifests" / "malformed"
 
 
@@ -63,3 +63,13 @@ def test_demo_end_to_end(tmp_path):
     summary = (run_dir / "report" / "summary.md").read_text()
     assert "RANDOM WEIGHTS" in summary and "sink_k1" in summary
     assert str(run_dir / "tables") in out and str(run_dir / "images") in out
+
+
+@pytest.mark.slow
+def test_verify_passes_on_the_demo_sweep():
+    demo = Path(__file__).parents[2] / "manifests" / "examples" / "demo.yaml"
+    proc = run_cli("verify", str(demo), "--prompts", "1")
+    out = " ".join(proc.stdout.split())
+    assert "all 11 checks passed" in out
+    for check in ("noop", "selection", "output", "mass_after", "scope"):
+        assert check in out
