@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from workers.attention_ops import apply_value_op, intervened_attention
+from workers.kernels import attention_with_lse, remove_keys
 from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_keys, selection_seed
 from workers.session import CallRecord, LayerInfo, RunContext
 
@@ -42,6 +46,40 @@ class ProbeCall:
     selected: dict  # local row -> [H, n] local key indices
     removed_after: dict  # local row -> [H]
     noise_seeds: dict  # local row -> seed of value_op=noise
+
+
+# (shape, dtype, device, SDPA backend flags) -> whether cuDNN attention with lse gives SDPA's exact bits
+_LSE_BITWISE: dict[tuple, bool] = {}
+
+
+def stock_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stock `F.scaled_dot_product_attention(q, k, v)` output, bit for bit, and when possible its lse.
+
+    With `want_lse` on CUDA in fp16/bf16, the output comes from cuDNN attention with its log-sum-exp
+    (`workers.kernels.attention_with_lse`), but only where that was checked to give exactly SDPA's bits:
+    the first call per (shape, dtype, device, SDPA backend flags) runs both and compares them (one host
+    sync), and the verdict is cached. Elsewhere (CPU, fp32, a mismatch, env SINKSCOPE_STOCK_LSE=0) the
+    output is SDPA's and the lse is None: the statistics kernel then computes its own.
+    """
+    if not (want_lse and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)) or os.environ.get("SINKSCOPE_STOCK_LSE") == "0":
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+    b = torch.backends.cuda
+    sig = (tuple(query.shape), tuple(key.shape), tuple(query.stride()), tuple(key.stride()), tuple(value.stride()), query.dtype,
+           query.device.index, b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+    verdict = _LSE_BITWISE.get(sig)
+    if verdict is False:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+    try:
+        out, lse = attention_with_lse(query, key, value, query.shape[-1] ** -0.5, backend="cudnn")
+    except (RuntimeError, ValueError):
+        _LSE_BITWISE[sig] = False
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+    if verdict is None:
+        stock = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        verdict = _LSE_BITWISE[sig] = bool(out.shape == stock.shape and out.stride() == stock.stride() and torch.equal(out, stock))
+        if not verdict:
+            return stock, None
+    return out, lse
 
 
 def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
@@ -85,8 +123,14 @@ def apply_sinks(
     elements: list[int] | None = None,
     key_index: torch.Tensor | None = None,
     full_layout: KeyLayout | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Identify / intervene / record for one call; `attn_out` [b,H,Lq,D] is modified in place and returned."""
+    """Identify / intervene / record for one call; `attn_out` [b,H,Lq,D] is modified in place and returned.
+
+    `lse` [b,H,Lq] (optional): the natural-log log-sum-exp of the stock attention that produced `attn_out`
+    from these q / k (`stock_attention`); the statistics kernel then skips its own pass, and a per-head
+    removal of the selected keys goes through the closed form with its exactness guard (`remove_keys`).
+    """
     batch, heads = q.shape[:2]
     if elements is None:
         if batch != len(ctx.elements):
@@ -114,6 +158,11 @@ def apply_sinks(
     if recorded and rec.stats:
         wants.setdefault(rec.mass_queries, set()).update(recorded)
     stats = {}
+    whole = list(range(batch))
+
+    def rows_of(x: torch.Tensor | None, idx: list[int]):
+        return x if x is None or idx == whole else x[idx]
+
     for scope, rows in wants.items():
         idx = sorted(rows)
         start, end = layout.query_range(scope)
@@ -121,10 +170,11 @@ def apply_sinks(
             raise ValueError(f"{layer_name}: mass over {scope!r} queries, but this layer has none")
         need_extra = rec is not None and scope == rec.mass_queries and any(p in recorded for p in idx)
         result = key_mass_stats(
-            q[idx], k[idx], scale, start, end,
+            rows_of(q, idx), rows_of(k, idx), scale, start, end,
             want_entropy=need_extra and "entropy" in rec.stats,
             want_top5=need_extra and "top5" in rec.stats,
             max_chunk_bytes=ctx.max_chunk_bytes,
+            lse=rows_of(lse, idx),
         )
         for i, pos in enumerate(idx):
             stats[(scope, pos)] = (
@@ -158,7 +208,7 @@ def apply_sinks(
         groups.setdefault(key, []).append(pos)
     removed_after: dict[int, torch.Tensor] = {}
     noise_seeds: dict[int, int] = {}
-    for (scope, score_op, bias, eta, value_op, sigma, alpha, _), rows in groups.items():
+    for (scope, score_op, bias, eta, value_op, sigma, alpha, n_sel), rows in groups.items():
         idx = torch.tensor(rows, device=q.device)
         start, end = layout.query_range(scope)
         sel = torch.stack([selected[p] for p in rows])
@@ -167,6 +217,17 @@ def apply_sinks(
             plan = ctx.elements[elements[p]]
             noise_seeds[p] = selection_seed(plan.unit_seed, active[p].random_seed_offset, ctx.step, layer_name, plan.branch, "value_noise")
             seeds.append(noise_seeds[p])
+        distinct = n_sel == 1 or all(active[p].selection in ("topk", "bottomk") for p in rows)
+        if score_op == "remove" and value_op == "none" and lse is not None and distinct:
+            # closed form from the stock output and lse, rows it would amplify recomputed exactly; sync-free
+            b_rows = rows_of(attn_out, rows)
+            result = remove_keys(rows_of(q, rows), rows_of(k, rows), rows_of(v, rows), b_rows, rows_of(lse, rows), sel, start, end, scale,
+                                 method="auto", check=False)
+            attn_out[idx, :, start:end] = result[:, :, start:end]
+            zero = torch.zeros(len(rows), heads, dtype=torch.float32, device=q.device)
+            for i, p in enumerate(rows):
+                removed_after[p] = zero[i]
+            continue
         q_rows, k_g = q[idx, :, start:end], k[idx]
         v_g = apply_value_op(v[idx], sel, value_op, sigma=sigma, alpha=alpha, noise_seeds=seeds)
         out, after = intervened_attention(q_rows, k_g, v_g, sel, score_op, bias=bias, eta=eta)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, layer_ids
+from workers.processors.common import apply_sinks, layer_ids, stock_attention
 from workers.session import LayerInfo
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
@@ -59,14 +58,16 @@ class SD3SinkAttnProcessor:
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
 
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         ctx = self.session.context if self.session is not None else None
-        if ctx is not None:
+        wanted = ctx is not None and ctx.wants(self.layer.name, self.layer.block_index)
+        # stock SDPA bits; on CUDA half precision also the lse, from the same cuDNN attention (checked bitwise)
+        hidden_states, lse = stock_attention(query, key, value, want_lse=wanted)
+        if wanted:
             num_image = residual.shape[1]
             num_text = key.shape[2] - num_image
             num_clip = min(ctx.num_clip_tokens, num_text)
             layout = KeyLayout(num_image=num_image, num_clip=num_clip, num_t5=num_text - num_clip)
-            hidden_states = apply_sinks(ctx, self.layer, query, key, value, hidden_states, layout)
+            hidden_states = apply_sinks(ctx, self.layer, query, key, value, hidden_states, layout, lse=lse)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
