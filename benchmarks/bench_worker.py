@@ -1,0 +1,309 @@
+"""Cost of the project's REAL SD3 sink processors (workers/processors/sd3.py) and of a Table-2-like group.
+
+    python benchmarks/bench_worker.py [--json out.json] [--small --device cpu]
+
+Builds an SD3-medium-sized StableDiffusion3Pipeline in-process with random weights (transformer from the
+SD3-medium config, a full-size 16-channel AutoencoderKL with block_out_channels (128,256,512,512), tiny CLIP
+text encoders whose projections give the real 2048-d pooled vector, no T5: the pipeline pads 77 CLIP + 256
+zero T5 tokens = 333 text tokens, as the real model sees), wraps it in a `workers.loading.LoadedPipeline`
+with the sink processors installed exactly as `load_pipeline` does, and prints:
+
+(a) one transformer forward (1024², bf16, CFG batch 2), median of CUDA-event timings, and peak memory:
+    stock diffusers processors; sinkscope processors, nothing active; paper config (record 6/12/18 with
+    mass+entropy+top5, fixed.m1 at 12); the same without top5; all 24 layers, all stats; all 24 layers,
+    mass+entropy only; plus the paper config with the stock-lse reuse switched off (SINKSCOPE_STOCK_LSE=0).
+(b) group throughput (images per GPU-hour): arms baseline + sink (fixed.m1 @12) + random (fixed.random @12),
+    20 steps, 1024², recording 6/12/18: `workers.generate_group` with arms_per_batch 1 and 3, against a
+    paper-style per-prompt loop (a processor defined here: fp32 logits and softmax of the joint sequence
+    materialised at 6/12/18, top-1 / random key masked with -1e4 at 12, statistics copied to the host after
+    each call, one pipeline call per arm with its own text encoding).
+Numbers only; no assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sd3_step import SD3_MEDIUM, _finish, _project  # noqa: E402
+
+SMALL = dict(
+    sample_size=16, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=8, num_attention_heads=2,
+    joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=16,
+)
+
+
+def build_loaded(device: str, dtype: torch.dtype, small: bool):
+    """An SD3-medium-sized pipeline (random weights) as a LoadedPipeline, processors installed as load_pipeline does."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from workers.loading import LoadedPipeline, _measured_geometry
+    from workers.processors import install_sd3_processors
+    from workers.session import SinkSession
+    from workers.tiny import _tiny_clip_config
+    from workers.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**(SMALL if small else SD3_MEDIUM))
+        clip = _tiny_clip_config()
+        clip.projection_dim = 1024  # CLIP-L ⊕ CLIP-G pooled = 2048, SD3's pooled_projection_dim
+        te1, te2 = CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16) if small else (128, 256, 512, 512),
+            layers_per_block=2, norm_num_groups=4 if small else 32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=te1, tokenizer=load_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=load_clip_tokenizer(pad_token="!"),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    for m in (transformer, te1, te2, vae):
+        m.eval()
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    geometry = _measured_geometry(pipe, "sd3", True)
+    session = SinkSession(pipe)
+    stock = dict(transformer.attn_processors)
+    layers = install_sd3_processors(transformer, session)
+    return LoadedPipeline(
+        pipe=pipe, family="sd3", random_weights=True, geometry=geometry, description="sd3-medium-sized (random weights, bench)",
+        device=device, dtype=dtype, session=session, attention_layers=[i.name for i in layers], layers=layers, stock_processors=stock,
+    )
+
+
+class PaperLoopProcessor:
+    """Paper-style: fp32 logits + softmax of the whole joint sequence; stats of the image rows; mask at one layer."""
+
+    def __init__(self, log: list, layer: int, mode: str, seed: int):
+        self.log, self.layer, self.mode, self.gen = log, layer, mode, torch.Generator("cpu").manual_seed(seed)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
+        n_img = hidden_states.shape[1]
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        a = torch.softmax(logits, dim=-1)
+        img = a[:, :, :n_img]
+        mass = img.mean(dim=2)
+        ent = -(img * torch.log(img + 1e-10)).sum(-1).mean(-1)
+        top5 = img.topk(5, dim=-1).values.sum(-1).mean(-1)
+        if self.mode != "none":
+            if self.mode == "top":
+                idx = mass.topk(1, dim=-1).indices
+            else:
+                idx = torch.randint(0, k.shape[2], mass.shape[:2] + (1,), generator=self.gen).to(mass.device)
+            mask = torch.zeros_like(mass).scatter_(-1, idx, 1.0)
+            logits[:, :, :n_img] -= 1e4 * mask[:, :, None, :]
+            a = torch.softmax(logits, dim=-1)
+        out = torch.matmul(a.to(v.dtype), v)
+        self.log.append((self.layer, mass, ent, top5))
+        return _finish(attn, out, hidden_states, encoder_hidden_states)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_reset(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
+def step_table(loaded, device, dtype, iters, res):
+    from manifests import RecordingSpec
+    from manifests.interventions import PRESETS
+    from workers.recorder import records_to_table
+    from workers.session import ElementPlan, RunContext
+
+    pipe, tr, session = loaded.pipe, loaded.pipe.transformer, loaded.session
+    pipe.scheduler.set_timesteps(20)
+    side = res // 8
+    g = torch.Generator("cpu").manual_seed(1)
+    cfg = tr.config
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, side, side, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(2, 333, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+        timestep=pipe.scheduler.timesteps[:1].expand(2).to(device),
+    )
+    ours = dict(tr.attn_processors)
+    n = cfg.num_layers
+
+    def ctx(iv=None, layers=(6, 12, 18), stats=("mass", "entropy", "top5")):
+        def make():
+            return RunContext([ElementPlan("a", "uncond", iv, 1), ElementPlan("a", "cond", iv, 1)],
+                              RecordingSpec(layers=list(layers), stats=list(stats)) if layers else None)
+        return make
+
+    m1 = PRESETS["fixed.m1"]
+    variants = [
+        ("stock diffusers processors", None, None),
+        ("sinkscope processors, nothing active", lambda: None, None),
+        ("paper config: record 6/12/18 (mass,entropy,top5) + fixed.m1@12", ctx(m1), None),
+        ("paper config without top5", ctx(m1, stats=("mass", "entropy")), None),
+        ("all 24 layers, all stats", ctx(layers=range(n)), None),
+        ("all 24 layers, mass+entropy", ctx(layers=range(n), stats=("mass", "entropy")), None),
+        ("paper config, stock-lse reuse off (SINKSCOPE_STOCK_LSE=0)", ctx(m1), "0"),
+        ("record 6/12/18 only (no intervention)", ctx(), None),
+    ]
+    rows, outs = [], {}
+    for name, factory, env in variants:
+        tr.set_attn_processor(dict(loaded.stock_processors) if factory is None else dict(ours))
+        if env is not None:
+            os.environ["SINKSCOPE_STOCK_LSE"] = env
+        times = []
+        try:
+            with torch.inference_mode():
+                for it in range(iters + 2):
+                    if it == 2:
+                        peak_reset(device)
+                    session.context = factory() if factory is not None else None
+                    t0 = time.perf_counter()
+                    if device == "cuda":
+                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        a.record()
+                    out = tr(**inputs).sample
+                    if device == "cuda":
+                        b.record()
+                    sync(device)
+                    dt = a.elapsed_time(b) if device == "cuda" else (time.perf_counter() - t0) * 1e3
+                    if session.context is not None:
+                        records_to_table(session.context.records)  # the host copy a run does once at its end
+                    session.context = None
+                    if it >= 2:
+                        times.append(dt)
+        finally:
+            session.context = None
+            os.environ.pop("SINKSCOPE_STOCK_LSE", None)
+        outs[name] = out.float()
+        rows.append((name, statistics.median(times), peak(device)))
+    tr.set_attn_processor(dict(ours))
+    base_out = outs[rows[0][0]]
+    table = []
+    for name, ms, gib in rows:
+        diff = (outs[name] - base_out).abs().max().item()
+        table.append(dict(variant=name, ms=ms, x_stock=ms / rows[0][1], peak_gib=gib, extra_mib=(gib - rows[0][2]) * 1024, max_abs_diff=diff))
+    return table
+
+
+def group_table(loaded, device, groups, steps, res):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from manifests import ArmSpec, GenerationSpec, RecordingSpec
+    from workers import generate_group
+    from workers.generate import initial_latents
+
+    prompts = ["a red bicycle leaning on a white wall", "a bowl of oranges on a wooden table", "two dogs running on a beach",
+               "a lighthouse at dusk", "a blue car parked in the snow"]
+    arms = [ArmSpec(name="baseline"), ArmSpec(name="sink", intervention="fixed.m1"), ArmSpec(name="random", intervention="fixed.random")]
+    rec = RecordingSpec(layers=[6, 12, 18])
+    tr = loaded.pipe.transformer
+    ours = dict(tr.attn_processors)
+    out = []
+
+    def run_sinkscope(a):
+        def one(i):
+            gen = GenerationSpec(steps=steps, guidance=7.0, height=res, width=res, arms_per_batch=a)
+            with torch.inference_mode():
+                r = generate_group(loaded, prompts[i % len(prompts)], 100 + i, arms, gen, rec)
+            return sum(len(x.sink_rows) for x in r)
+        return one
+
+    def run_paper(i):
+        pipe = loaded.pipe
+        lat = initial_latents(loaded, 100 + i, res, res)
+        nrows = 0
+        for mode in ("none", "top", "random"):
+            log = []
+            procs = {}
+            for name in ours:
+                blk = int(name.split(".")[1])
+                procs[name] = PaperLoopProcessor(log, blk, mode if blk == 12 else "none", 100 + i) if blk in (6, 12, 18) else JointAttnProcessor2_0()
+            tr.set_attn_processor(procs)
+            with torch.inference_mode():
+                pipe(prompts[i % len(prompts)], latents=lat.clone(), num_inference_steps=steps, guidance_scale=7.0,
+                     height=res, width=res, output_type="pil")
+            host = [(layer, m.cpu(), e.cpu(), t.cpu()) for layer, m, e, t in log]  # the released code keeps numpy arrays
+            nrows += len(host)
+        tr.set_attn_processor(dict(ours))
+        return nrows
+
+    for name, fn in [("sinkscope generate_group, arms_per_batch=1", run_sinkscope(1)),
+                     ("sinkscope generate_group, arms_per_batch=3", run_sinkscope(3)),
+                     ("paper-style per-prompt loop (fp32 softmax, 1 call/arm)", run_paper)]:
+        fn(0)  # warm-up (Triton compile, cuDNN plans, allocator)
+        peak_reset(device)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(1, groups + 1):
+            fn(i)
+        sync(device)
+        sec = time.perf_counter() - t0
+        imgs = 3 * groups
+        out.append(dict(variant=name, s_per_group=sec / groups, images_per_gpu_hour=imgs / sec * 3600, peak_gib=peak(device)))
+    for row in out:
+        row["x_paper_loop"] = row["images_per_gpu_hour"] / out[-1]["images_per_gpu_hour"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--groups", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip-groups", action="store_true")
+    args = ap.parse_args()
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    res = 128 if args.small else 1024
+    import diffusers
+
+    info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__, diffusers=diffusers.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(info, flush=True)
+    t0 = time.perf_counter()
+    loaded = build_loaded(device, dtype, args.small)
+    print(f"built in {time.perf_counter() - t0:.1f}s: {loaded.geometry}", flush=True)
+    steps = step_table(loaded, device, dtype, args.iters, res)
+    from workers.processors.common import _LSE_BITWISE
+
+    print(f"\n(a) transformer step, {res}², {dtype}, CFG batch 2 (median of {args.iters}); stock-lse bitwise verdicts: {list(_LSE_BITWISE.values())}")
+    print(f"{'variant':66s} {'ms':>8s} {'x stock':>8s} {'peak GiB':>9s} {'+MiB':>7s} {'max|d out|':>10s}")
+    for r in steps:
+        print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}", flush=True)
+    groups = []
+    if not args.skip_groups:
+        groups = group_table(loaded, device, args.groups, args.steps, res)
+        print(f"\n(b) group of 3 arms (baseline, fixed.m1@12, fixed.random@12), {args.steps} steps, {res}², record 6/12/18, {args.groups} timed groups")
+        print(f"{'variant':58s} {'s/group':>8s} {'img/GPU-h':>10s} {'x paper':>8s} {'peak GiB':>9s}")
+        for r in groups:
+            print(f"{r['variant']:58s} {r['s_per_group']:8.2f} {r['images_per_gpu_hour']:10.0f} {r['x_paper_loop']:8.2f} {r['peak_gib']:9.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, steps=steps, groups=groups), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
