@@ -435,7 +435,7 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
     if any(s.state != "done" for s in statuses):
         _print_summary(run, table=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
-    analyze(run.root, metric=[])
+    analyze(run.root, metric=[], executor=None, executor_opt=[])  # called as plain functions: pass every option
     report(run.root)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
