@@ -128,7 +128,7 @@ def peak(device):
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
-def step_table(loaded, device, dtype, iters, res):
+def step_table(loaded, device, dtype, iters, res, diag=False):
     from manifests import RecordingSpec
     from manifests.interventions import PRESETS
     from workers.recorder import records_to_table
@@ -164,6 +164,7 @@ def step_table(loaded, device, dtype, iters, res):
         ("all 24 layers, mass+entropy", ctx(layers=range(n), stats=("mass", "entropy")), None),
         ("paper config, stock-lse reuse off (SINKSCOPE_STOCK_LSE=0)", ctx(m1), "0"),
         ("record 6/12/18 only (no intervention)", ctx(), None),
+        ("fixed.m1@12 only (no recording)", ctx(m1, layers=()), None),
     ]
     rows, outs = [], {}
     for name, factory, env in variants:
@@ -197,6 +198,27 @@ def step_table(loaded, device, dtype, iters, res):
         outs[name] = out.float()
         rows.append((name, statistics.median(times), peak(device)))
     tr.set_attn_processor(dict(ours))
+    if diag and device == "cuda":
+        import warnings
+
+        with torch.inference_mode():
+            session.context = ctx(m1)()
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tr(**inputs)
+            torch.cuda.set_sync_debug_mode(0)
+            session.context = None
+            sites = sorted({f"{w.filename}:{w.lineno}" for w in caught})
+            print(f"host syncs in one paper-config step: {len(caught)} at {sites}")
+            from torch.profiler import ProfilerActivity, profile
+
+            session.context = ctx(m1)()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                tr(**inputs)
+                torch.cuda.synchronize()
+            session.context = None
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     base_out = outs[rows[0][0]]
     table = []
     for name, ms, gib in rows:
@@ -274,6 +296,7 @@ def main():
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-groups", action="store_true")
+    ap.add_argument("--diag", action="store_true", help="host-sync sites and a kernel profile of one paper-config step")
     args = ap.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -286,7 +309,7 @@ def main():
     t0 = time.perf_counter()
     loaded = build_loaded(device, dtype, args.small)
     print(f"built in {time.perf_counter() - t0:.1f}s: {loaded.geometry}", flush=True)
-    steps = step_table(loaded, device, dtype, args.iters, res)
+    steps = step_table(loaded, device, dtype, args.iters, res, args.diag)
     from workers.processors.common import _LSE_BITWISE
 
     print(f"\n(a) transformer step, {res}², {dtype}, CFG batch 2 (median of {args.iters}); stock-lse bitwise verdicts: {list(_LSE_BITWISE.values())}")

@@ -11,5 +11,5 @@ export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)";
   date -u; } 2>&1 | tee $OUT/env.txt
 timeout 120 python3 -m pytest tests/workers/test_workers_gpu_lse.py -q -p no:cacheprovider -rs 2>&1 | tee $OUT/pytest_lse.txt | tail -6
-timeout 330 python3 benchmarks/bench_worker.py --json $OUT/worker.json 2>&1 | grep -v "kept in float32" | tee $OUT/worker.txt
+timeout 330 python3 benchmarks/bench_worker.py --json $OUT/worker.json ${BENCH_ARGS:-} 2>&1 | grep -v "kept in float32" | tee $OUT/worker.txt
 timeout ${TEST_S:-150} python3 -m pytest tests/workers/test_workers_gpu.py -q -p no:cacheprovider -rs -x 2>&1 | tee $OUT/pytest_gpu.txt | tail -8

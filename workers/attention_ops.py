@@ -49,7 +49,9 @@ def apply_value_op(
         draws = [
             torch.randn(heads, selected.shape[-1], dim, generator=torch.Generator("cpu").manual_seed(seed)) for seed in noise_seeds
         ]
-        replacement = (torch.stack(draws) * sigma).to(device=v.device, dtype=v.dtype)
+        replacement = (torch.stack(draws) * sigma).to(v.dtype)
+        # pinned staging: a non-blocking copy, no host sync on CUDA
+        replacement = replacement.pin_memory().to(v.device, non_blocking=True) if v.is_cuda else replacement.to(v.device)
     else:
         raise ValueError(f"unknown value_op {op!r}")
     return v.scatter(2, index, replacement)

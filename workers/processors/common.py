@@ -82,6 +82,19 @@ def stock_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out, lse
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without a host sync (pinned staging, non-blocking copy) on CUDA."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return _to_device(torch.tensor(rows, dtype=torch.long), device)
+
+
 def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
     """Integer-addressable modules keep their block index as id; the others get num_blocks + their rank, in module order."""
     blocks = [b for _, b in entries if b is not None]
@@ -161,7 +174,11 @@ def apply_sinks(
     whole = list(range(batch))
 
     def rows_of(x: torch.Tensor | None, idx: list[int]):
-        return x if x is None or idx == whole else x[idx]
+        if x is None or idx == whole:
+            return x
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            return x[idx[0] : idx[-1] + 1]
+        return x.index_select(0, _row_index(idx, x.device))
 
     for scope, rows in wants.items():
         idx = sorted(rows)
@@ -196,7 +213,7 @@ def apply_sinks(
             iv = _static_local(iv, key_index, full_layout)
         mass = stats[(iv.mass_queries, pos)][0] if iv.selection in _MASS_SELECTIONS else None
         seed = selection_seed(plan.unit_seed, iv.random_seed_offset, ctx.step, layer_name, plan.branch)
-        selected[pos] = select_keys(iv, layout, mass, heads, seed).to(q.device)
+        selected[pos] = _to_device(select_keys(iv, layout, mass, heads, seed), q.device)
     groups: dict[tuple, list[int]] = {}
     for pos, iv in list(active.items()):
         start, end = layout.query_range(iv.query_scope)
@@ -209,7 +226,7 @@ def apply_sinks(
     removed_after: dict[int, torch.Tensor] = {}
     noise_seeds: dict[int, int] = {}
     for (scope, score_op, bias, eta, value_op, sigma, alpha, n_sel), rows in groups.items():
-        idx = torch.tensor(rows, device=q.device)
+        idx = _row_index(rows, q.device)
         start, end = layout.query_range(scope)
         sel = torch.stack([selected[p] for p in rows])
         seeds = []
