@@ -227,7 +227,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
     return table
 
 
-def group_table(loaded, device, groups, steps, res):
+def group_table(loaded, device, groups, steps, res, which=("a1", "a3", "paper"), barrier=None):
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     from manifests import ArmSpec, GenerationSpec, RecordingSpec
@@ -269,10 +269,18 @@ def group_table(loaded, device, groups, steps, res):
         tr.set_attn_processor(dict(ours))
         return nrows
 
-    for name, fn in [("sinkscope generate_group, arms_per_batch=1", run_sinkscope(1)),
-                     ("sinkscope generate_group, arms_per_batch=3", run_sinkscope(3)),
-                     ("paper-style per-prompt loop (fp32 softmax, 1 call/arm)", run_paper)]:
+    todo = [("a1", "sinkscope generate_group, arms_per_batch=1", run_sinkscope(1)),
+            ("a3", "sinkscope generate_group, arms_per_batch=3", run_sinkscope(3)),
+            ("paper", "paper-style per-prompt loop (fp32 softmax, 1 call/arm)", run_paper)]
+    for key, name, fn in todo:
+        if key not in which:
+            continue
         fn(0)  # warm-up (Triton compile, cuDNN plans, allocator)
+        if barrier:  # several processes (one per GPU) start their timed groups together: DIR:N:RANK
+            folder, n, rank = barrier.split(":")
+            Path(folder, f"ready.{key}.{rank}").touch()
+            while len(list(Path(folder).glob(f"ready.{key}.*"))) < int(n):
+                time.sleep(0.05)
         peak_reset(device)
         sync(device)
         t0 = time.perf_counter()
@@ -283,7 +291,7 @@ def group_table(loaded, device, groups, steps, res):
         imgs = 3 * groups
         out.append(dict(variant=name, s_per_group=sec / groups, images_per_gpu_hour=imgs / sec * 3600, peak_gib=peak(device)))
     for row in out:
-        row["x_paper_loop"] = row["images_per_gpu_hour"] / out[-1]["images_per_gpu_hour"]
+        row["x_paper_loop"] = row["images_per_gpu_hour"] / out[-1]["images_per_gpu_hour"] if "paper" in which else float("nan")
     return out
 
 
@@ -296,6 +304,9 @@ def main():
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-groups", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--which", default="a1,a3,paper", help="group variants: a1, a3, paper")
+    ap.add_argument("--barrier", help="DIR:N:RANK: wait for N processes before each timed variant (multi-GPU scaling)")
     ap.add_argument("--diag", action="store_true", help="host-sync sites and a kernel profile of one paper-config step")
     args = ap.parse_args()
     device = args.device
@@ -309,7 +320,7 @@ def main():
     t0 = time.perf_counter()
     loaded = build_loaded(device, dtype, args.small)
     print(f"built in {time.perf_counter() - t0:.1f}s: {loaded.geometry}", flush=True)
-    steps = step_table(loaded, device, dtype, args.iters, res, args.diag)
+    steps = [] if args.skip_steps else step_table(loaded, device, dtype, args.iters, res, args.diag)
     from workers.processors.common import _LSE_BITWISE
 
     print(f"\n(a) transformer step, {res}², {dtype}, CFG batch 2 (median of {args.iters}); stock-lse bitwise verdicts: {list(_LSE_BITWISE.values())}")
@@ -318,7 +329,7 @@ def main():
         print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}", flush=True)
     groups = []
     if not args.skip_groups:
-        groups = group_table(loaded, device, args.groups, args.steps, res)
+        groups = group_table(loaded, device, args.groups, args.steps, res, args.which.split(","), args.barrier)
         print(f"\n(b) group of 3 arms (baseline, fixed.m1@12, fixed.random@12), {args.steps} steps, {res}², record 6/12/18, {args.groups} timed groups")
         print(f"{'variant':58s} {'s/group':>8s} {'img/GPU-h':>10s} {'x paper':>8s} {'peak GiB':>9s}")
         for r in groups:
