@@ -151,7 +151,8 @@ class SinkSession:
             )
         expected = float(scheduler.timesteps[step])
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if timestep is not None:
+        # reading a device tensor waits for the GPU: check it once per run there, every step on the CPU
+        if timestep is not None and (timestep.device.type == "cpu" or step == 0):
             got = float(timestep.flatten()[0]) * self.timestep_scale
             # the pipeline may cast t to the model dtype first (Flux: bf16), so allow that rounding
             tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
