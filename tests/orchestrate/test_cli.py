@@ -73,3 +73,13 @@ def test_verify_passes_on_the_demo_sweep():
     assert "all 11 checks passed" in out
     for check in ("noop", "selection", "output", "mass_after", "scope"):
         assert check in out
+
+
+def test_the_readme_sweep_is_valid(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "readme.yaml"
+    path.write_text(block)
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "553 prompts" in " ".join(result.output.split())
