@@ -39,7 +39,7 @@ def test_shrunken_copy_runs_end_to_end(path, tmp_path):
     try:
         small = shrink(raw, geometry.family, geometry.num_layers)
     except ValueError as error:
-        pytest.skip(str(error))  # reported as a skip with its reason (SDXL until a tiny SDXL exists)
+        pytest.skip(str(error))  # a family without a tiny model would be reported here, with its reason
     small["output_root"] = str(tmp_path / "runs")
     parse_sweep(small)
     file = tmp_path / path.name
