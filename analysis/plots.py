@@ -81,14 +81,9 @@ def _t_band(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float,
 DYNAMICS = (("max_mass", "max incoming mass"), ("entropy", "attention entropy (nats)"), ("top5_conc", "top-5 concentration"))
 
 
-def sink_step_means(run: "RunData", arm: str | None = None) -> pd.DataFrame:
-    """Per (unit, layer, step): sink statistics averaged over heads and CFG branches.
-
-    Read with pyarrow straight from the part files (only the needed columns), so it also
-    works when ``load_run(..., sink_steps=False)`` skipped the large table.
-    """
-    arm = arm or run.baseline
-    cols = ["unit_id", "arm", "step", "layer", *[c for c, _ in DYNAMICS]]
+def _arm_sink_steps(run: "RunData", arm: str, cols: list[str]) -> pa.Table:
+    """The given sink-step columns of one arm's finished units: from the loaded frame if ``load_run``
+    kept it, else straight from the part files (only these columns), so large runs need not load it."""
     if len(run.sink_steps):
         table = pa.Table.from_pandas(run.sink_steps[cols], preserve_index=False)
     else:
@@ -96,6 +91,16 @@ def sink_step_means(run: "RunData", arm: str | None = None) -> pd.DataFrame:
     table = table.filter(pc.equal(table["arm"], arm))
     if len(run.units):
         table = table.filter(pc.is_in(table["unit_id"], value_set=pa.array(run.units["unit_id"])))
+    return table
+
+
+def sink_step_means(run: "RunData", arm: str | None = None) -> pd.DataFrame:
+    """Per (unit, layer, step): sink statistics averaged over heads and CFG branches.
+
+    Read with pyarrow straight from the part files (only the needed columns), so it also
+    works when ``load_run(..., sink_steps=False)`` skipped the large table.
+    """
+    table = _arm_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "step", "layer", *[c for c, _ in DYNAMICS]])
     agg = table.group_by(["unit_id", "layer", "step"]).aggregate([(c, "mean") for c, _ in DYNAMICS])
     df = agg.to_pandas().rename(columns={f"{c}_mean": c for c, _ in DYNAMICS})
     return df.sort_values(["layer", "step", "unit_id"]).reset_index(drop=True)
@@ -135,15 +140,7 @@ def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arm: str | None = None,
 # ----------------------------------------------------------------------------- modality
 def modality_fractions(run: "RunData", arm: str | None = None) -> pd.DataFrame:
     """Per layer: fraction of (step, head, branch, unit) records whose top-1 key has each modality."""
-    arm = arm or run.baseline
-    cols = ["unit_id", "arm", "layer", "topk_modality"]
-    if len(run.sink_steps):
-        table = pa.Table.from_pandas(run.sink_steps[cols], preserve_index=False)
-    else:
-        table = read_table(run.run_dir / "tables" / "sink_steps", SINK_STEPS_SCHEMA, columns=cols)
-    table = table.filter(pc.equal(table["arm"], arm))
-    if len(run.units):
-        table = table.filter(pc.is_in(table["unit_id"], value_set=pa.array(run.units["unit_id"])))
+    table = _arm_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "layer", "topk_modality"])
     table = table.filter(pc.greater(pc.list_value_length(table["topk_modality"]), 0))
     top1 = pc.list_element(table["topk_modality"], 0)
     counts = pa.table({"layer": table["layer"], "modality": top1}).group_by(["layer", "modality"]).aggregate(
