@@ -128,26 +128,30 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
     return failed
 
 
-def _scheduler_states(run: RunDir) -> dict[int, str]:
-    """Ask every cluster executor this run has used (from state/submissions.jsonl)."""
+def _cluster_executors(run: RunDir) -> list:
+    """One executor per cluster kind this run was submitted to, built from its latest submitted config."""
     from pydantic import TypeAdapter
 
     from manifests.schema import ExecutorConfig
 
-    states: dict[int, str] = {}
-    seen = set()
+    configs: dict[str, dict] = {}
     for record in run.submissions():
         config = record.get("config")
-        if record.get("event") != "submit" or not config or config.get("kind") == "local" or config["kind"] in seen:
-            continue
-        seen.add(config["kind"])
+        if record.get("event") == "submit" and config and config.get("kind") != "local":
+            configs[config["kind"]] = config
+    return [make_executor(TypeAdapter(ExecutorConfig).validate_python(c)) for c in configs.values()]
+
+
+def _scheduler_states(run: RunDir) -> dict[int, str]:
+    """Ask every cluster executor this run has used (from state/submissions.jsonl)."""
+    states: dict[int, str] = {}
+    for executor in _cluster_executors(run):
         try:
-            executor = make_executor(TypeAdapter(ExecutorConfig).validate_python(config))
             states.update(executor.scheduler_states(run))
             for note in getattr(executor, "notes", []):
-                console.print(f"[yellow]{config['kind']}: {note}[/yellow]")
+                console.print(f"[yellow]{executor.kind}: {note}[/yellow]")
         except Exception as error:  # noqa: BLE001 — status must still show the markers
-            console.print(f"[yellow]could not ask {config['kind']} for job states: {error}[/yellow]")
+            console.print(f"[yellow]could not ask {executor.kind} for job states: {error}[/yellow]")
     return states
 
 
@@ -327,20 +331,11 @@ def _print_summary(run: RunDir, verify: bool = False, list_all: bool = False, ta
 @app.command()
 def cancel(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
     """Cancel every Slurm job or Ray task this run submitted."""
-    from pydantic import TypeAdapter
-
-    from manifests.schema import ExecutorConfig
-
     run, _ = _load_run(run_dir)
     cancelled: list[str] = []
     with run.lock():
-        kinds = {}
-        for record in run.submissions():
-            config = record.get("config")
-            if record.get("event") == "submit" and config and config.get("kind") != "local":
-                kinds[config["kind"]] = config
-        for config in kinds.values():
-            cancelled += make_executor(TypeAdapter(ExecutorConfig).validate_python(config)).cancel(run)
+        for executor in _cluster_executors(run):
+            cancelled += executor.cancel(run)
         run.append_submission({"event": "cancel", "job_ids": cancelled})
     console.print(f"cancelled {len(cancelled)} job(s): {' '.join(cancelled)}" if cancelled else "nothing to cancel")
 
