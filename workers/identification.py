@@ -82,7 +82,18 @@ def rank_keys(values: torch.Tensor, count: int, largest: bool = True) -> torch.T
     Exact ties are common (SD3 without T5 has 256 identical zero T5 keys; CLIP padding repeats), and
     `torch.topk` breaks them differently per device and k, so selections and records use a stable sort.
     """
-    return torch.sort(values, dim=-1, descending=largest, stable=True).indices[..., :count]
+    # Same result as `torch.sort(values, descending=largest, stable=True).indices[..., :count]`, at the
+    # cost of a top-k: each value's float32 bits are mapped to an int32 with the same order and packed
+    # with its (reversed, for largest) index into one int64, so all keys are distinct and ordered as the
+    # stable sort orders them. A segmented sort per recorded call was a measurable part of a step.
+    if values.dtype == torch.float64:  # the packing below orders float32 values only
+        return torch.sort(values, dim=-1, descending=largest, stable=True).indices[..., :count]
+    v = values.to(torch.float32) + 0.0  # -0.0 -> +0.0: they compare equal, so they must tie
+    bits = v.contiguous().view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    index = torch.arange(v.shape[-1], device=v.device, dtype=torch.int64)
+    packed = (ordered << 32) | ((0xFFFFFFFF - index) if largest else index)
+    return torch.topk(packed, count, dim=-1, largest=largest, sorted=True).indices
 
 
 def selection_seed(unit_seed: int, offset: int, step: int, layer: str, branch: str, purpose: str = "select") -> int:

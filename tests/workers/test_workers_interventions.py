@@ -166,3 +166,23 @@ def test_static_selection_and_key_order():
     stock, out, _ = _run(q, k, v, [m3, m3])
     ref = reference_attention(q, k, v, NUM_IMAGE, [m3, m3], [[[NUM_IMAGE]] * H] * B)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_rank_keys_orders_exactly_as_a_stable_sort(largest):
+    """rank_keys packs values and indices into one top-k; it must equal the stable sort it replaces,
+    ties (to the lower index), infinities and -0.0 included."""
+    from workers.identification import rank_keys
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(60):
+        n = int(torch.randint(1, 500, (1,), generator=g))
+        x = torch.randint(-3, 4, (3, n), generator=g).float() * 0.37 if trial % 2 else torch.randn(3, n, generator=g)
+        x[..., ::7] = float("inf")
+        x[..., ::11] = float("-inf")
+        x[..., ::13] = -0.0
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            v = x.to(dtype)
+            k = int(torch.randint(1, n + 1, (1,), generator=g))
+            ref = torch.sort(v, dim=-1, descending=largest, stable=True).indices[..., :k]
+            assert torch.equal(rank_keys(v, k, largest), ref), (trial, dtype)

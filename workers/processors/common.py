@@ -193,11 +193,17 @@ def apply_sinks(
             max_chunk_bytes=ctx.max_chunk_bytes,
             lse=rows_of(lse, idx),
         )
+        top_idx = top_mass = None
+        if need_extra and "mass" in rec.stats:  # the records' top keys, ranked once for all rows
+            top_idx = rank_keys(result.mass, min(rec.topk, result.mass.shape[-1]))
+            top_mass = torch.gather(result.mass, -1, top_idx)
         for i, pos in enumerate(idx):
             stats[(scope, pos)] = (
                 result.mass[i],
                 None if result.entropy is None else result.entropy[i],
                 None if result.top5 is None else result.top5[i],
+                None if top_idx is None else top_idx[i],
+                None if top_mass is None else top_mass[i],
             )
 
     # 2. selection and intervention, grouped by identical op so each group is one batched call
@@ -263,12 +269,8 @@ def apply_sinks(
 
     for pos in recorded:
         plan = ctx.elements[elements[pos]]
-        mass, entropy, top5 = stats.get((rec.mass_queries, pos), (None, None, None))
-        topk_idx = topk_mass = max_mass = None
-        if mass is not None and "mass" in rec.stats:
-            topk_idx = rank_keys(mass, min(rec.topk, mass.shape[-1]))
-            topk_mass = torch.gather(mass, -1, topk_idx)
-            max_mass = topk_mass[:, 0]
+        _, entropy, top5, topk_idx, topk_mass = stats.get((rec.mass_queries, pos), (None,) * 5)
+        max_mass = None if topk_mass is None else topk_mass[:, 0]
         ctx.records.append(
             CallRecord(
                 arm=plan.arm, branch=plan.branch, element=elements[pos], step=ctx.step, timestep=ctx.timestep, sigma=ctx.sigma,
