@@ -35,7 +35,8 @@ class Geometry:
         return self.image_tokens(height, width) + self.text_tokens()
 
 
-# Tiny random presets (built offline by workers.tiny) and the real models the paper uses.
+# Random-weight presets, built offline: the tiny ones (workers.tiny) for tests and demos, and real-scale ones
+# (workers.scale_presets) for cost measurement only: their images are noise. Then the real models the paper uses.
 PRESET_GEOMETRY: dict[str, Geometry] = {
     "tiny-sd3": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
     "tiny-sd3-deep": Geometry("sd3", num_layers=4, heads=4, default_resolution=64, random_weights=True),
@@ -46,7 +47,11 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     "tiny-flux": Geometry("flux", num_layers=4, heads=4, clip_tokens=0, t5_tokens=512, default_resolution=64, random_weights=True),
     # PixArt-Σ: integer layer i = transformer_blocks.{i}.attn2 (cross-attention to T5)
     "tiny-pixart": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=300, default_resolution=64, random_weights=True),
+    # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
+    "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True),
 }
+# presets whose cost is that of the real model (for estimates and docs); the others are tiny
+REAL_SCALE_PRESETS = frozenset({"sd3-medium-random"})
 
 HUB_GEOMETRY: dict[str, Geometry] = {
     "stabilityai/stable-diffusion-3-medium-diffusers": Geometry("sd3", num_layers=24, heads=24),

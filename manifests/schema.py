@@ -24,9 +24,12 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """Exactly one of preset (tiny random model), hub_id (Hugging Face cache) or path (local folder)."""
+    """Exactly one of preset (random-weight model), hub_id (Hugging Face cache) or path (local folder)."""
 
-    preset: str | None = Field(None, description=f"tiny random model built offline: {', '.join(PRESET_GEOMETRY)}")
+    preset: str | None = Field(
+        None, description=f"random-weight model built offline (tiny ones for tests; sd3-medium-random: real shapes, "
+        f"for cost measurement only): {', '.join(PRESET_GEOMETRY)}",
+    )
     hub_id: str | None = Field(None, description="Hugging Face repo id, resolved through the normal cache")
     path: str | None = Field(None, description="local diffusers folder")
     revision: str | None = None

@@ -1,5 +1,9 @@
-"""Load a diffusers pipeline for a ModelSpec (tiny preset, hub id through the normal HF cache, or local
-folder), move it to its device and dtype, and install the sink processors once.
+"""Load a diffusers pipeline for a ModelSpec (random-weight preset, hub id through the normal HF cache, or
+local folder), move it to its device and dtype, and install the sink processors once.
+
+Presets: the tiny ones (workers.tiny) are built on the CPU in fp32 and moved; the real-scale ones
+(workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
+in the target dtype.
 
 Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ), chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
@@ -177,40 +181,59 @@ _INSTALL = {
 _TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transformer
 
 
+def _build_preset(name: str, device: str, dtype: torch.dtype):
+    """(pipe on `device` in `dtype`, family) of a random-weight preset."""
+    from workers.scale_presets import SCALE_PRESETS, build_scale_pipeline, scale_family
+
+    if name in SCALE_PRESETS:  # billions of parameters: created where they will run, in their dtype
+        return build_scale_pipeline(name, device, dtype), scale_family(name)
+    from workers.tiny import build_tiny_pipeline, tiny_family
+
+    pipe = build_tiny_pipeline(name)  # fp32 on the CPU, a few MB
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe, tiny_family(name)
+
+
 def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline:
     """Load `model` onto `device` (default: model.device, else cuda if available, else cpu) in model.dtype."""
     device = device or model.device or default_device()
     dtype = DTYPES[model.dtype]
     if model.preset is not None:
-        from workers.tiny import build_tiny_pipeline, tiny_family
-
-        pipe = build_tiny_pipeline(model.preset)
-        family = tiny_family(model.preset)
+        pipe, family = _build_preset(model.preset, device, dtype)
         random_weights = True
     else:
         pipe, family = _from_pretrained(model, dtype)
         random_weights = False
-    pipe.to(device)
-    if random_weights and dtype != torch.float32:  # tiny presets are built in fp32; real weights load in `dtype`
-        pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    geometry = _measured_geometry(pipe, family, random_weights)
+        pipe.to(device)
     # the manifests table, when it knows the model (a tiny preset it lacks is checked against the build only)
     table = PRESET_GEOMETRY.get(model.preset) if model.preset is not None else model.geometry()
-    if table is not None and (table.num_layers, table.heads) != (geometry.num_layers, geometry.heads):
+    kind = "random weights" if random_weights else (model.hub_id or model.path) + (f"@{model.revision}" if model.revision else "")
+    return prepare_pipeline(pipe, family, random_weights=random_weights, device=str(device), dtype=dtype,
+                            label=model.label, kind=kind, expected=table)
+
+
+def prepare_pipeline(pipe, family: str, *, random_weights: bool, device: str, dtype: torch.dtype, label: str, kind: str,
+                     expected: Geometry | None = None) -> LoadedPipeline:
+    """Wrap a pipeline already on `device` in `dtype`: measure its geometry, check it against `expected` (the
+    manifests table), install the sink processors. Also what benchmarks use for models built by hand."""
+    pipe.set_progress_bar_config(disable=True)
+    geometry = _measured_geometry(pipe, family, random_weights)
+    if expected is not None and (expected.num_layers, expected.heads) != (geometry.num_layers, geometry.heads):
         raise ValueError(
-            f"{model.label}: the manifests geometry table says {table.num_layers} layers × {table.heads} heads, "
+            f"{label}: the manifests geometry table says {expected.num_layers} layers × {expected.heads} heads, "
             f"the loaded model has {geometry.num_layers} × {geometry.heads}: fix manifests/models.py"
         )
     session = SinkSession(pipe, timestep_scale=_TIMESTEP_SCALE.get(family, 1.0))
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     stock = dict(denoiser.attn_processors)
     layers = _INSTALL[family](denoiser, session)
-    kind = "random weights" if random_weights else (model.hub_id or model.path) + (f"@{model.revision}" if model.revision else "")
     t5 = ""
     if family == "sd3" and not random_weights:
         t5 = ", T5" if getattr(pipe, "text_encoder_3", None) is not None else ", no T5"
-    description = f"{model.label} ({kind}, {geometry.num_layers} layers × {geometry.heads} heads, {model.dtype}{t5})"
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    description = f"{label} ({kind}, {geometry.num_layers} layers × {geometry.heads} heads, {dtype_name}{t5})"
     return LoadedPipeline(
         pipe=pipe, family=family, random_weights=random_weights, geometry=geometry, description=description,
         device=str(device), dtype=dtype, session=session, attention_layers=[info.name for info in layers],
