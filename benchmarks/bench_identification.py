@@ -177,8 +177,6 @@ def main():
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=4))),
             ("triton mass+entropy+top5 [group-max refine, mode 5] (lse given)",
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=5))),
-            ("triton mass+entropy+top5 [tile-max refine, mode 6] (lse given)",
-             dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=6))),
         ]
         for name, kw in variants:
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw)
@@ -228,10 +226,10 @@ def main():
         import dataclasses
 
         cands = [tm.MassConfig()]
-        # mode 6: the column kernel's key tile is also the refinement's tile
-        for col in ((64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)):
-            for rbm, rw, rs in ((64, 4, 2), (32, 4, 2), (128, 8, 2), (64, 4, 1)):
-                cands.append(tm.MassConfig(*col, topk_mode=6, tile_refine_block_m=rbm, tile_refine_warps=rw, tile_refine_stages=rs))
+        for col in ((64, 64, 4, 3), (128, 64, 8, 3)):
+            for group in (8, 16):
+                for rbm, rw in ((32, 4), (32, 2), (16, 2)):
+                    cands.append(tm.MassConfig(*col, topk_mode=5, group=group, refine_block_m=rbm, refine_warps=rw))
         for cfg in cands:
             try:
                 st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=lse, config=cfg)

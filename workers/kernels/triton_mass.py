@@ -56,15 +56,11 @@ class MassConfig:
     row_warps: int = 4
     row_stages: int = 2
     # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
-    # 5: group maxima from the column kernel + _top5_refine_kernel;
-    # 6: per-tile row maxima from the column kernel + _top5_tile_refine_kernel (tiles of col_block_n keys)
-    topk_mode: int = 6
+    # 5: group maxima from the column kernel + _top5_refine_kernel
+    topk_mode: int = 5
     group: int = 16
     refine_block_m: int = 16
     refine_warps: int = 2
-    tile_refine_block_m: int = 64
-    tile_refine_warps: int = 4
-    tile_refine_stages: int = 2
 
 
 DEFAULT_CONFIG = MassConfig()
@@ -143,14 +139,10 @@ if triton is not None:
                 # per query, the largest logit of each group of GROUP keys (for the top-5 pass)
                 NGB: tl.constexpr = BLOCK_N // GROUP
                 sm = tl.where(nmask[None, :], s, float("-inf"))
-                if NGB == 1:
-                    # one group per tile (mode 6): a plain row reduction, no layout change
-                    tl.store(GMAX + pid_bh * n_kblocks * n_q + pid_n * n_q + offs_m, tl.max(sm, axis=1), mask=mmask)
-                else:
-                    g = tl.max(tl.reshape(sm, [BLOCK_M, NGB, GROUP]), axis=2)
-                    gcol = pid_n * NGB + tl.arange(0, NGB)
-                    tl.store(GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None], g,
-                             mask=mmask[:, None])
+                g = tl.max(tl.reshape(sm, [BLOCK_M, NGB, GROUP]), axis=2)
+                gcol = pid_n * NGB + tl.arange(0, NGB)
+                tl.store(GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None], g,
+                         mask=mmask[:, None])
         col = tl.sum(acc, axis=0) * inv_nq
         tl.store(MASS + pid_bh * Lk + offs_n, col, mask=nmask)
         if WANT_ENT:
@@ -369,74 +361,6 @@ if triton is not None:
         tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
 
     @triton.jit
-    def _top5_tile_refine_kernel(
-        Q, K, TMAX, LSE, TOP,
-        s_qb, s_qh, s_qm, s_qd,
-        s_kb, s_kh, s_kn, s_kd,
-        s_lb, s_lh, s_lm,
-        H, q_start, l_start, n_q, Lk, n_kblocks, n_qblocks, qk_scale2,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
-    ):
-        # Exact top-5 from per-tile row maxima (mode 6). TMAX[bh, t, i] is query i's largest logit in key
-        # tile t (the column kernel's tiling). tau_i = the 5th largest of its tile maxima is a lower bound
-        # of its 5th largest logit (5 distinct keys reach it), so every top-5 key has a logit >= tau_i and
-        # sits in a tile whose maximum is >= tau_i. This kernel recomputes, with the same tensor-core dot,
-        # only the tiles that some row of the block needs, and extracts the few logits >= tau_i into a
-        # running top-5 (ties counted). A small slack on tau absorbs any rounding difference between the
-        # two passes: extra candidates cost time, never exactness.
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mmask = offs_m < n_q
-        neg = float("-inf")
-        t0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-        t1 = t0
-        t2 = t0
-        t3 = t0
-        t4 = t0
-        tbase = TMAX + pid_bh * n_kblocks * n_q + offs_m
-        for t in range(n_kblocks):
-            v = tl.load(tbase + t * n_q, mask=mmask, other=neg)
-            t0, t1, t2, t3, t4 = _insert5(t0, t1, t2, t3, t4, v)
-        thr = t4 - (tl.abs(t4) * 1.0e-4 + 1.0e-6)  # -inf when a row has < 5 tiles: all keys are candidates
-        offs_d = tl.arange(0, HEAD_D)
-        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=mmask[:, None], other=0.0)
-        k_base = K + b * s_kb + h * s_kh
-        u0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-        u1 = u0
-        u2 = u0
-        u3 = u0
-        u4 = u0
-        for t in range(n_kblocks):
-            need = (tl.load(tbase + t * n_q, mask=mmask, other=neg) >= thr) & mmask
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-                nmask = offs_n < Lk
-                kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=nmask[None, :], other=0.0)
-                s = tl.dot(q, kt, input_precision=PREC)
-                keep = need[:, None] & nmask[None, :] & (s >= thr[:, None]) & (s > u4[:, None])
-                cand = tl.where(keep, s, neg)
-                tm = tl.max(cand, axis=1)
-                while tl.max((tm > neg).to(tl.int32), axis=0) > 0:
-                    hit = cand == tm[:, None]
-                    cnt = tl.sum(hit.to(tl.int32), axis=1)
-                    for r in tl.static_range(5):
-                        u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(cnt > r, tm, neg))
-                    # drop the extracted value and whatever can no longer enter the top-5
-                    cand = tl.where(hit | (cand <= u4[:, None]), neg, cand)
-                    tm = tl.max(cand, axis=1)
-        lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + offs_m) * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
-        tot = (
-            tl.math.exp2(u0 * qk_scale2 - lse2) + tl.math.exp2(u1 * qk_scale2 - lse2) + tl.math.exp2(u2 * qk_scale2 - lse2)
-            + tl.math.exp2(u3 * qk_scale2 - lse2) + tl.math.exp2(u4 * qk_scale2 - lse2)
-        )
-        tot = tl.where(mmask, tot, 0.0)
-        tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
-
-    @triton.jit
     def _removal_cf_kernel(
         Q, KS, VS, OUT, LSE, DEST, PSEL, COND,
         s_qb, s_qh, s_qm, s_qd,
@@ -564,6 +488,7 @@ def removal_closed_form(q, ksel, vsel, out, lse, a, b_, scale, dest, block_m: in
     )
     return psel, cond
 
+
 def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
     """Row kernel: top-5 partial sums [BH, n_qblocks] and, without ``lse``, the lse [BH, nq]."""
     B, H, _, D = q.shape
@@ -593,7 +518,7 @@ def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_en
     n_kb = triton.cdiv(Lk, cfg.col_block_n)
     mass = torch.empty(BH, Lk, dtype=torch.float32, device=dev)
     ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else mass
-    group = cfg.col_block_n if cfg.topk_mode == 6 else min(cfg.group, cfg.col_block_n)
+    group = min(cfg.group, cfg.col_block_n)
     gmax = torch.empty(BH, n_kb * (cfg.col_block_n // group), nq, dtype=torch.float32, device=dev) if want_gmax else mass
     sq, sk, sl = q.stride(), k.stride(), lse_strides
     _colmass_kernel[(n_kb, BH)](
@@ -625,28 +550,10 @@ def _launch_refine(q, k, gmax, lse, lse_strides, l_start, query_start, nq, scale
     return top
 
 
-def _launch_tile_refine(q, k, tmax, lse, lse_strides, l_start, query_start, nq, scale, cfg):
-    """Top-5 partial sums [BH, n_qblocks] from the per-tile row maxima of ``_launch_col`` (mode 6)."""
-    B, H, _, D = q.shape
-    BH, Lk = B * H, k.shape[2]
-    bm = cfg.tile_refine_block_m
-    n_qb = triton.cdiv(nq, bm)
-    top = torch.empty(BH, n_qb, dtype=torch.float32, device=q.device)
-    sq, sk, sl = q.stride(), k.stride(), lse_strides
-    _top5_tile_refine_kernel[(n_qb, BH)](
-        q, k, tmax, lse, top,
-        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
-        H, query_start, l_start, nq, Lk, tmax.shape[1], n_qb, float(scale) * LOG2E,
-        BLOCK_M=bm, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q),
-        num_warps=cfg.tile_refine_warps, num_stages=cfg.tile_refine_stages,
-    )
-    return top
-
-
 def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
     # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
     # not for fp32, which gets the exact static mode
-    if cfg.topk_mode >= 5:
+    if cfg.topk_mode == 5:
         return 4 if q.dtype != torch.float32 else 0  # the row kernel serves top5_concentration only
     if cfg.topk_mode >= 3 and q.dtype == torch.float32:
         return 0  # measured faster than the static exact mode 1 (H200, benchmarks/RESULTS.md)
@@ -686,15 +593,14 @@ def key_mass_stats_triton(
         sl, l_start = lse.stride(), query_start
 
     top = None
-    refine = want_top5 and cfg.topk_mode in (5, 6)
+    refine = want_top5 and cfg.topk_mode == 5
     if lse is None or (want_top5 and not refine):
         own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5 and not refine, cfg)
         if lse is None:
             lse, sl, l_start = own_lse, (H * nq, nq, 1), 0
     mass, ent, gmax = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=refine)
     if refine:
-        launch = _launch_tile_refine if cfg.topk_mode == 6 else _launch_refine
-        top = launch(q, k, gmax, lse, sl, l_start, query_start, nq, scale, cfg)
+        top = _launch_refine(q, k, gmax, lse, sl, l_start, query_start, nq, scale, cfg)
     return KeyMassStats(
         mass=mass.view(B, H, Lk),
         entropy=(ent.sum(dim=1) * (-LN2 / nq)).view(B, H) if want_entropy else None,
