@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.kernels import attention_with_lse, key_mass_stats, remove_keys  # noqa: E402
 
+# = workers.scale_presets.SD3_MEDIUM_TRANSFORMER (the sd3-medium-random preset), kept as a copy because
+# run_device.sh runs this script from a kernels-only copy of `workers`; a test checks the two are equal.
 SD3_MEDIUM = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,

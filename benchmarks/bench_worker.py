@@ -2,11 +2,12 @@
 
     python benchmarks/bench_worker.py [--json out.json] [--small --device cpu]
 
-Builds an SD3-medium-sized StableDiffusion3Pipeline in-process with random weights (transformer from the
-SD3-medium config, a full-size 16-channel AutoencoderKL with block_out_channels (128,256,512,512), tiny CLIP
-text encoders whose projections give the real 2048-d pooled vector, no T5: the pipeline pads 77 CLIP + 256
-zero T5 tokens = 333 text tokens, as the real model sees), wraps it in a `workers.loading.LoadedPipeline`
-with the sink processors installed exactly as `load_pipeline` does, and prints:
+Loads the `sd3-medium-random` preset through `workers.load_pipeline` (workers/scale_presets.py: SD3-medium's
+transformer, a full-size 16-channel AutoencoderKL, tiny CLIP text encoders whose projections give the real
+2048-d pooled vector, no T5: 77 CLIP + 256 zero T5 tokens = 333 text tokens, as the real model sees; random
+weights built on the device in its dtype), with the sink processors installed by load_pipeline itself.
+--small builds a narrow 24-layer variant through the same builder (workers.scale_presets.build_sd3_random and
+workers.loading.prepare_pipeline), for a CPU check of the script. Prints:
 
 (a) one transformer forward (1024², bf16, CFG batch 2), median of CUDA-event timings, and peak memory:
     stock diffusers processors; sinkscope processors, nothing active; paper config (record 6/12/18 with
@@ -35,54 +36,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sd3_step import SD3_MEDIUM, _finish, _project  # noqa: E402
+from bench_sd3_step import _finish, _project  # noqa: E402
+from workers.scale_presets import SD3_MEDIUM_TRANSFORMER, ScaleSD3Config  # noqa: E402
 
-SMALL = dict(
-    sample_size=16, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=8, num_attention_heads=2,
-    joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=16,
+# --small: 24 blocks (recording 6/12/18 and removal at 12 stay valid) of 2 heads × 8, a narrow VAE, 128²
+SMALL = ScaleSD3Config(
+    transformer=dict(SD3_MEDIUM_TRANSFORMER, sample_size=16, attention_head_dim=8, num_attention_heads=2,
+                     joint_attention_dim=64, caption_projection_dim=16, pos_embed_max_size=16),
+    vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4,
 )
 
 
 def build_loaded(device: str, dtype: torch.dtype, small: bool):
-    """An SD3-medium-sized pipeline (random weights) as a LoadedPipeline, processors installed as load_pipeline does."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
+    """sd3-medium-random through load_pipeline (or the --small variant wrapped the same way)."""
+    from manifests import ModelSpec
+    from workers import load_pipeline
+    from workers.loading import DTYPES, prepare_pipeline
+    from workers.scale_presets import build_sd3_random
 
-    from workers.loading import LoadedPipeline, _measured_geometry
-    from workers.processors import install_sd3_processors
-    from workers.session import SinkSession
-    from workers.tiny import _tiny_clip_config
-    from workers.tokenizer import load_clip_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        transformer = SD3Transformer2DModel(**(SMALL if small else SD3_MEDIUM))
-        clip = _tiny_clip_config()
-        clip.projection_dim = 1024  # CLIP-L ⊕ CLIP-G pooled = 2048, SD3's pooled_projection_dim
-        te1, te2 = CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16) if small else (128, 256, 512, 512),
-            layers_per_block=2, norm_num_groups=4 if small else 32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=te1, tokenizer=load_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=load_clip_tokenizer(pad_token="!"),
-        text_encoder_3=None, tokenizer_3=None,
-    )
-    for m in (transformer, te1, te2, vae):
-        m.eval()
-    pipe.to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    geometry = _measured_geometry(pipe, "sd3", True)
-    session = SinkSession(pipe)
-    stock = dict(transformer.attn_processors)
-    layers = install_sd3_processors(transformer, session)
-    return LoadedPipeline(
-        pipe=pipe, family="sd3", random_weights=True, geometry=geometry, description="sd3-medium-sized (random weights, bench)",
-        device=device, dtype=dtype, session=session, attention_layers=[i.name for i in layers], layers=layers, stock_processors=stock,
-    )
+    if small:
+        pipe = build_sd3_random(SMALL, device, dtype)
+        return prepare_pipeline(pipe, "sd3", random_weights=True, device=device, dtype=dtype,
+                                label="sd3-medium-random-small (bench)", kind="random weights")
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    return load_pipeline(ModelSpec(preset="sd3-medium-random", dtype=name), device=device)
 
 
 class PaperLoopProcessor:

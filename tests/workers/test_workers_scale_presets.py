@@ -46,6 +46,17 @@ def test_manifests_table_and_workers_agree_on_the_presets():
         assert PRESET_GEOMETRY[name].default_resolution == cfg["sample_size"] * 8
 
 
+def test_the_step_benchmark_measures_the_same_transformer():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sd3_step.py"
+    spec = importlib.util.spec_from_file_location("bench_sd3_step_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.SD3_MEDIUM == SD3_MEDIUM_TRANSFORMER
+
+
 def test_sd3_medium_random_has_sd3_medium_shapes_on_the_meta_device():
     modules = build_sd3_modules(SCALE_PRESETS["sd3-medium-random"], "meta", torch.bfloat16)
     transformer = modules["transformer"]
