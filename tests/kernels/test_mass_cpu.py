@@ -55,6 +55,24 @@ def test_stats_match_explicit_softmax(B, H, Lq, Lk, D, a, b, chunk):
         torch.testing.assert_close(st.top5, torch.ones(B, H), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3, 7])
+def test_top5_query_stride_is_the_exact_top5_of_the_subsample(stride):
+    """top5_query_stride=n: top-5 over queries a, a+n, ... exactly; mass and entropy stay over all queries."""
+    q, k, _ = sink_inputs(2, 3, 90, 120, 32, sink=4, strength=8.0, seed=stride)
+    scale, a, b = 32**-0.5, 5, 83
+    st = key_mass_stats(q, k, scale, a, b, top5_query_stride=stride)
+    mass, ent, _ = ref_stats(q, k, scale, a, b)
+    sub = q[:, :, a:b:stride]
+    _, _, top5_sub = ref_stats(sub, k, scale, 0, sub.shape[2])
+    assert rel(st.mass, mass) <= TOL and rel(st.entropy, ent) <= TOL
+    assert rel(st.top5, top5_sub) <= TOL
+    if stride > 1:  # a real subsample, not the full mean under another name
+        assert rel(st.top5, ref_stats(q, k, scale, a, b)[2]) > 1e-6
+    assert key_mass_stats(q, k, scale, a, b, want_top5=False, top5_query_stride=stride).top5 is None
+    with pytest.raises(ValueError, match="top5_query_stride"):
+        key_mass_stats(q, k, scale, a, b, top5_query_stride=0)
+
+
 def test_adversarial_sink_dominates_rows():
     q, k, _ = sink_inputs(2, 3, 120, 300, 64, sink=7, strength=12.0)
     scale = 64**-0.5
@@ -217,6 +235,13 @@ for (b_, h_, r_) in bad.nonzero().tolist():
     worst = max(worst, rel(got[b_, h_, 4 + r_], ex[b_, h_, 4 + r_]))
 untouched = ~bad
 worst = max(worst, float((got[:, :, 4:45][untouched] != out[:, :, 4:45][untouched]).any()))
+# top-5 over a strided query subsample (row kernel on a strided view), with and without the lse
+q, k, _ = sink_inputs(2, 2, 70, 45, 16, sink=3, strength=9.0, seed=11, dtype=torch.float16)
+lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 0.25, -1).float()
+cfg = tm.MassConfig(col_block_m=16, col_block_n=16, row_block_m=16, row_block_n=16, group=8, refine_block_m=16)
+for l_ in (None, lse):
+    got = tm.top5_concentration(q[:, :, 4:66:3], k, 0.25, 0, 21, None if l_ is None else l_[:, :, 4:66:3], config=cfg)
+    worst = max(worst, rel(got, ref_stats(q[:, :, 4:66:3], k, 0.25, 0, 21)[2]))
 print("WORST", worst)
 """
 

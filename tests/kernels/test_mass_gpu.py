@@ -168,3 +168,23 @@ def test_statistics_and_removal_never_sync_the_host():
     ref, _ = ref_attention(q, k, v, scale, removed=idx, a=0, b=600)
     assert rel(new[:, :, :600], ref[:, :, :600]) <= 1e-2
     assert (removed_mass(q, k, lse, idx, 0, 600, scale) >= 0.5).any(), "the guard path must have run"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_top5_query_stride_on_gpu(dtype):
+    """The strided top-5 (row kernel on a strided view) is the exact top-5 of the subsample, sync-free."""
+    q, k, v = sink_inputs(2, 3, 900, 950, 64, sink=11, strength=12.0, dtype=dtype, device=DEV)
+    scale = 64**-0.5
+    _, lse = attention_with_lse(q, k, v, scale)
+    for l_ in (lse, None):
+        key_mass_stats(q, k, scale, 10, 850, lse=l_, top5_query_stride=4)  # compile first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            st = key_mass_stats(q, k, scale, 10, 850, lse=l_, top5_query_stride=4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sub = q[:, :, 10:850:4]
+        assert rel(st.top5, ref_stats(sub, k, scale, 0, sub.shape[2])[2]) <= TOL[dtype]
+        mass, ent, _ = ref_stats(q, k, scale, 10, 850)
+        assert rel(st.mass, mass) <= TOL[dtype] and rel(st.entropy, ent) <= TOL[dtype]

@@ -114,3 +114,18 @@ def test_batch_layout_and_grouping(tiny_loaded):
     assert set(rows[1].sink_rows.column("branch").to_pylist()) == {"cond"}
     with pytest.raises(ValueError, match="duplicate arm names"):
         generate_group(tiny_loaded, PROMPT, 3, [ARMS[0], ARMS[0]], _gen(2), REC)
+
+
+def test_recording_top5_query_stride_changes_only_top5(tiny_loaded):
+    """recording.top5_query_stride reaches the statistics: top-5 comes from the query subsample, while the
+    mass, entropy, selections and pixels of the run stay those of the exact recording."""
+    arms = ARMS[:2]
+    exact = generate_group(tiny_loaded, PROMPT, 3, arms, _gen(1), REC)
+    strided = generate_group(tiny_loaded, PROMPT, 3, arms, _gen(1), REC.model_copy(update={"top5_query_stride": 3}))
+    for e, s in zip(exact, strided):
+        assert np.array_equal(_pixels(e.image), _pixels(s.image))
+        a, b = e.sink_rows.to_pandas(), s.sink_rows.to_pandas()
+        assert a["entropy"].tolist() == b["entropy"].tolist()
+        assert [list(x) for x in a["topk_mass"]] == [list(x) for x in b["topk_mass"]]
+        assert a["top5_conc"].notna().all() and b["top5_conc"].notna().all()
+        assert (a["top5_conc"] != b["top5_conc"]).any()  # 16 image queries -> 6 of them

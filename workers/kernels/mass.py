@@ -151,6 +151,7 @@ def key_mass_stats(
     want_top5: bool = True,
     max_chunk_bytes: int = 64 << 20,
     lse: torch.Tensor | None = None,
+    top5_query_stride: int = 1,
 ) -> KeyMassStats:
     """Incoming mass per key, and entropy / top-5 concentration, over queries [query_start, query_end).
 
@@ -158,24 +159,39 @@ def key_mass_stats(
     PyTorch path elsewhere (``SINKSCOPE_KERNEL`` forces one). ``lse`` [B,H,Lq] (natural log, from
     ``attention_with_lse`` on the same q, k) lets the Triton path skip its own log-sum-exp pass;
     the PyTorch path ignores it and normalises each row exactly. ``max_chunk_bytes`` bounds the
-    PyTorch path's temporaries.
+    PyTorch path's temporaries. ``top5_query_stride`` n > 1 computes the top-5 concentration over
+    queries query_start, query_start + n, ... only (exactly, for that subsample): top-5 is an order
+    statistic per query and costs 2-3x the mass + entropy pass, which a subsample divides by n.
     """
+    if top5_query_stride < 1:
+        raise ValueError(f"top5_query_stride must be >= 1, got {top5_query_stride}")
+    subsample = want_top5 and top5_query_stride > 1
     if kernel_choice(q) == "triton":
         from . import triton_mass
 
-        return triton_mass.key_mass_stats_triton(
-            q, k, scale, query_start, query_end, want_entropy=want_entropy, want_top5=want_top5, lse=lse
+        stats = triton_mass.key_mass_stats_triton(
+            q, k, scale, query_start, query_end, want_entropy=want_entropy, want_top5=want_top5 and not subsample, lse=lse
         )
-    return key_mass_stats_torch(
-        q,
-        k,
-        scale,
-        query_start,
-        query_end,
-        want_entropy=want_entropy,
-        want_top5=want_top5,
-        max_chunk_bytes=max_chunk_bytes,
-    )
+    else:
+        stats = key_mass_stats_torch(
+            q, k, scale, query_start, query_end,
+            want_entropy=want_entropy, want_top5=want_top5 and not subsample, max_chunk_bytes=max_chunk_bytes,
+        )
+    if subsample:
+        stats = stats._replace(top5=_top5_on_subsample(q, k, scale, query_start, query_end, top5_query_stride, lse, max_chunk_bytes))
+    return stats
+
+
+def _top5_on_subsample(q, k, scale, query_start, query_end, stride, lse, max_chunk_bytes) -> torch.Tensor:
+    """[B,H] top-5 concentration over every ``stride``-th query of the range (strided views, no copies)."""
+    q_sub = q[:, :, query_start:query_end:stride]
+    n_sub = q_sub.shape[2]
+    if kernel_choice(q) == "triton":
+        from . import triton_mass
+
+        lse_sub = None if lse is None else lse[:, :, query_start:query_end:stride]
+        return triton_mass.top5_concentration(q_sub, k, scale, 0, n_sub, lse_sub)
+    return key_mass_stats_torch(q_sub, k, scale, 0, n_sub, want_entropy=False, want_top5=True, max_chunk_bytes=max_chunk_bytes).top5
 
 
 # --------------------------------------------------------------------------------------

@@ -609,14 +609,16 @@ def key_mass_stats_triton(
 
 
 def top5_concentration(
-    q: torch.Tensor, k: torch.Tensor, scale: float, query_start: int, query_end: int, lse: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, scale: float, query_start: int, query_end: int, lse: torch.Tensor | None = None,
     config: MassConfig | None = None,
 ) -> torch.Tensor:
-    """[B,H] top-5 concentration alone (row kernel only), e.g. to run it on a side stream while the
-    mass, which an intervention needs at once, is computed on the main one."""
+    """[B,H] top-5 concentration alone (row kernel only): for a strided query subsample
+    (``mass.key_mass_stats(top5_query_stride=n)``) or a side stream. Without ``lse`` the kernel
+    computes its own in the same pass."""
     nq = _check_qk(q, k, query_start, query_end)
     B, H, Lq, _ = q.shape
-    if tuple(lse.shape) != (B, H, Lq):
+    if lse is not None and tuple(lse.shape) != (B, H, Lq):
         raise ValueError(f"lse must be [B,H,Lq]={B, H, Lq}; got {tuple(lse.shape)}")
-    _, top = _launch_row(q, k, lse.float(), query_start, nq, scale, True, config or DEFAULT_CONFIG)
+    lse = None if lse is None else lse.float()
+    _, top = _launch_row(q, k, lse, query_start, nq, scale, True, config or DEFAULT_CONFIG)
     return (top.sum(dim=1) / nq).view(B, H)

@@ -192,6 +192,7 @@ def apply_sinks(
             want_top5=need_extra and "top5" in rec.stats,
             max_chunk_bytes=ctx.max_chunk_bytes,
             lse=rows_of(lse, idx),
+            top5_query_stride=rec.top5_query_stride if need_extra else 1,
         )
         top_idx = top_mass = None
         if need_extra and "mass" in rec.stats:  # the records' top keys, ranked once for all rows
