@@ -188,3 +188,19 @@ def test_top5_query_stride_on_gpu(dtype):
         assert rel(st.top5, ref_stats(sub, k, scale, 0, sub.shape[2])[2]) <= TOL[dtype]
         mass, ent, _ = ref_stats(q, k, scale, 10, 850)
         assert rel(st.mass, mass) <= TOL[dtype] and rel(st.entropy, ent) <= TOL[dtype]
+
+
+def test_top5_group_maxima_are_chunked_over_queries():
+    """The group-maxima buffer grows with queries x keys; chunking the queries bounds it and changes nothing."""
+    q, k, v = sink_inputs(2, 4, 3000, 3100, 64, sink=9, strength=12.0, dtype=torch.bfloat16, device=DEV)
+    scale = 64**-0.5
+    _, lse = attention_with_lse(q, k, v, scale)
+    whole = tm.key_mass_stats_triton(q, k, scale, 0, 2900, lse=lse)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    chunked = tm.key_mass_stats_triton(q, k, scale, 0, 2900, lse=lse, max_chunk_bytes=4 << 20)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 12 << 20  # 4 MiB of group maxima + small buffers
+    for x, y in zip(whole, chunked):
+        assert rel(y, x) <= 1e-5

@@ -510,7 +510,7 @@ def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
     return (lse_out if lse is None else None), (top if want_top5 else None)
 
 
-def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=False):
+def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=False, inv_nq=None):
     """Column kernel: mass [BH, Lk] (already divided by nq), entropy partials [BH, n_kblocks] and,
     with ``want_gmax``, per-query group maxima [BH, n_groups, nq] for the top-5 refinement."""
     B, H, _, D = q.shape
@@ -524,7 +524,7 @@ def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_en
     _colmass_kernel[(n_kb, BH)](
         q, k, lse, mass, ent, gmax,
         sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
-        H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq,
+        H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq if inv_nq is None else inv_nq,
         WANT_ENT=want_entropy, WANT_GMAX=want_gmax, GROUP=group,
         BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q),
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
@@ -575,8 +575,10 @@ def key_mass_stats_triton(
     want_top5: bool = True,
     lse: torch.Tensor | None = None,
     config: MassConfig | None = None,
+    max_chunk_bytes: int = 64 << 20,
 ) -> KeyMassStats:
-    """Triton version of ``mass.key_mass_stats``; ``lse`` [B,H,Lq] (natural log) skips a pass."""
+    """Triton version of ``mass.key_mass_stats``; ``lse`` [B,H,Lq] (natural log) skips a pass.
+    ``max_chunk_bytes`` bounds the top-5 group-maxima buffer (the only one that grows with queries x keys)."""
     ok, why = supported(q)
     if not ok:
         raise RuntimeError(f"Triton sink statistics unavailable: {why}")
@@ -598,9 +600,26 @@ def key_mass_stats_triton(
         own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5 and not refine, cfg)
         if lse is None:
             lse, sl, l_start = own_lse, (H * nq, nq, 1), 0
-    mass, ent, gmax = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=refine)
-    if refine:
-        top = _launch_refine(q, k, gmax, lse, sl, l_start, query_start, nq, scale, cfg)
+    if not refine:
+        mass, ent, _ = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg)
+    else:
+        # The group maxima take B*H*(Lk/group)*queries fp32, which grows with tokens^2: the queries go
+        # through in chunks so that this buffer stays under max_chunk_bytes and extra memory stays linear.
+        groups = triton.cdiv(Lk, cfg.col_block_n) * (cfg.col_block_n // min(cfg.group, cfg.col_block_n))
+        per_query = B * H * groups * 4
+        chunk = max(cfg.col_block_m, (max_chunk_bytes // per_query) // cfg.col_block_m * cfg.col_block_m)
+        masses, ents, tops = [], [], []
+        for c0 in range(0, nq, chunk):
+            n_c = min(chunk, nq - c0)
+            m_c, e_c, gmax = _launch_col(q, k, lse, sl, l_start + c0, query_start + c0, n_c, scale, want_entropy, cfg,
+                                         want_gmax=True, inv_nq=1.0 / nq)
+            tops.append(_launch_refine(q, k, gmax, lse, sl, l_start + c0, query_start + c0, n_c, scale, cfg))
+            masses.append(m_c)
+            ents.append(e_c)
+            del gmax
+        mass = masses[0] if len(masses) == 1 else torch.stack(masses).sum(dim=0)
+        ent = None if not want_entropy else torch.cat(ents, dim=1)
+        top = torch.cat(tops, dim=1)
     return KeyMassStats(
         mass=mass.view(B, H, Lk),
         entropy=(ent.sum(dim=1) * (-LN2 / nq)).view(B, H) if want_entropy else None,
