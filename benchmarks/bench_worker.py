@@ -105,6 +105,66 @@ def peak(device):
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
+def step_inputs(loaded, res, device, dtype):
+    """One CFG batch (2) of transformer inputs at `res`² with 333 text tokens, as the pipeline feeds them."""
+    pipe, cfg = loaded.pipe, loaded.pipe.transformer.config
+    pipe.scheduler.set_timesteps(20)
+    side = res // 8
+    g = torch.Generator("cpu").manual_seed(1)
+    return dict(
+        hidden_states=torch.randn(2, 16, side, side, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(2, 333, cfg.joint_attention_dim, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+        timestep=pipe.scheduler.timesteps[:1].expand(2).to(device),
+    )
+
+
+def ctx(iv=None, layers=(6, 12, 18), stats=("mass", "entropy", "top5"), stride=1):
+    """A factory of fresh RunContexts: one arm (uncond + cond) with intervention `iv`, recording `layers`."""
+    from manifests import RecordingSpec
+    from workers.session import ElementPlan, RunContext
+
+    def make():
+        rec = RecordingSpec(layers=list(layers), stats=list(stats), top5_query_stride=stride) if layers else None
+        return RunContext([ElementPlan("a", "uncond", iv, 1), ElementPlan("a", "cond", iv, 1)], rec)
+    return make
+
+
+def memory_by_resolution(loaded, device, dtype, resolutions):
+    """Peak memory of one transformer step per resolution: stock, paper config, all 24 layers with all stats."""
+    from manifests.interventions import PRESETS
+
+    tr, session = loaded.pipe.transformer, loaded.session
+    ours = dict(tr.attn_processors)
+    n = tr.config.num_layers
+    variants = [("stock", None), ("paper config", ctx(PRESETS["fixed.m1"])), ("all 24, all stats", ctx(layers=range(n)))]
+    rows = []
+    for res in resolutions:
+        inputs = step_inputs(loaded, res, device, dtype)
+        for name, factory in variants:
+            tr.set_attn_processor(dict(loaded.stock_processors) if factory is None else dict(ours))
+            with torch.inference_mode():
+                for it in range(3):
+                    if it == 1:
+                        peak_reset(device)
+                        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+                    session.context = factory() if factory is not None else None
+                    tr(**inputs)
+                    sync(device)
+                    session.context = None
+            gib = peak(device)
+            rows.append(dict(res=res, tokens=(res // 16) ** 2 + 333, variant=name, peak_gib=gib,
+                             step_extra_gib=gib - base / 2**30 if device == "cuda" else float("nan")))
+        del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    tr.set_attn_processor(ours)
+    for r in rows:
+        stock = next(x for x in rows if x["res"] == r["res"] and x["variant"] == "stock")
+        r["extra_mib_vs_stock"] = (r["peak_gib"] - stock["peak_gib"]) * 1024
+    return rows
+
+
 def step_table(loaded, device, dtype, iters, res, diag=False):
     from manifests import RecordingSpec
     from manifests.interventions import PRESETS
@@ -112,32 +172,20 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
     from workers.session import ElementPlan, RunContext
 
     pipe, tr, session = loaded.pipe, loaded.pipe.transformer, loaded.session
-    pipe.scheduler.set_timesteps(20)
-    side = res // 8
-    g = torch.Generator("cpu").manual_seed(1)
-    cfg = tr.config
-    inputs = dict(
-        hidden_states=torch.randn(2, 16, side, side, generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn(2, 333, cfg.joint_attention_dim, generator=g).to(device, dtype),
-        pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
-        timestep=pipe.scheduler.timesteps[:1].expand(2).to(device),
-    )
+    inputs = step_inputs(loaded, res, device, dtype)
     ours = dict(tr.attn_processors)
-    n = cfg.num_layers
-
-    def ctx(iv=None, layers=(6, 12, 18), stats=("mass", "entropy", "top5")):
-        def make():
-            return RunContext([ElementPlan("a", "uncond", iv, 1), ElementPlan("a", "cond", iv, 1)],
-                              RecordingSpec(layers=list(layers), stats=list(stats)) if layers else None)
-        return make
-
+    n = tr.config.num_layers
     m1 = PRESETS["fixed.m1"]
     variants = [
         ("stock diffusers processors", None, None),
         ("sinkscope processors, nothing active", lambda: None, None),
         ("paper config: record 6/12/18 (mass,entropy,top5) + fixed.m1@12", ctx(m1), None),
         ("paper config without top5", ctx(m1, stats=("mass", "entropy")), None),
+        ("paper config, top5 over every 4th image query", ctx(m1, stride=4), None),
+        ("paper config, top5 over every 8th image query", ctx(m1, stride=8), None),
         ("all 24 layers, all stats", ctx(layers=range(n)), None),
+        ("all 24 layers, all stats, top5 over every 8th query", ctx(layers=range(n), stride=8), None),
+        ("all 24 layers, all stats, top5 over every 16th query", ctx(layers=range(n), stride=16), None),
         ("all 24 layers, mass+entropy", ctx(layers=range(n), stats=("mass", "entropy")), None),
         ("paper config, stock-lse reuse off (SINKSCOPE_STOCK_LSE=0)", ctx(m1), "0"),
         ("record 6/12/18 only (no intervention)", ctx(), None),
@@ -172,7 +220,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
         finally:
             session.context = None
             os.environ.pop("SINKSCOPE_STOCK_LSE", None)
-        outs[name] = out.float()
+        outs[name] = out.float().cpu()  # off the GPU: kept outputs must not count in the next variant's peak
         rows.append((name, statistics.median(times), peak(device)))
     tr.set_attn_processor(dict(ours))
     if diag and device == "cuda":
@@ -284,6 +332,7 @@ def main():
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--which", default="a1,a3,paper", help="group variants: a1, a3, paper")
     ap.add_argument("--barrier", help="DIR:N:RANK: wait for N processes before each timed variant (multi-GPU scaling)")
+    ap.add_argument("--memory-res", default="", help="e.g. 512,768,1024,1280: peak memory of one step per resolution")
     ap.add_argument("--diag", action="store_true", help="host-sync sites and a kernel profile of one paper-config step")
     args = ap.parse_args()
     device = args.device
@@ -304,6 +353,13 @@ def main():
     print(f"{'variant':66s} {'ms':>8s} {'x stock':>8s} {'peak GiB':>9s} {'+MiB':>7s} {'max|d out|':>10s}")
     for r in steps:
         print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}", flush=True)
+    memory = []
+    if args.memory_res:
+        memory = memory_by_resolution(loaded, device, dtype, [int(x) for x in args.memory_res.split(",")])
+        print("\n(m) peak memory of one transformer step (CFG batch 2) per resolution; extra = peak - stock peak")
+        print(f"{'res':>6s} {'tokens':>7s} {'variant':22s} {'peak GiB':>9s} {'step GiB':>9s} {'extra MiB':>10s}")
+        for r in memory:
+            print(f"{r['res']:6d} {r['tokens']:7d} {r['variant']:22s} {r['peak_gib']:9.3f} {r['step_extra_gib']:9.3f} {r['extra_mib_vs_stock']:10.1f}", flush=True)
     groups = []
     if not args.skip_groups:
         groups = group_table(loaded, device, args.groups, args.steps, res, args.which.split(","), args.barrier)
@@ -313,7 +369,7 @@ def main():
             print(f"{r['variant']:58s} {r['s_per_group']:8.2f} {r['images_per_gpu_hour']:10.0f} {r['x_paper_loop']:8.2f} {r['peak_gib']:9.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(info=info, steps=steps, groups=groups), f, indent=1)
+            json.dump(dict(info=info, steps=steps, memory=memory, groups=groups), f, indent=1)
 
 
 if __name__ == "__main__":
