@@ -44,9 +44,10 @@ def _pipeline_for(model) -> object:
     key = model.model_dump_json()
     if key not in _PIPELINES:
         _PIPELINES.clear()  # never hold two models at once
+        started = time.perf_counter()
         _PIPELINES[key] = workers.load_pipeline(model)
         loaded = _PIPELINES[key]
-        log.info("loaded %s on %s (%s)", loaded.description, loaded.device, loaded.dtype)
+        log.info("loaded %s on %s (%s) in %.1f s", loaded.description, loaded.device, loaded.dtype, time.perf_counter() - started)
     return _PIPELINES[key]
 
 
@@ -148,7 +149,9 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
 
 
 def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, started: float) -> dict:
-    import workers  # heavy (torch, diffusers): imported only where a shard really runs
+    import torch  # heavy, as workers: imported only where a shard really runs
+
+    import workers
 
     sweep, _ = read_sweep_file(run.sweep_path)
     units = run.units_of_shard(shard_id)
@@ -161,7 +164,9 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         groups.setdefault(row["group_index"], []).append(row)
     scratch = run.scratch_dir(shard_id)
     scratch.mkdir(parents=True, exist_ok=True)
-    log.info("shard %s: %d groups, %d units", shard_id, len(groups), len(rows))
+    # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
+    log.info("shard %s: %d groups, %d units (pid %d, %d torch threads)", shard_id, len(groups), len(rows), os.getpid(),
+             torch.get_num_threads())
     finished = 0
     for group_index in sorted(groups):
         group = groups[group_index]
@@ -176,6 +181,7 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         if loaded is None:
             loaded = _pipeline_for(sweep.model)
         arm_specs = [arms_by_name[row["arm"]] for row in group]
+        group_started = time.perf_counter()
         results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording)
         unit_rows, sink_tables = [], []
         for row, result in zip(group, results):
@@ -213,7 +219,8 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         # the units file is written last: it is what marks the group finished
         atomic_write_bytes(scratch / f"units-g{group_index:05d}.parquet", _parquet_bytes(pa.Table.from_pylist(unit_rows, schema=UNITS_SCHEMA)))
         finished += 1
-        log.info("group %d (prompt %d, seed %d) finished", group_index, first["prompt_id"], first["seed_index"])
+        log.info("group %d (prompt %d, seed %d) finished in %.3f s", group_index, first["prompt_id"], first["seed_index"],
+                 time.perf_counter() - group_started)
         if progress:
             progress(finished, len(groups))
         faults.maybe_kill_after_groups(finished)

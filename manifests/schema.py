@@ -137,6 +137,12 @@ class ShardingSpec(_Strict):
 class LocalExecutorConfig(_Strict):
     kind: Literal["local"] = "local"
     workers: int | None = Field(None, ge=1, description="parallel workers; default one per visible GPU, else 1")
+    threads_per_worker: int | None = Field(
+        None, ge=0,
+        description="CPU threads of each worker (torch intra-op, OpenMP, MKL), so workers on one host do not contend. "
+        "Default: this machine's CPUs split evenly among the workers when there are several, torch's own default "
+        "with one; 0: torch's own default always (every worker sizes its pools for the whole host)",
+    )
 
 
 class SlurmExecutorConfig(_Strict):

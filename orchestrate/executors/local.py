@@ -3,6 +3,10 @@
 It blocks until every shard has run, with a progress bar over (prompt, seed) groups and an ETA. One
 worker runs in this process; several run as spawned processes, each pinned to one GPU through
 CUDA_VISIBLE_DEVICES and pulling shards from a shared queue, so a slow shard never idles the others.
+
+Each worker's CPU thread pools are limited (executor.threads_per_worker; default: this machine's CPUs split
+evenly among the workers), because every torch process otherwise sizes its pools for the whole host and
+several workers on one host then contend for the same cores (suspected in a 1.58× instead of 2× two-GPU run).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from jobs.rundir import RunDir
 from jobs.tasks import GENERATE, ShardJob
 from orchestrate.executors.base import Executor
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read when the OpenMP / MKL pools start, i.e. at torch import
+
 
 def visible_gpus() -> list[str]:
     """GPU ids this process may use, without importing torch (orchestrate never touches model code)."""
@@ -35,6 +41,25 @@ def visible_gpus() -> list[str]:
     return []
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container or taskset may allow fewer than the host has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(setting: int | None, workers: int) -> int | None:
+    """CPU threads each of `workers` workers gets from executor.threads_per_worker, or None: torch's own default."""
+    if setting == 0:
+        return None
+    if setting is not None:
+        return setting
+    if workers <= 1:
+        return None
+    return max(1, host_cpus() // workers)
+
+
 def _groups_per_shard(run: RunDir) -> dict[int, int]:
     table = run.manifest_table().select(["shard_id", "group_index"]).to_pandas()
     return table.drop_duplicates().groupby("shard_id").size().to_dict()
@@ -47,10 +72,18 @@ def _progress_bar() -> Progress:
     )
 
 
-def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp.Queue", job: ShardJob = GENERATE) -> None:
+def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp.Queue", job: ShardJob = GENERATE,
+                 threads: int | None = None) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    from jobs import run_shard  # after pinning the GPU: torch reads the variable at import
+    if threads is not None:
+        os.environ.update({name: str(threads) for name in THREAD_ENV})
+    from jobs import run_shard  # after pinning the GPU and the pools: torch reads the variables at import
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # torch's intra-op pool, whatever was imported before
 
     while True:
         try:
@@ -83,6 +116,7 @@ class LocalExecutor(Executor):
         workers = min(workers, max(len(shard_ids), 1))
         if not shard_ids:
             return []
+        threads = resolve_threads(self.config.threads_per_worker, workers)
         if job.kind == "generate":
             groups = _groups_per_shard(run)
             total = sum(groups.get(s, 0) for s in shard_ids)
@@ -92,14 +126,28 @@ class LocalExecutor(Executor):
         with _progress_bar() as bar:
             task = bar.add_task(run.root.name, total=total, unit="groups" if job.kind == "generate" else "shards scored")
             if workers == 1:
-                self._run_in_process(run, shard_ids, bar, task, failed, job)
+                self._run_in_process(run, shard_ids, bar, task, failed, job, threads)
             else:
-                self._run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job)
+                self._run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job, threads)
         return [{"executor": "local", "event": "finished", "shards": list(shard_ids), "workers": workers, "gpus": gpus,
-                 "failed": sorted(failed), **job.record()}]
+                 "threads_per_worker": threads, "failed": sorted(failed), **job.record()}]
+
+    @classmethod
+    def _run_in_process(cls, run, shard_ids, bar, task, failed, job: ShardJob, threads: int | None) -> None:
+        if threads is None:
+            cls._run_shards_here(run, shard_ids, bar, task, failed, job)
+            return
+        import torch  # this process runs the shards: limit its pool for as long as they run
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            cls._run_shards_here(run, shard_ids, bar, task, failed, job)
+        finally:
+            torch.set_num_threads(before)
 
     @staticmethod
-    def _run_in_process(run, shard_ids, bar, task, failed, job: ShardJob) -> None:
+    def _run_shards_here(run, shard_ids, bar, task, failed, job: ShardJob) -> None:
         from jobs import run_shard
 
         for shard_id in shard_ids:
@@ -120,13 +168,13 @@ class LocalExecutor(Executor):
                 bar.console.print(f"[red]shard {shard_id} failed[/red]: {failed[shard_id]} (see `orchestrate logs`)")
 
     @staticmethod
-    def _run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job: ShardJob) -> None:
+    def _run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job: ShardJob, threads: int | None) -> None:
         ctx = mp.get_context("spawn")
         shards, events = ctx.Queue(), ctx.Queue()
         for shard_id in shard_ids:
             shards.put(shard_id)
         procs = [
-            ctx.Process(target=_worker_loop, args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, events, job))
+            ctx.Process(target=_worker_loop, args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, events, job, threads))
             for i in range(workers)
         ]
         for proc in procs:
