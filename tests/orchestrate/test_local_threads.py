@@ -39,7 +39,8 @@ def _torch_default_threads() -> int:
 def _submit(tmp_path: Path, executor: dict) -> tuple[RunDir, dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     sweep = tiny_sweep(tmp_path, prompts=4, per_shard=1, executor=executor)
-    run_cli("submit", str(sweep))
+    # each one-group shard lingers a second, so the second worker, started with the first, always gets shards
+    run_cli("submit", str(sweep), env={"SINKSCOPE_FAULT_INJECT": "sleep_after_groups:1:1"})
     (root,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     run = RunDir(root)
     assert run.done_shards() == {0, 1, 2, 3}
