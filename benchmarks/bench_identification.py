@@ -177,8 +177,6 @@ def main():
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=4))),
             ("triton mass+entropy+top5 [group-max refine, mode 5] (lse given)",
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=5))),
-            ("triton mass+entropy+top5 [group max+2nd, flagged refine, mode 7] (lse given)",
-             dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=7))),
         ]
         for name, kw in variants:
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw)
@@ -227,12 +225,11 @@ def main():
     if args.sweep and use_triton:
         import dataclasses
 
-        cands = [tm.MassConfig(), tm.MassConfig(topk_mode=5)]
-        # mode 7: col_block_n is unused (4 groups of `group` keys per program)
-        for col in ((64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)):
-            for group in (16, 32):
-                for rbm, rw in ((16, 2), (32, 4), (64, 4)):
-                    cands.append(tm.MassConfig(*col, topk_mode=7, group=group, refine_block_m=rbm, refine_warps=rw))
+        cands = [tm.MassConfig()]
+        for col in ((64, 64, 4, 3), (128, 64, 8, 3)):
+            for group in (8, 16):
+                for rbm, rw in ((32, 4), (32, 2), (16, 2)):
+                    cands.append(tm.MassConfig(*col, topk_mode=5, group=group, refine_block_m=rbm, refine_warps=rw))
         for cfg in cands:
             try:
                 st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=lse, config=cfg)

@@ -76,7 +76,7 @@ def test_triton_stats_match_reference(dtype, with_lse, B, H, Lq, Lk, D, a, b):
     assert rel(st3.top5, top5) <= tol
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_adversarial_sink_and_ties(dtype, mode):
     q, k, v = sink_inputs(2, 3, 1000, 1000, 64, sink=17, strength=16.0, dtype=dtype, device=DEV)
@@ -199,7 +199,7 @@ def test_top5_group_maxima_are_chunked_over_queries():
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    chunked = tm.key_mass_stats_triton(q, k, scale, 0, 2900, lse=lse, max_chunk_bytes=4 << 20)
+    chunked = tm.key_mass_stats_triton(q, k, scale, 0, 2900, lse=lse, max_group_bytes=4 << 20)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 12 << 20  # 4 MiB of group maxima + small buffers
     for x, y in zip(whole, chunked):

@@ -170,8 +170,7 @@ def key_mass_stats(
         from . import triton_mass
 
         stats = triton_mass.key_mass_stats_triton(
-            q, k, scale, query_start, query_end, want_entropy=want_entropy, want_top5=want_top5 and not subsample, lse=lse,
-            max_chunk_bytes=max_chunk_bytes,
+            q, k, scale, query_start, query_end, want_entropy=want_entropy, want_top5=want_top5 and not subsample, lse=lse
         )
     else:
         stats = key_mass_stats_torch(

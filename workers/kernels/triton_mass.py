@@ -56,10 +56,8 @@ class MassConfig:
     row_warps: int = 4
     row_stages: int = 2
     # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
-    # 5: group maxima from the column kernel + _top5_refine_kernel;
-    # 7: group maxima and second maxima (_colmass_groups_kernel, groups of `group` >= 16 keys) +
-    #    _top5_flagged_refine_kernel, which recomputes only groups that can hide a top-5 value (default)
-    topk_mode: int = 7
+    # 5: group maxima from the column kernel + _top5_refine_kernel
+    topk_mode: int = 5
     group: int = 16
     refine_block_m: int = 16
     refine_warps: int = 2
@@ -363,153 +361,6 @@ if triton is not None:
         tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
 
     @triton.jit
-    def _group_pass(q, kt, kmask, lse2, acc, acc_e, G_ptr, S_ptr, mmask, qk_scale2,
-                    WANT_ENT: tl.constexpr, PREC: tl.constexpr):
-        # one [BLOCK_M, GROUP] sub-tile of _colmass_groups_kernel: probabilities into the column sums, and per
-        # query the group's largest logit and its second largest (equal to the largest when it is tied)
-        s = tl.dot(q, kt, input_precision=PREC)
-        d = s * qk_scale2 - lse2[:, None]
-        p = tl.math.exp2(d)
-        acc += p
-        if WANT_ENT:
-            acc_e += tl.where(kmask[None, :], p * d, 0.0)
-        sm = tl.where(kmask[None, :], s, float("-inf"))
-        g = tl.max(sm, axis=1)
-        hit = sm == g[:, None]
-        second = tl.max(tl.where(hit, float("-inf"), sm), axis=1)
-        second = tl.where(tl.sum(hit.to(tl.int32), axis=1) > 1, g, second)
-        tl.store(G_ptr, g, mask=mmask)
-        tl.store(S_ptr, second, mask=mmask)
-        return acc, acc_e
-
-    @triton.jit
-    def _colmass_groups_kernel(
-        Q, K, LSE, MASS, ENT, GMAX, GSEC,
-        s_qb, s_qh, s_qm, s_qd,
-        s_kb, s_kh, s_kn, s_kd,
-        s_lb, s_lh, s_lm,
-        H, q_start, l_start, n_q, Lk, n_kblocks, n_groups,
-        qk_scale2, inv_nq,
-        WANT_ENT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
-    ):
-        # _colmass_kernel for mode 7: the program's 4*GROUP keys are four separate [BLOCK_M, GROUP] dots, so each
-        # group's maximum (and second maximum) per query is a plain row reduction, with no reshape of the tile
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_d = tl.arange(0, HEAD_D)
-        c0 = pid_n * 4 * GROUP + tl.arange(0, GROUP)
-        c1 = c0 + GROUP
-        c2 = c1 + GROUP
-        c3 = c2 + GROUP
-        k_base = K + b * s_kb + h * s_kh
-        kt0 = tl.load(k_base + c0[None, :] * s_kn + offs_d[:, None] * s_kd, mask=(c0 < Lk)[None, :], other=0.0)
-        kt1 = tl.load(k_base + c1[None, :] * s_kn + offs_d[:, None] * s_kd, mask=(c1 < Lk)[None, :], other=0.0)
-        kt2 = tl.load(k_base + c2[None, :] * s_kn + offs_d[:, None] * s_kd, mask=(c2 < Lk)[None, :], other=0.0)
-        kt3 = tl.load(k_base + c3[None, :] * s_kn + offs_d[:, None] * s_kd, mask=(c3 < Lk)[None, :], other=0.0)
-        q_base = Q + b * s_qb + h * s_qh + q_start * s_qm
-        l_base = LSE + b * s_lb + h * s_lh + l_start * s_lm
-        a0 = tl.zeros([BLOCK_M, GROUP], dtype=tl.float32)
-        a1 = a0
-        a2 = a0
-        a3 = a0
-        e0 = a0
-        e1 = a0
-        e2 = a0
-        e3 = a0
-        g_base = GMAX + pid_bh * n_groups * n_q + (pid_n * 4) * n_q
-        s_base = GSEC + pid_bh * n_groups * n_q + (pid_n * 4) * n_q
-        for start_m in range(0, n_q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mmask = offs_m < n_q
-            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=mmask[:, None], other=0.0)
-            lse2 = tl.load(l_base + offs_m * s_lm, mask=mmask, other=1.0e30) * 1.4426950408889634
-            a0, e0 = _group_pass(q, kt0, c0 < Lk, lse2, a0, e0, g_base + offs_m, s_base + offs_m, mmask, qk_scale2, WANT_ENT, PREC)
-            # a group wholly past the last key stores -inf maxima, which the refinement never picks
-            a1, e1 = _group_pass(q, kt1, c1 < Lk, lse2, a1, e1, g_base + n_q + offs_m, s_base + n_q + offs_m, mmask,
-                                 qk_scale2, WANT_ENT, PREC)
-            a2, e2 = _group_pass(q, kt2, c2 < Lk, lse2, a2, e2, g_base + 2 * n_q + offs_m, s_base + 2 * n_q + offs_m, mmask,
-                                 qk_scale2, WANT_ENT, PREC)
-            a3, e3 = _group_pass(q, kt3, c3 < Lk, lse2, a3, e3, g_base + 3 * n_q + offs_m, s_base + 3 * n_q + offs_m, mmask,
-                                 qk_scale2, WANT_ENT, PREC)
-        m_base = MASS + pid_bh * Lk
-        tl.store(m_base + c0, tl.sum(a0, axis=0) * inv_nq, mask=c0 < Lk)
-        tl.store(m_base + c1, tl.sum(a1, axis=0) * inv_nq, mask=c1 < Lk)
-        tl.store(m_base + c2, tl.sum(a2, axis=0) * inv_nq, mask=c2 < Lk)
-        tl.store(m_base + c3, tl.sum(a3, axis=0) * inv_nq, mask=c3 < Lk)
-        if WANT_ENT:
-            e = tl.sum(tl.sum(e0, axis=1) + tl.sum(e1, axis=1) + tl.sum(e2, axis=1) + tl.sum(e3, axis=1), axis=0)
-            tl.store(ENT + pid_bh * n_kblocks + pid_n, e)
-
-    @triton.jit
-    def _top5_flagged_refine_kernel(
-        Q, K, GMAX, GSEC, LSE, TOP,
-        s_qb, s_qh, s_qm, s_qd,
-        s_kb, s_kh, s_kn, s_kd,
-        s_lb, s_lh, s_lm,
-        H, q_start, l_start, n_q, Lk, n_groups, n_qblocks, qk_scale2,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
-    ):
-        # Exact top-5 from group maxima and second maxima (mode 7). Let t4 be a row's 5th largest group maximum.
-        # Every key outside its 5 best groups is <= t4, and so is every non-maximal key of a best group whose
-        # second maximum is <= t4: the 5 group maxima already are the top-5 (ties at t4 leave the sum alone).
-        # Only a best group whose second maximum exceeds t4 can hide a top-5 value; just those groups have
-        # their GROUP logits recomputed (masked loads: rows without such a group fetch nothing).
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mmask = offs_m < n_q
-        neg = float("-inf")
-        t0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-        t1 = t0
-        t2 = t0
-        t3 = t0
-        t4 = t0
-        i0 = tl.full([BLOCK_M], -1, dtype=tl.int32)
-        i1 = i0
-        i2 = i0
-        i3 = i0
-        i4 = i0
-        gbase = GMAX + pid_bh * n_groups * n_q + offs_m
-        for g in range(n_groups):
-            v = tl.load(gbase + g * n_q, mask=mmask, other=neg)
-            t0, t1, t2, t3, t4, i0, i1, i2, i3, i4 = _insert5_idx(t0, t1, t2, t3, t4, i0, i1, i2, i3, i4, v, g)
-        u0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-        u1 = u0
-        u2 = u0
-        u3 = u0
-        u4 = u0
-        offs_d = tl.arange(0, HEAD_D)
-        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m)[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=mmask[:, None], other=0.0).to(tl.float32)
-        k_base = K + b * s_kb + h * s_kh
-        sbase = GSEC + pid_bh * n_groups * n_q + offs_m
-        for r in range(5):
-            gi = tl.where(r == 0, i0, tl.where(r == 1, i1, tl.where(r == 2, i2, tl.where(r == 3, i3, i4))))
-            gv = tl.where(r == 0, t0, tl.where(r == 1, t1, tl.where(r == 2, t2, tl.where(r == 3, t3, t4))))
-            valid = (gi >= 0) & mmask
-            sec = tl.load(sbase + gi * n_q, mask=valid, other=neg)
-            flag = valid & (sec > t4)
-            u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(valid & ~flag, gv * qk_scale2, neg))
-            if tl.max(flag.to(tl.int32), axis=0) > 0:
-                for j in range(GROUP):
-                    key = gi * GROUP + j
-                    ok = flag & (key < Lk)
-                    kr = tl.load(k_base + key[:, None] * s_kn + offs_d[None, :] * s_kd, mask=ok[:, None], other=0.0)
-                    sj = tl.sum(q * kr.to(tl.float32), axis=1) * qk_scale2
-                    u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(ok, sj, neg))
-        lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + offs_m) * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
-        tot = (
-            tl.math.exp2(u0 - lse2) + tl.math.exp2(u1 - lse2) + tl.math.exp2(u2 - lse2)
-            + tl.math.exp2(u3 - lse2) + tl.math.exp2(u4 - lse2)
-        )
-        tot = tl.where(mmask, tot, 0.0)
-        tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
-
-    @triton.jit
     def _removal_cf_kernel(
         Q, KS, VS, OUT, LSE, DEST, PSEL, COND,
         s_qb, s_qh, s_qm, s_qd,
@@ -699,51 +550,10 @@ def _launch_refine(q, k, gmax, lse, lse_strides, l_start, query_start, nq, scale
     return top
 
 
-def _launch_groups(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg, inv_nq):
-    """Mode 7, first pass: mass [BH, Lk] (times ``inv_nq``), entropy partials [BH, n_kblocks], and per query the
-    maximum and second maximum of each group of ``cfg.group`` keys, [BH, n_groups, nq] each."""
-    B, H, _, D = q.shape
-    BH, Lk, dev = B * H, k.shape[2], q.device
-    group = cfg.group
-    n_kb = triton.cdiv(Lk, 4 * group)
-    n_groups = 4 * n_kb
-    mass = torch.empty(BH, Lk, dtype=torch.float32, device=dev)
-    ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else mass
-    gmax = torch.empty(BH, n_groups, nq, dtype=torch.float32, device=dev)
-    gsec = torch.empty(BH, n_groups, nq, dtype=torch.float32, device=dev)
-    sq, sk, sl = q.stride(), k.stride(), lse_strides
-    _colmass_groups_kernel[(n_kb, BH)](
-        q, k, lse, mass, ent, gmax, gsec,
-        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
-        H, query_start, l_start, nq, Lk, n_kb, n_groups, float(scale) * LOG2E, inv_nq,
-        WANT_ENT=want_entropy, GROUP=group, BLOCK_M=cfg.col_block_m, HEAD_D=D, PREC=_prec(q),
-        num_warps=cfg.col_warps, num_stages=cfg.col_stages,
-    )
-    return mass, (ent if want_entropy else None), gmax, gsec
-
-
-def _launch_flagged_refine(q, k, gmax, gsec, lse, lse_strides, l_start, query_start, nq, scale, cfg):
-    """Mode 7, second pass: top-5 partial sums [BH, n_qblocks]."""
-    B, H, _, D = q.shape
-    BH, Lk = B * H, k.shape[2]
-    bm = cfg.refine_block_m
-    n_qb = triton.cdiv(nq, bm)
-    top = torch.empty(BH, n_qb, dtype=torch.float32, device=q.device)
-    sq, sk, sl = q.stride(), k.stride(), lse_strides
-    _top5_flagged_refine_kernel[(n_qb, BH)](
-        q, k, gmax, gsec, lse, top,
-        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
-        H, query_start, l_start, nq, Lk, gmax.shape[1], n_qb, float(scale) * LOG2E,
-        GROUP=cfg.group, BLOCK_M=bm, HEAD_D=D,
-        num_warps=cfg.refine_warps, num_stages=1,
-    )
-    return top
-
-
 def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
     # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
     # not for fp32, which gets the exact static mode
-    if cfg.topk_mode >= 5:
+    if cfg.topk_mode == 5:
         return 4 if q.dtype != torch.float32 else 0  # the row kernel serves top5_concentration only
     if cfg.topk_mode >= 3 and q.dtype == torch.float32:
         return 0  # measured faster than the static exact mode 1 (H200, benchmarks/RESULTS.md)
@@ -765,10 +575,11 @@ def key_mass_stats_triton(
     want_top5: bool = True,
     lse: torch.Tensor | None = None,
     config: MassConfig | None = None,
-    max_chunk_bytes: int = 64 << 20,
+    max_group_bytes: int = 256 << 20,
 ) -> KeyMassStats:
     """Triton version of ``mass.key_mass_stats``; ``lse`` [B,H,Lq] (natural log) skips a pass.
-    ``max_chunk_bytes`` bounds the top-5 group-maxima buffer (the only one that grows with queries x keys)."""
+    ``max_group_bytes`` bounds the top-5 group-maxima buffer, the only one that grows with queries x keys
+    (218 MB at SD3-medium 1024²: one chunk; every chunk more cost ~0.08 ms on an H200)."""
     ok, why = supported(q)
     if not ok:
         raise RuntimeError(f"Triton sink statistics unavailable: {why}")
@@ -785,7 +596,7 @@ def key_mass_stats_triton(
         sl, l_start = lse.stride(), query_start
 
     top = None
-    refine = want_top5 and cfg.topk_mode in (5, 7)
+    refine = want_top5 and cfg.topk_mode == 5
     if lse is None or (want_top5 and not refine):
         own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5 and not refine, cfg)
         if lse is None:
@@ -794,24 +605,16 @@ def key_mass_stats_triton(
         mass, ent, _ = _launch_col(q, k, lse, sl, l_start, query_start, nq, scale, want_entropy, cfg)
     else:
         # The group maxima take B*H*(Lk/group)*queries fp32, which grows with tokens^2: the queries go
-        # through in chunks so that this buffer stays under max_chunk_bytes and extra memory stays linear.
-        if cfg.topk_mode == 7:
-            groups, buffers = triton.cdiv(Lk, 4 * cfg.group) * 4, 2  # maxima and second maxima
-        else:
-            groups, buffers = triton.cdiv(Lk, cfg.col_block_n) * (cfg.col_block_n // min(cfg.group, cfg.col_block_n)), 1
-        per_query = B * H * groups * 4 * buffers
-        chunk = max(cfg.col_block_m, (max_chunk_bytes // per_query) // cfg.col_block_m * cfg.col_block_m)
+        # through in chunks so that this buffer stays under max_group_bytes and extra memory stays linear.
+        groups = triton.cdiv(Lk, cfg.col_block_n) * (cfg.col_block_n // min(cfg.group, cfg.col_block_n))
+        per_query = B * H * groups * 4
+        chunk = max(cfg.col_block_m, (max_group_bytes // per_query) // cfg.col_block_m * cfg.col_block_m)
         masses, ents, tops = [], [], []
         for c0 in range(0, nq, chunk):
             n_c = min(chunk, nq - c0)
             at = (sl, l_start + c0, query_start + c0, n_c, scale)
-            if cfg.topk_mode == 7:
-                m_c, e_c, gmax, gsec = _launch_groups(q, k, lse, *at, want_entropy, cfg, 1.0 / nq)
-                tops.append(_launch_flagged_refine(q, k, gmax, gsec, lse, *at, cfg))
-                del gsec
-            else:
-                m_c, e_c, gmax = _launch_col(q, k, lse, *at, want_entropy, cfg, want_gmax=True, inv_nq=1.0 / nq)
-                tops.append(_launch_refine(q, k, gmax, lse, *at, cfg))
+            m_c, e_c, gmax = _launch_col(q, k, lse, *at, want_entropy, cfg, want_gmax=True, inv_nq=1.0 / nq)
+            tops.append(_launch_refine(q, k, gmax, lse, *at, cfg))
             masses.append(m_c)
             ents.append(e_c)
             del gmax
