@@ -287,19 +287,25 @@ def main() -> None:
                                capture_output=True, text=True)
         info["nvidia_smi"] = query.stdout.strip().splitlines()
     print(json.dumps(info), flush=True)
-    warmups = {}
+    header = (f"local executor scaling: {args.preset} {args.dtype}, {args.size}², {args.steps} steps, "
+              f"{args.groups_per_worker} groups of {ARMS_PER_GROUP} per worker, {args.prompts_per_shard} groups per shard")
+    warmups, results = {}, {}
+
+    def write() -> str:  # after every run, so a run cut short by a time limit still leaves what it measured
+        rows = ratios(results)
+        text = table(results, rows)
+        (args.out / "scaling.txt").write_text(f"{json.dumps(info)}\n{header}\n{text}\n")
+        (args.out / "scaling.json").write_text(json.dumps({"info": info, "warmups": warmups, "runs": results, "ratios": rows},
+                                                          indent=1, default=str))
+        return text
+
     if not args.no_warmup:
         for a in sorted({CONFIGS[c][0] for c in configs}):
             warmups[f"warmup-a{a}"] = run_submit(f"warmup-a{a}", a, 1, None, 1, args, work, gpus)
-    results = {name: run_config(name, args, work, gpus) for name in configs}
-    rows = ratios(results)
-    text = table(results, rows)
-    header = (f"local executor scaling: {args.preset} {args.dtype}, {args.size}², {args.steps} steps, "
-              f"{args.groups_per_worker} groups of {ARMS_PER_GROUP} per worker, {args.prompts_per_shard} groups per shard")
+    for name in configs:
+        results[name] = run_config(name, args, work, gpus)
+        text = write()
     print(f"\n{header}\n{text}", flush=True)
-    (args.out / "scaling.txt").write_text(f"{json.dumps(info)}\n{header}\n{text}\n")
-    (args.out / "scaling.json").write_text(json.dumps({"info": info, "warmups": warmups, "runs": results, "ratios": rows},
-                                                      indent=1, default=str))
     if any(r.get("failed") for r in results.values()):
         sys.exit(1)
 
