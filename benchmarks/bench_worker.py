@@ -191,7 +191,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
         ("record 6/12/18 only (no intervention)", ctx(), None),
         ("fixed.m1@12 only (no recording)", ctx(m1, layers=()), None),
     ]
-    rows, outs = [], {}
+    rows, outs, tables = [], {}, {}
     for name, factory, env in variants:
         tr.set_attn_processor(dict(loaded.stock_processors) if factory is None else dict(ours))
         if env is not None:
@@ -213,7 +213,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
                     sync(device)
                     dt = a.elapsed_time(b) if device == "cuda" else (time.perf_counter() - t0) * 1e3
                     if session.context is not None:
-                        records_to_table(session.context.records)  # the host copy a run does once at its end
+                        tables[name] = records_to_table(session.context.records)  # the host copy a run does at its end
                     session.context = None
                     if it >= 2:
                         times.append(dt)
@@ -248,8 +248,19 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
     table = []
     for name, ms, gib in rows:
         diff = (outs[name] - base_out).abs().max().item()
-        table.append(dict(variant=name, ms=ms, x_stock=ms / rows[0][1], peak_gib=gib, extra_mib=(gib - rows[0][2]) * 1024, max_abs_diff=diff))
+        table.append(dict(variant=name, ms=ms, x_stock=ms / rows[0][1], peak_gib=gib, extra_mib=(gib - rows[0][2]) * 1024, max_abs_diff=diff,
+                          top5_rel_err=_top5_error(tables, name)))
     return table
+
+
+def _top5_error(tables, name):
+    """For a strided-top-5 variant: mean and max |top5 - exact top5| / exact top5 over its (layer, head, branch) rows."""
+    if "every" not in name:
+        return None
+    exact = "paper config: record 6/12/18 (mass,entropy,top5) + fixed.m1@12" if name.startswith("paper") else "all 24 layers, all stats"
+    a, b = tables[name].to_pandas(), tables[exact].to_pandas()
+    rel = ((a["top5_conc"] - b["top5_conc"]).abs() / b["top5_conc"]).to_numpy()
+    return dict(mean=float(rel.mean()), max=float(rel.max()))
 
 
 def group_table(loaded, device, groups, steps, res, which=("a1", "a3", "paper"), barrier=None):
@@ -352,7 +363,8 @@ def main():
     print(f"\n(a) transformer step, {res}², {dtype}, CFG batch 2 (median of {args.iters}); stock-lse bitwise verdicts: {list(_LSE_BITWISE.values())}")
     print(f"{'variant':66s} {'ms':>8s} {'x stock':>8s} {'peak GiB':>9s} {'+MiB':>7s} {'max|d out|':>10s}")
     for r in steps:
-        print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}", flush=True)
+        err = "" if not r["top5_rel_err"] else f"  top5 vs exact: mean {r['top5_rel_err']['mean']:.1e}, max {r['top5_rel_err']['max']:.1e}"
+        print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}{err}", flush=True)
     memory = []
     if args.memory_res:
         memory = memory_by_resolution(loaded, device, dtype, [int(x) for x in args.memory_res.split(",")])
