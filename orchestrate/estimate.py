@@ -8,6 +8,7 @@ share at 1024²); the tiny random models run on a CPU at about 30 ms per step.
 from __future__ import annotations
 
 from manifests import Sweep
+from manifests.models import REAL_SCALE_PRESETS
 
 H100_SD3_STEP_S = 0.0545  # 4096 image + 333 text tokens, batch 2
 H100_VAE_1024_S = 0.091
@@ -19,7 +20,7 @@ def seconds_per_image(sweep: Sweep) -> tuple[float, str]:
     geometry = sweep.model.geometry()
     height, width = sweep.resolution()
     steps = sweep.generation.steps
-    if geometry is not None and geometry.random_weights:
+    if geometry is not None and geometry.random_weights and sweep.model.preset not in REAL_SCALE_PRESETS:
         return steps * CPU_TINY_STEP_S + 0.05, "CPU (tiny random model)"
     tokens = geometry.total_tokens(height, width) if geometry else REFERENCE_TOKENS
     layers = geometry.num_layers if geometry else 24
