@@ -97,6 +97,15 @@ if triton is not None:
         return n0, n1, n2, n3, n4
 
     @triton.jit
+    def _top5_block_sum(t0, t1, t2, t3, t4, lse2, mmask):
+        # sum over the block's rows of their top-5 probabilities (logits and lse2 in log2 units)
+        tot = (
+            tl.math.exp2(t0 - lse2) + tl.math.exp2(t1 - lse2) + tl.math.exp2(t2 - lse2)
+            + tl.math.exp2(t3 - lse2) + tl.math.exp2(t4 - lse2)
+        )
+        return tl.sum(tl.where(mmask, tot, 0.0), axis=0)
+
+    @triton.jit
     def _colmass_kernel(
         Q, K, LSE, MASS, ENT, GMAX,
         s_qb, s_qh, s_qm, s_qd,
@@ -272,12 +281,7 @@ if triton is not None:
             lse2 = m_i + tl.math.log2(l_i)
             tl.store(LSE_OUT + pid_bh * n_q + offs_m, lse2 * 0.6931471805599453, mask=mmask)
         if WANT_TOP5:
-            tot = (
-                tl.math.exp2(t0 - lse2) + tl.math.exp2(t1 - lse2) + tl.math.exp2(t2 - lse2)
-                + tl.math.exp2(t3 - lse2) + tl.math.exp2(t4 - lse2)
-            )
-            tot = tl.where(mmask, tot, 0.0)
-            tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
+            tl.store(TOP + pid_bh * n_qblocks + pid_m, _top5_block_sum(t0, t1, t2, t3, t4, lse2, mmask))
 
 
     @triton.jit
@@ -353,12 +357,7 @@ if triton is not None:
                 sj = tl.sum(q * kr.to(tl.float32), axis=1) * qk_scale2
                 u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(ok, sj, neg))
         lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + offs_m) * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
-        tot = (
-            tl.math.exp2(u0 - lse2) + tl.math.exp2(u1 - lse2) + tl.math.exp2(u2 - lse2)
-            + tl.math.exp2(u3 - lse2) + tl.math.exp2(u4 - lse2)
-        )
-        tot = tl.where(mmask, tot, 0.0)
-        tl.store(TOP + pid_bh * n_qblocks + pid_m, tl.sum(tot, axis=0))
+        tl.store(TOP + pid_bh * n_qblocks + pid_m, _top5_block_sum(u0, u1, u2, u3, u4, lse2, mmask))
 
     @triton.jit
     def _removal_cf_kernel(
