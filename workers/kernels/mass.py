@@ -166,7 +166,8 @@ def key_mass_stats(
     if top5_query_stride < 1:
         raise ValueError(f"top5_query_stride must be >= 1, got {top5_query_stride}")
     subsample = want_top5 and top5_query_stride > 1
-    if kernel_choice(q) == "triton":
+    backend = kernel_choice(q)
+    if backend == "triton":
         from . import triton_mass
 
         stats = triton_mass.key_mass_stats_triton(
@@ -178,15 +179,16 @@ def key_mass_stats(
             want_entropy=want_entropy, want_top5=want_top5 and not subsample, max_chunk_bytes=max_chunk_bytes,
         )
     if subsample:
-        stats = stats._replace(top5=_top5_on_subsample(q, k, scale, query_start, query_end, top5_query_stride, lse, max_chunk_bytes))
+        top5 = _top5_on_subsample(backend, q, k, scale, query_start, query_end, top5_query_stride, lse, max_chunk_bytes)
+        stats = stats._replace(top5=top5)
     return stats
 
 
-def _top5_on_subsample(q, k, scale, query_start, query_end, stride, lse, max_chunk_bytes) -> torch.Tensor:
+def _top5_on_subsample(backend, q, k, scale, query_start, query_end, stride, lse, max_chunk_bytes) -> torch.Tensor:
     """[B,H] top-5 concentration over every ``stride``-th query of the range (strided views, no copies)."""
     q_sub = q[:, :, query_start:query_end:stride]
     n_sub = q_sub.shape[2]
-    if kernel_choice(q) == "triton":
+    if backend == "triton":
         from . import triton_mass
 
         lse_sub = None if lse is None else lse[:, :, query_start:query_end:stride]
