@@ -166,10 +166,8 @@ def memory_by_resolution(loaded, device, dtype, resolutions):
 
 
 def step_table(loaded, device, dtype, iters, res, diag=False):
-    from manifests import RecordingSpec
     from manifests.interventions import PRESETS
     from workers.recorder import records_to_table
-    from workers.session import ElementPlan, RunContext
 
     pipe, tr, session = loaded.pipe, loaded.pipe.transformer, loaded.session
     inputs = step_inputs(loaded, res, device, dtype)
