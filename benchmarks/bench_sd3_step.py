@@ -130,30 +130,38 @@ class LseOnlyProcessor:
         return _finish(attn, out, hidden_states, encoder_hidden_states)
 
 
+def paper_style_attention(attn, hidden_states, encoder_hidden_states, pick=None):
+    """The released code's approach: fp32 logits and softmax of every query materialised, fp32 stats of the image
+    rows, and the keys ``pick(mass, num_keys)`` returns ([B,H,n] indices, or nothing) removed from the image rows
+    by a -1e4 logit bias and a second fp32 softmax. Returns the processor output and (mass, entropy, top5)."""
+    q, k, v = _project(attn, hidden_states, encoder_hidden_states)
+    n_img = hidden_states.shape[1]
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+    a = torch.softmax(logits, dim=-1)
+    img = a[:, :, :n_img]
+    mass = img.mean(dim=2)
+    ent = -(img * torch.log(img + 1e-10)).sum(-1).mean(-1)
+    top5 = img.topk(5, dim=-1).values.sum(-1).mean(-1)
+    idx = pick(mass, k.shape[2]) if pick is not None else None
+    if idx is not None:
+        mask = torch.zeros_like(mass).scatter_(-1, idx, 1.0)
+        logits[:, :, :n_img] -= 1e4 * mask[:, :, None, :]
+        a = torch.softmax(logits, dim=-1)
+    out = torch.matmul(a.to(v.dtype), v)
+    return _finish(attn, out, hidden_states, encoder_hidden_states), (mass, ent, top5)
+
+
 class PaperStyleProcessor:
-    """The released code's approach: fp32 logits and softmax of every query materialised, fp32 stats,
-    top-k removal by a -1e4 logit bias and a second fp32 softmax of the image rows."""
+    """`paper_style_attention` with the top `remove_top` keys per head removed (none for 0)."""
 
     def __init__(self, log: list, layer: int, remove_top: int = 0):
         self.log, self.layer, self.remove_top = log, layer, remove_top
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
-        n_img = hidden_states.shape[1]
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-        a = torch.softmax(logits, dim=-1)
-        img = a[:, :, :n_img]
-        mass = img.mean(dim=2)
-        ent = -(img * torch.log(img + 1e-10)).sum(-1).mean(-1)
-        top5 = img.topk(5, dim=-1).values.sum(-1).mean(-1)
-        if self.remove_top:
-            idx = mass.topk(self.remove_top, dim=-1).indices
-            mask = torch.zeros_like(mass).scatter_(-1, idx, 1.0)
-            logits[:, :, :n_img] -= 1e4 * mask[:, :, None, :]
-            a = torch.softmax(logits, dim=-1)
-        out = torch.matmul(a.to(v.dtype), v)
-        self.log.append((self.layer, (mass, ent, top5)))
-        return _finish(attn, out, hidden_states, encoder_hidden_states)
+        pick = (lambda mass, _: mass.topk(self.remove_top, dim=-1).indices) if self.remove_top else None
+        out, stats = paper_style_attention(attn, hidden_states, encoder_hidden_states, pick)
+        self.log.append((self.layer, stats))
+        return out
 
 
 def build(cfg, device, dtype):

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sd3_step import _finish, _project  # noqa: E402
+from bench_sd3_step import paper_style_attention  # noqa: E402
 from workers.scale_presets import SD3_MEDIUM_TRANSFORMER, ScaleSD3Config  # noqa: E402
 
 # --small: 24 blocks (recording 6/12/18 and removal at 12 stay valid) of 2 heads × 8, a narrow VAE, 128²
@@ -63,31 +63,22 @@ def build_loaded(device: str, dtype: torch.dtype, small: bool):
 
 
 class PaperLoopProcessor:
-    """Paper-style: fp32 logits + softmax of the whole joint sequence; stats of the image rows; mask at one layer."""
+    """Paper-style (`bench_sd3_step.paper_style_attention`): stats of the image rows; mask the top-1 key ("top")
+    or a random key ("random") per head at this layer, or none ("none")."""
 
     def __init__(self, log: list, layer: int, mode: str, seed: int):
         self.log, self.layer, self.mode, self.gen = log, layer, mode, torch.Generator("cpu").manual_seed(seed)
 
+    def _pick(self, mass, num_keys):
+        if self.mode == "top":
+            return mass.topk(1, dim=-1).indices
+        return torch.randint(0, num_keys, mass.shape[:2] + (1,), generator=self.gen).to(mass.device)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
-        n_img = hidden_states.shape[1]
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-        a = torch.softmax(logits, dim=-1)
-        img = a[:, :, :n_img]
-        mass = img.mean(dim=2)
-        ent = -(img * torch.log(img + 1e-10)).sum(-1).mean(-1)
-        top5 = img.topk(5, dim=-1).values.sum(-1).mean(-1)
-        if self.mode != "none":
-            if self.mode == "top":
-                idx = mass.topk(1, dim=-1).indices
-            else:
-                idx = torch.randint(0, k.shape[2], mass.shape[:2] + (1,), generator=self.gen).to(mass.device)
-            mask = torch.zeros_like(mass).scatter_(-1, idx, 1.0)
-            logits[:, :, :n_img] -= 1e4 * mask[:, :, None, :]
-            a = torch.softmax(logits, dim=-1)
-        out = torch.matmul(a.to(v.dtype), v)
+        pick = None if self.mode == "none" else self._pick
+        out, (mass, ent, top5) = paper_style_attention(attn, hidden_states, encoder_hidden_states, pick)
         self.log.append((self.layer, mass, ent, top5))
-        return _finish(attn, out, hidden_states, encoder_hidden_states)
+        return out
 
 
 def sync(device):
