@@ -20,6 +20,19 @@ def _images(n, size=48):
 PROMPTS = ["a red cube", "two dogs on grass", "a photo of a cat", "an orange", "a blue car"]
 
 
+def _register_tiny_arch(folder, name: str) -> None:
+    """Make open_clip know the tiny random architecture under `name`, as a real one is known by its name."""
+    import json
+
+    import open_clip
+
+    from analysis.metrics._openclip import TINY_CLIP_CFG
+
+    cfg_file = folder / f"{name}.json"
+    cfg_file.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(cfg_file)
+
+
 @pytest.fixture(scope="module")
 def random_clip():
     return ClipTMetric(random_weights=True, device="cpu", batch_size=2).load()
@@ -40,16 +53,8 @@ def test_clip_t_is_raw_cosine_of_normalised_embeddings(random_clip):
 
 
 def test_clip_t_local_checkpoint_round_trip(random_clip, tmp_path):
-    import json
-
-    import open_clip
-
-    from analysis.metrics._openclip import TINY_CLIP_CFG
-
     # register the tiny architecture under a name, save the random weights as a "real" checkpoint
-    cfg_file = tmp_path / "sinkscope-test-tiny.json"
-    cfg_file.write_text(json.dumps(TINY_CLIP_CFG))
-    open_clip.add_model_config(cfg_file)
+    _register_tiny_arch(tmp_path, "sinkscope-test-tiny")
     target = tmp_path / "weights" / "clip_t" / "sinkscope-test-tiny-openai.pt"
     target.parent.mkdir(parents=True)
     torch.save(random_clip.model.state_dict(), target)
@@ -100,15 +105,7 @@ def test_hps_checkpoint_names_and_versions(tmp_path):
 
 
 def test_hps_loads_state_dict_checkpoint_format(random_clip, tmp_path):
-    import json
-
-    import open_clip
-
-    from analysis.metrics._openclip import TINY_CLIP_CFG
-
-    cfg_file = tmp_path / "sinkscope-test-tiny-h.json"
-    cfg_file.write_text(json.dumps(TINY_CLIP_CFG))
-    open_clip.add_model_config(cfg_file)
+    _register_tiny_arch(tmp_path, "sinkscope-test-tiny-h")
     # HPS releases store {"state_dict": ...}; and the file sits in the documented layout
     target = tmp_path / "weights" / "hpsv2" / "HPS_v2.1_compressed.pt"
     target.parent.mkdir(parents=True)
