@@ -155,7 +155,7 @@ class SinkSteps:
 
     def sql(self, query: str) -> pd.DataFrame:
         """Run SQL over the view ``sink_steps``; returns a DataFrame (make it small with GROUP BY / LIMIT)."""
-        return self.connection.execute(query).df()
+        return self.connection.sql(query).df()
 
     # ---- reading selected rows -----------------------------------------------------------------------
     def arrow(self, columns: list[str] | None = None, *, arm: str | None = None) -> pa.Table:
@@ -177,7 +177,7 @@ class SinkSteps:
 
     def __len__(self) -> int:
         if self.engine == "duckdb":
-            return int(self.connection.execute("SELECT count(*) FROM sink_steps").fetchone()[0])
+            return int(self.connection.sql("SELECT count(*) FROM sink_steps").fetchall()[0][0])
         return sum(_count(d) for d in self.datasets)
 
     # ---- the common questions -----------------------------------------------------------------------
