@@ -116,7 +116,7 @@ def _write_shards(args: tuple) -> int:
     by_shard: dict[int, list[dict]] = {}
     for row in manifest:
         by_shard.setdefault(row["shard_id"], []).append(row)
-    image = Image.new("RGB", (8, 8), (120, 30, 200))
+    image = Image.new("RGB", (64, 64), (120, 30, 200))  # the sweep's size: metric jobs can score it
     templates = [record_template(steps, layers, heads, i) for i in range(4)]
     for shard in shard_ids:
         rows = sorted(by_shard[shard], key=lambda r: ARMS.index(r["arm"]))
@@ -229,10 +229,14 @@ def main() -> None:
     timed("run creation (create_run, new directory)", lambda: create_run(args.workdir / "bench.yaml", str(create_root)), results)
 
     timed("status summary (in process)", lambda: run_status.summarise(run, run_status.shard_statuses(run)), results, repeat=3)
+    timed("dry resume: states + rerunnable (in process)", lambda: run_status.rerunnable(run_status.shard_statuses(run)), results,
+          repeat=3)
     timed("status --all per-shard table (in process)", lambda: run_status.shard_statuses(run, per_shard=True), results, repeat=3)
+    results["cli_startup_s"] = round(min(cli("--help") for _ in range(3)), 3)  # interpreter + imports, no work
     results["cli_status_s"] = round(min(cli("status", str(run.root)) for _ in range(3)), 3)
     results["cli_status_all_s"] = round(min(cli("status", str(run.root), "--all", "--json") for _ in range(2)), 3)
     results["cli_resume_dry_s"] = round(min(cli("resume", str(run.root), "--dry-run") for _ in range(3)), 3)
+    print(f"orchestrate --help (fresh process: startup only)  {results['cli_startup_s']:8.3f} s")
     print(f"orchestrate status (fresh process)                {results['cli_status_s']:8.3f} s")
     print(f"orchestrate status --all --json (fresh process)   {results['cli_status_all_s']:8.3f} s")
     print(f"orchestrate resume --dry-run (fresh process)      {results['cli_resume_dry_s']:8.3f} s")

@@ -51,14 +51,6 @@ def _pipeline_for(model) -> object:
     return _PIPELINES[key]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -78,7 +70,7 @@ def _scratch_group_ok(scratch: Path, group_index: int, run: RunDir) -> bool:
         return False
     for rel, digest in zip(units.column("image_path").to_pylist(), units.column("image_sha256").to_pylist()):
         image = run.root / rel
-        if not image.is_file() or sha256_file(image) != digest:
+        if not image.is_file() or rf.sha256_file(image) != digest:
             return False
     return True
 
@@ -266,12 +258,12 @@ def verify_done_shard(run: RunDir, shard_id: int, covered: dict[str, dict[int, s
         if not path.is_file():
             if covered is None or (covered.get(name) or {}).get(shard_id) != part["sha256"]:
                 problems.append(f"{part['path']} is missing")
-        elif path.stat().st_size != part["bytes"] or sha256_file(path) != part["sha256"]:
+        elif path.stat().st_size != part["bytes"] or rf.sha256_file(path) != part["sha256"]:
             problems.append(f"{part['path']} does not match its checksum (truncated or altered)")
     for rel, digest in marker.get("images", {}).items():
         path = run.root / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
-        elif sha256_file(path) != digest:
+        elif rf.sha256_file(path) != digest:
             problems.append(f"{rel} does not match its checksum")
     return problems

@@ -22,6 +22,7 @@ A job is done iff its done marker exists; the marker is written last.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -262,6 +263,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    """The checksum markers and the compaction record carry for every file they vouch for."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -51,5 +51,6 @@ class ShardJob:
 GENERATE = ShardJob()
 
 
-def is_generation_record(record: dict) -> bool:
-    return record.get("task", "generate") == "generate"
+def record_task(record: dict) -> str:
+    """The task (jobs.runformat.TASKS) of a submission record; records before metric jobs existed are generation."""
+    return record.get("task", "generate")

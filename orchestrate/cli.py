@@ -195,12 +195,12 @@ def _cluster_executors(run: RunDir) -> list:
     return [make_executor(TypeAdapter(ExecutorConfig).validate_python(c)) for c in configs.values()]
 
 
-def _scheduler_states(run: RunDir) -> dict[int, str]:
-    """Ask every cluster executor this run has used (from state/submissions.jsonl)."""
+def _scheduler_states(run: RunDir, task: str = "generate") -> dict[int, str]:
+    """Ask every cluster executor this run has used (from state/submissions.jsonl) about its jobs of `task`."""
     states: dict[int, str] = {}
     for executor in _cluster_executors(run):
         try:
-            states.update(executor.scheduler_states(run))
+            states.update(executor.scheduler_states(run, task))
             for note in getattr(executor, "notes", []):
                 console.print(f"[yellow]{executor.kind}: {note}[/yellow]")
         except Exception as error:  # noqa: BLE001 — status must still show the markers
@@ -370,9 +370,10 @@ def status(
     watch: Optional[float] = typer.Option(None, "--watch", min=0.1, help="redraw the summary every SECONDS until nothing "
                                           "runs or is queued (Ctrl-C stops)"),
 ) -> None:
-    """Summary of a run: shards per state, failures grouped by error, oldest running shards, throughput and ETA,
-    and the same for metric jobs. Lists each marker folder once; reads only running/failed markers and a sample
-    of done ones, so it stays fast at 10,000 shards."""
+    """Summary of a run: shards per state, failures by error, oldest running, ETA; metric jobs too.
+
+    Lists each marker folder once and reads only running/failed markers and a sample of done ones, so it
+    stays fast at 10,000 shards. --all adds the per-shard table (reads every done marker)."""
     run = _open_run(run_dir)
     while True:
         if watch:
@@ -390,8 +391,9 @@ def _print_summary(run: RunDir, verify: bool = False, list_all: bool = False, as
     """Print the run's status; returns whether any shard or metric job is still running or queued."""
     statuses = shard_statuses(run, _scheduler_states(run), verify=verify, per_shard=list_all)
     summary = run_status.summarise(run, statuses)
-    metric_ids = run_status.metric_job_ids(run)
-    metric_statuses = shard_statuses(run, verify=False, task="metrics", shard_ids=metric_ids) if metric_ids else []
+    metric_scheduler = _scheduler_states(run, "metrics")
+    metric_ids = sorted(set(run_status.metric_job_ids(run)) | set(metric_scheduler))
+    metric_statuses = shard_statuses(run, metric_scheduler, task="metrics", shard_ids=metric_ids) if metric_ids else []
     metric_summary = run_status.summarise(run, metric_statuses, "metrics") if metric_ids else None
     compacted_problems = run_status.verify_compacted(run) if verify else []
     check = None

@@ -81,27 +81,34 @@ def test_sweep_drift_stops_shards_resume_and_analyze_until_accepted(synthetic):
     recorded = resolved["hash"]
     resolved["sweep"]["generation"]["steps"] = 9  # an edited file
     synthetic.resolved_sweep_path.write_text(json.dumps(resolved))
-    with pytest.raises(SweepDriftError, match=r"generation.steps: 4 → 9"):
+    with pytest.raises(SweepDriftError, match=r"generation.steps: 2 → 9"):
         load_resolved_sweep(synthetic)  # what every shard start calls
     with pytest.raises(SweepDriftError, match=recorded[:12]):
         analysis.load_run(synthetic.root)
     for command in (["resume", "--dry-run"], ["analyze", "--no-compact"]):
         proc = run_cli(command[0], str(synthetic.root), *command[1:], check=False)
-        assert proc.returncode == 2 and "generation.steps: 4 → 9" in proc.stdout and recorded[:12] in proc.stdout, proc.stdout
+        assert proc.returncode == 2 and "generation.steps: 2 → 9" in proc.stdout and recorded[:12] in proc.stdout, proc.stdout
     assert "sweep drift" in run_cli("status", str(synthetic.root)).stdout
     run_cli("resume", str(synthetic.root), "--dry-run", "--accept-sweep-drift")
     provenance = json.loads(synthetic.provenance_path.read_text())
     (override,) = provenance["sweep_overrides"]
     assert override["from_hash"] == recorded and override["command"] == "resume"
-    assert "generation.steps: 4 → 9" in override["differences"]
+    assert "generation.steps: 2 → 9" in override["differences"]
     assert load_resolved_sweep(synthetic).generation.steps == 9  # accepted: shards, analysis and resume go on
 
 
 def test_sinkscope_that_resolves_differently_is_drift(synthetic):
+    from jobs.frozen_sweep import sweep_hash
+
+    # as if the run had been created by a sinkscope without recording.top5_query_stride: file and provenance agree
     resolved = json.loads(synthetic.resolved_sweep_path.read_text())
-    del resolved["sweep"]["recording"]["top5_query_stride"]  # as if written by a sinkscope without that field
+    provenance = json.loads(synthetic.provenance_path.read_text())
+    for record in (resolved, provenance["resolved_sweep"]):
+        del record["sweep"]["recording"]["top5_query_stride"]
+        record["hash"] = sweep_hash(record["sweep"])
     synthetic.resolved_sweep_path.write_text(json.dumps(resolved))
-    with pytest.raises(SweepDriftError, match=r"recording.top5_query_stride: absent → 1"):
+    synthetic.provenance_path.write_text(json.dumps(provenance))
+    with pytest.raises(SweepDriftError, match=r"resolves it differently.*\n  - recording.top5_query_stride: absent → 1"):
         load_resolved_sweep(synthetic)
 
 
