@@ -32,7 +32,9 @@ def create_run(sweep_path: str | Path, output_root: str | None = None) -> tuple[
     if output_root is not None:
         root = Path(output_root) / root.name
     run = RunDir(root)
-    if run.exists():
+    if run.exists() or (run.manifest_path.is_file() and run.provenance_path.is_file()):
+        # (the second case: a run made before resolved sweeps; its provenance is kept, and every use of the run
+        # stops with a message until `resume --accept-sweep-drift` resolves its sweep.yaml once)
         return run, manifest, False
     run.root.mkdir(parents=True, exist_ok=True)
     sweep = manifest.sweep
