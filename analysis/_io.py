@@ -34,10 +34,20 @@ def _dataset(files: list[Path], schema: pa.Schema) -> ds.Dataset:
     return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
 
 
+MANY_FILES = 64  # above this many files DuckDB reads them (in parallel), ~4× faster than pyarrow datasets here
+
+
 def read_datasets(datasets: list[DatasetFiles], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """Every live row of the given datasets as one table with ``schema`` (pyarrow datasets; small tables)."""
-    pieces = []
+    """Every live row of the given datasets as one table with ``schema`` (small tables: units, metrics)."""
     names = columns or schema.names
+    if sum(len(d.files) for d in datasets) > MANY_FILES:
+        try:
+            import duckdb
+        except ImportError:
+            pass
+        else:
+            return _read_with_duckdb(duckdb, datasets, schema, names)
+    pieces = []
     for d in datasets:
         try:
             if d.parts:
@@ -50,6 +60,23 @@ def read_datasets(datasets: list[DatasetFiles], schema: pa.Schema, columns: list
     if not pieces:
         return schema.empty_table().select(names)
     return pa.concat_tables(pieces)
+
+
+def _read_with_duckdb(duckdb, datasets: list[DatasetFiles], schema: pa.Schema, names: list[str]) -> pa.Table:
+    cols = ", ".join('"' + n + '"' for n in names)
+    selects = []
+    for d in datasets:
+        for files, exclude in ((d.parts, set()), (d.compacted, d.exclude)):
+            if files:
+                listed = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+                where = f" WHERE shard_id NOT IN ({', '.join(map(str, sorted(exclude)))})" if exclude else ""
+                selects.append(f"SELECT {cols} FROM read_parquet({listed}, hive_partitioning=false){where}")
+    try:
+        table = duckdb.connect().sql(" UNION ALL ".join(selects)).to_arrow_table()
+        return table.cast(pa.schema([schema.field(n) for n in names]))
+    except (duckdb.Error, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
+        folders = sorted({str(d.folder) for d in datasets})
+        raise TableReadError(f"{', '.join(folders)}: a file does not match the run format's schema ({error})") from error
 
 
 def read_table(root: Path, schema: pa.Schema, columns: list[str] | None = None, done: set[int] | None = None) -> pa.Table:

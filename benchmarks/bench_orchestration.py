@@ -54,14 +54,14 @@ class FakeResult:
     seconds: float
 
 
-def write_sweep(folder: Path, shards: int, steps: int, layers: int) -> Path:
+def write_sweep(folder: Path, shards: int, steps: int, layers: int, n_arms: int = len(ARMS)) -> Path:
     prompts = folder / "prompts.txt"
     prompts.write_text("".join(f"a synthetic prompt number {i}\n" for i in range(shards)))
     arms = [{"name": "baseline", "intervention": None}]
     for k in range(1, 6):
         arms.append({"name": f"sink_k{k}", "intervention": {"preset": "fixed.m1", "k": k, "layers": [1]}})
         arms.append({"name": f"random_k{k}", "intervention": {"preset": "fixed.random", "k": k, "layers": [1]}})
-    arms.sort(key=lambda a: ARMS.index(a["name"]))
+    arms = sorted(arms, key=lambda a: ARMS.index(a["name"]))[:n_arms]
     sweep = {"name": "bench", "model": {"preset": "tiny-sd3"}, "prompts": {"file": "prompts.txt"}, "seeds": {"count": 1},
              "generation": {"steps": steps, "height": 64, "width": 64}, "arms": arms,
              "recording": {"layers": list(range(layers)), "topk": 5}, "sharding": {"prompts_per_shard": 1},
@@ -130,9 +130,9 @@ def _write_shards(args: tuple) -> int:
     return len(shard_ids)
 
 
-def build_run(workdir: Path, shards: int, steps: int, layers: int, heads: int, procs: int) -> RunDir:
+def build_run(workdir: Path, shards: int, steps: int, layers: int, heads: int, procs: int, n_arms: int = len(ARMS)) -> RunDir:
     workdir.mkdir(parents=True, exist_ok=True)
-    sweep_path = write_sweep(workdir, shards, steps, layers)
+    sweep_path = write_sweep(workdir, shards, steps, layers, n_arms)
     run, manifest, _ = create_run(sweep_path)
     ids = manifest.shard_ids
     n_done, n_failed, n_running = int(shards * 0.9), int(shards * 0.03), int(shards * 0.01)
@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=19)
+    parser.add_argument("--arms", type=int, default=len(ARMS), help=f"arms (units per shard), at most {len(ARMS)}")
     parser.add_argument("--procs", type=int, default=2, help="processes writing the synthetic run")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sinkscope-bench-orchestration"))
     parser.add_argument("--reuse", action="store_true", help="reuse a synthetic run already in --workdir")
@@ -218,7 +219,7 @@ def main() -> None:
     print(f"  ({manifest.num_units} units; orchestrate plan in a fresh process: {results['cli_plan_s']} s)")
     if not args.reuse:
         start = time.perf_counter()
-        run = build_run(args.workdir, args.shards, args.steps, args.layers, args.heads, args.procs)
+        run = build_run(args.workdir, args.shards, args.steps, args.layers, args.heads, args.procs, args.arms)
         results["build_s"] = round(time.perf_counter() - start, 1)
         print(f"built the synthetic run in {results['build_s']} s: {run.root}")
     else:

@@ -114,6 +114,16 @@ def make_run(root: Path, spec: FakeRunSpec | None = None) -> Path:
     return run
 
 
+def set_analysis(run_dir: Path, **fields) -> None:
+    """Rewrite the fake run's resolved sweep as if it had been created with these `analysis:` settings."""
+    from jobs.frozen_sweep import load_resolved_sweep
+
+    run = RunDir(run_dir)
+    sweep = load_resolved_sweep(run)
+    sweep = sweep.model_copy(update={"analysis": sweep.analysis.model_copy(update=fields)})
+    write_resolved_sweep(run, resolved_record(sweep))
+
+
 def _sink_rows(uid, shard, p, s, arm, spec, rng):
     rows = []
     for step in range(spec.steps):

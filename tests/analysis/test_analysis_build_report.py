@@ -75,13 +75,10 @@ def test_report_of_a_bare_run_says_what_is_missing(fake_run):
 
 def test_bootstrap_settings_come_from_the_sweep(fake_run):
     from analysis.report import bootstrap_settings
-    from jobs.frozen_sweep import load_resolved_sweep, resolved_record, write_resolved_sweep
-    from jobs.rundir import RunDir
+    from analysis_fakerun import set_analysis
 
-    run_dir = RunDir(fake_run(n_prompts=2, n_seeds=1, prompts_per_shard=2, with_sink_steps=False))
-    sweep = load_resolved_sweep(run_dir)
-    sweep = sweep.model_copy(update={"analysis": sweep.analysis.model_copy(update={"bootstrap_resamples": 1234, "bootstrap_seed": 9})})
-    write_resolved_sweep(run_dir, resolved_record(sweep))  # as if the run had been created with these settings
-    run = load_run(run_dir.root)
+    run_dir = fake_run(n_prompts=2, n_seeds=1, prompts_per_shard=2, with_sink_steps=False)
+    set_analysis(run_dir, bootstrap_resamples=1234, bootstrap_seed=9)
+    run = load_run(run_dir)
     assert bootstrap_settings(run, None, None) == (1234, 9)
     assert bootstrap_settings(run, 100, 1) == (100, 1)
