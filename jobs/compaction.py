@@ -128,13 +128,17 @@ def _expected_sha(run: RunDir, table: str, shard: int, markers: dict[int, dict])
 
 
 def _compact_dataset(run: RunDir, folder: Path, table: str, done: set[int], markers: dict[int, dict]) -> CompactionReport:
+    """Stream the new parts (and the live rows of rewritten files) into a new generation, commit, then clean up.
+
+    One part is in memory at a time, plus at most ROW_GROUP_ROWS buffered rows per output file."""
     report = CompactionReport(folder)
     state = read_state(folder)
     _remove_unreferenced(folder, state)
     covered = {int(s): sha for entry in state["files"] for s, sha in entry["shards"].items()}
     parts = {s: p for s, p in list_parts(folder).items() if s in done}
     schema = rf.TABLE_SCHEMAS[table]
-    new: dict[int, tuple[str, pa.Table]] = {}
+    writers = _GenerationWriter(folder, folder / rf.COMPACTED / f"g{state['generation'] + 1:05d}", table, schema)
+    new: dict[int, str] = {}
     already: list[Path] = []
     for shard, path in sorted(parts.items()):
         data = path.read_bytes()
@@ -146,15 +150,21 @@ def _compact_dataset(run: RunDir, folder: Path, table: str, done: set[int], mark
         if covered.get(shard) == sha:
             already.append(path)  # a crash came after the commit and before the deletion
             continue
-        new[shard] = (sha, rf.conform(pq.read_table(io.BytesIO(data)), schema, str(path)))
+        writers.add({shard: sha}, rf.conform(pq.read_table(io.BytesIO(data)), schema, str(path)))
+        new[shard] = sha
     stale = (set(covered) - done) | (set(covered) & set(new))
     rewrite = [e for e in state["files"] if stale & {int(s) for s in e["shards"]}]
+    for entry in rewrite:  # keep the rows of shards that are neither regenerated nor withdrawn
+        keep = {int(s): sha for s, sha in entry["shards"].items() if int(s) not in stale}
+        if keep:
+            value_set = pa.array(sorted(keep), pa.int32())
+            for batch in pq.ParquetFile(folder / entry["path"]).iter_batches(batch_size=ROW_GROUP_ROWS):
+                rows = pa.Table.from_batches([batch]).cast(schema)
+                writers.add(keep, rows.filter(pc.is_in(rows.column("shard_id"), value_set=value_set)))
     if new or rewrite:
-        generation = state["generation"] + 1
-        gen_dir = folder / rf.COMPACTED / f"g{generation:05d}"
-        written = _write_generation(folder, gen_dir, table, schema, new, rewrite, stale, covered)
+        written = writers.close()
         kept = [e for e in state["files"] if e not in rewrite]
-        new_state = {"generation": generation, "table": table, "files": kept + written}
+        new_state = {"generation": state["generation"] + 1, "table": table, "files": kept + written}
         rf.atomic_write_json(folder / rf.COMPACTION_STATE, new_state)  # the commit
         report.shards_added = len(new)
         report.files_written = len(written)
@@ -162,8 +172,11 @@ def _compact_dataset(run: RunDir, folder: Path, table: str, done: set[int], mark
         for entry in rewrite:
             (folder / entry["path"]).unlink(missing_ok=True)
         state = new_state
-    ingested = {parts[s]: sha for s, (sha, _) in new.items()} | {p: covered[rf.shard_id_of(p.name)] for p in already}
+    now_covered = {int(s) for entry in state["files"] for s in entry["shards"]}
+    ingested = {parts[s]: sha for s, sha in new.items()} | {p: covered[rf.shard_id_of(p.name)] for p in already}
     for path, sha in ingested.items():
+        if rf.shard_id_of(path.name) not in now_covered:
+            continue  # an empty part (no rows to compact) stays: it is the shard's record
         # a part rewritten meanwhile (a metric job of that shard) differs from what was compacted: it stays, and wins
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha:
             path.unlink()
@@ -172,31 +185,25 @@ def _compact_dataset(run: RunDir, folder: Path, table: str, done: set[int], mark
     return report
 
 
-def _write_generation(folder: Path, gen_dir: Path, table: str, schema: pa.Schema, new: dict[int, tuple[str, pa.Table]],
-                      rewrite: list[dict], stale: set[int], covered: dict[int, str]) -> list[dict]:
-    """Write the new parts plus the still-live rows of rewritten files; returns their state entries."""
-    key = PARTITION_BY.get(table)
-    writers: dict[str | None, _PartitionWriter] = {}
+class _GenerationWriter:
+    """The files of one new generation: one per partition value (sink steps: per arm), opened on first use."""
 
-    def add(shard: int, sha: str, rows: pa.Table) -> None:
-        values = [None] if key is None else pc.unique(rows.column(key)).to_pylist()
+    def __init__(self, folder: Path, gen_dir: Path, table: str, schema: pa.Schema):
+        self.folder, self.gen_dir, self.schema = folder, gen_dir, schema
+        self.key = PARTITION_BY.get(table)
+        self.writers: dict[str | None, _PartitionWriter] = {}
+
+    def add(self, shards: dict[int, str], rows: pa.Table) -> None:
+        values = [None] if self.key is None else pc.unique(rows.column(self.key)).to_pylist()
         for value in values:
-            piece = rows if key is None else rows.filter(pc.equal(rows.column(key), value))
-            if value not in writers:
-                sub = gen_dir if key is None else gen_dir / f"{key}={value}"
-                writers[value] = _PartitionWriter(sub / "part-0.parquet", schema)
-            writers[value].add(shard, sha, piece)
+            piece = rows if self.key is None else rows.filter(pc.equal(rows.column(self.key), value))
+            if value not in self.writers:
+                sub = self.gen_dir if self.key is None else self.gen_dir / f"{self.key}={value}"
+                self.writers[value] = _PartitionWriter(sub / "part-0.parquet", self.schema)
+            self.writers[value].add(shards, piece)
 
-    for entry in rewrite:  # keep the rows of shards that are neither regenerated nor withdrawn
-        keep = pa.array(sorted(int(s) for s in entry["shards"] if int(s) not in stale), pa.int32())
-        if len(keep):
-            rows = pq.read_table(folder / entry["path"], schema=schema)
-            rows = rows.filter(pc.is_in(rows.column("shard_id"), value_set=keep))
-            for shard in keep.to_pylist():
-                add(shard, covered[shard], rows.filter(pc.equal(rows.column("shard_id"), shard)))
-    for shard, (sha, rows) in sorted(new.items()):
-        add(shard, sha, rows)
-    return [w.close(folder) for w in writers.values()]
+    def close(self) -> list[dict]:
+        return [w.close(self.folder) for w in self.writers.values()]
 
 
 class _PartitionWriter:
@@ -212,8 +219,8 @@ class _PartitionWriter:
         self._handle = self._context.__enter__()
         self._writer = pq.ParquetWriter(self._handle, schema, compression="zstd")
 
-    def add(self, shard: int, sha: str, rows: pa.Table) -> None:
-        self.shards[str(shard)] = sha
+    def add(self, shards: dict[int, str], rows: pa.Table) -> None:
+        self.shards.update({str(s): sha for s, sha in shards.items()})
         self.buffer.append(rows)
         self.buffered += rows.num_rows
         if self.buffered >= ROW_GROUP_ROWS:
