@@ -127,7 +127,8 @@ class RunDir:
             names = os.listdir(folder)
         except FileNotFoundError:
             return set()
-        return {rf.shard_id_of(name) for name in names if name.startswith("shard-") and name.endswith(".json")}
+        # marker names are exactly rf.marker_name(id) = "shard-<digits>.json": slice, no parsing per name
+        return {int(name[6:-5]) for name in names if name.startswith("shard-") and name.endswith(".json")}
 
     def done_shards(self, task: str = "generate") -> set[int]:
         return self.marker_ids("done", task)
@@ -139,11 +140,7 @@ class RunDir:
         return self.marker_ids("running", task)
 
     def read_marker(self, kind: str, shard_id: int, task: str = "generate") -> dict | None:
-        path = self.marker_path(kind, shard_id, task)
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return read_marker_file(os.path.join(self.marker_dir(kind, task), rf.marker_name(shard_id)))
 
     def write_marker(self, kind: str, shard_id: int, payload: dict, task: str = "generate") -> None:
         rf.atomic_write_json(self.marker_path(kind, shard_id, task), payload)
@@ -210,6 +207,15 @@ class RunDir:
 
     def iter_logs(self) -> Iterator[Path]:
         return iter(sorted(self.logs_dir.glob("*shard-*.log")))
+
+
+def read_marker_file(path: str | Path) -> dict | None:
+    """A marker's content; None if it is absent or half-written (markers are written atomically, so only by a crash)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 class _ShardLog:

@@ -112,7 +112,7 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int] | None = None, verify:
     Returns the number of shards that failed (known only for the blocking local executor).
     """
     with run.lock():
-        statuses = shard_statuses(run, _scheduler_states(run), verify=verify)
+        statuses = shard_statuses(run, _scheduler_states(run), verify=verify, errors=False)
         if verify:
             problems = run_status.verify_compacted(run)
             if problems:

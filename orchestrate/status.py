@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from jobs import compaction
 from jobs import runformat as rf
 from jobs.run_shard import verify_done_shard
-from jobs.rundir import RunDir
+from jobs.rundir import RunDir, read_marker_file
 
 STATES = ("done", "running", "pending", "failed", "cancelled", "timeout", "interrupted", "corrupt", "not started")
 RERUNNABLE = {"failed", "cancelled", "timeout", "interrupted", "corrupt", "not started"}
@@ -66,11 +66,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def shard_statuses(run: RunDir, scheduler: dict[int, str] | None = None, verify: bool = False, per_shard: bool = False,
-                   task: str = "generate", shard_ids: list[int] | None = None) -> list[ShardStatus]:
-    """One status per shard of the manifest (`shard_ids` when given)."""
+                   task: str = "generate", shard_ids: list[int] | None = None, errors: bool = True) -> list[ShardStatus]:
+    """One status per shard of the manifest (`shard_ids` when given). `errors=False` skips reading failed markers
+    (a dispatch only needs to know they failed)."""
     scheduler = scheduler or {}
     ids = run.all_shard_ids() if shard_ids is None else shard_ids
     done, failed, running = run.done_shards(task), run.failed_shards(task), run.running_shards(task)
+    running_dir, failed_dir = str(run.marker_dir("running", task)), str(run.marker_dir("failed", task))
     host, now = socket.gethostname(), time.time()
     covered = _covered(run) if verify else None
     out = []
@@ -84,8 +86,10 @@ def shard_statuses(run: RunDir, scheduler: dict[int, str] | None = None, verify:
                     status.state, status.error = "corrupt", "; ".join(problems)
             out.append(status)
             continue
-        running_marker = run.read_marker("running", shard_id, task) if shard_id in running else None
-        failed_marker = run.read_marker("failed", shard_id, task) if shard_id in failed else None
+        running_marker = read_marker_file(os.path.join(running_dir, rf.marker_name(shard_id))) if shard_id in running else None
+        failed_marker = None
+        if shard_id in failed:
+            failed_marker = read_marker_file(os.path.join(failed_dir, rf.marker_name(shard_id))) if errors else {}
         status = ShardStatus(shard_id, "not started")
         if running_marker is not None:
             status.host, status.started = running_marker.get("host"), running_marker.get("started")
@@ -100,7 +104,7 @@ def shard_statuses(run: RunDir, scheduler: dict[int, str] | None = None, verify:
                 status.state = "interrupted"
             else:
                 status.state = "running"
-        elif failed_marker is not None:
+        elif failed_marker is not None:  # ({} when not read: still failed)
             status.state = "failed"
         elif sched in ("cancelled", "timeout", "failed"):
             status.state = sched
