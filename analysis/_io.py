@@ -123,8 +123,26 @@ def table_files(root: Path) -> list[Path]:
     return sorted(Path(f) for f in dataset.files)
 
 
+_SHARD_PART = re.compile(r"part-shard-(\d+)\.parquet$")
+
+
+def _damaged(path: Path, root: Path, error: Exception) -> TableReadError:
+    """The error for an unreadable part file: which shard, and the command that rewrites it."""
+    match = _SHARD_PART.search(path.name)
+    if not match:
+        return TableReadError(f"{path}: unreadable Parquet file ({type(error).__name__}: {error})")
+    run_dir = root.parent.parent if root.parent.name == "tables" else root.parent
+    return TableReadError(
+        f"{path}: the part file of shard {int(match.group(1))} is damaged ({type(error).__name__}: {error}). "
+        f"`orchestrate status {run_dir} --verify` lists every damaged shard; `orchestrate resume {run_dir}` reruns them"
+    )
+
+
 def _cast_file(path: Path, root: Path, schema: pa.Schema) -> pa.Table:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:  # truncated, flipped bytes, unreadable
+        raise _damaged(path, root, exc) from exc
     # Hive-style directories (arm=x/) supply columns the file itself may not carry.
     rel_parts = path.relative_to(root).parts[:-1]
     for part in rel_parts:

@@ -6,15 +6,25 @@
   die_during_write              SIGKILL this process halfway through writing the first image file
   sleep_after_groups:<n>:<s>    sleep <s> seconds right after the n-th group was generated (not when it is
                                 kept from scratch), so a scheduler can time out, preempt or requeue the shard
+  rendezvous:<n>:<dir>          at the start of a shard, wait until <n> different processes have started a shard
+                                (each leaves a file in <dir>): every worker of a pool provably gets a shard,
+                                whatever the machine's load (no sleep decides it)
+  fill_disk_after_groups:<n>    after the n-th newly finished group, fill the run directory's filesystem
+                                (a file `sinkscope-filler` beside the run directory) until the kernel answers
+                                ENOSPC: the next write fails for real (use a small tmpfs or loop mount)
 Nothing happens when the variable is unset. The hooks sit at the points where real failures hurt most.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 from pathlib import Path
+
+RENDEZVOUS_TIMEOUT_S = 600  # a safety net only: the barrier opens as soon as the peers arrive
+FILLER_NAME = "sinkscope-filler"
 
 
 def _hooks() -> dict[str, str]:
@@ -54,3 +64,43 @@ def maybe_sleep_after_groups(finished_groups: int) -> None:
         # `==`, not `>=`: a requeued job keeps its environment and must not sleep again after resuming
         if finished_groups == int(count):
             time.sleep(float(seconds or 60))
+
+
+def maybe_rendezvous() -> None:
+    spec = _hooks().get("rendezvous")
+    if not spec:
+        return
+    count, _, folder = spec.partition(":")
+    where = Path(folder)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"pid-{os.getpid()}").touch()
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while len(list(where.glob("pid-*"))) < int(count):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rendezvous: fewer than {count} processes reached {where} (SINKSCOPE_FAULT_INJECT)")
+        time.sleep(0.05)
+
+
+def maybe_fill_disk(finished_groups: int, run_root: Path) -> None:
+    limit = _hooks().get("fill_disk_after_groups")
+    if not limit or finished_groups != int(limit):
+        return
+    filler = run_root.parent / FILLER_NAME
+    block = b"\0" * (1 << 16)
+    with open(filler, "ab") as f:
+        try:
+            while True:  # until the filesystem itself says it is full
+                f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+    try:  # whatever a 64 KiB block left: fill it byte by byte
+        with open(filler, "ab") as f:
+            for _ in range(1 << 16):
+                f.write(b"\0")
+                f.flush()
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise

@@ -9,6 +9,7 @@ files have fixed names, so a rerun replaces its own rows and never duplicates on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -29,10 +30,11 @@ import pyarrow.parquet as pq
 from jobs import faults
 from jobs.tables import UNITS_SCHEMA, conform
 from manifests import read_sweep_file
-from jobs.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from jobs.rundir import MARKER_DIRS, RunDir, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("sinkscope.jobs")
 
+MARKER_RESERVE = 4096  # bytes of a running marker, reused for the failed marker on a full disk
 ProgressCallback = Callable[[int, int], None]  # (groups finished in this shard, groups in this shard)
 
 # One pipeline per process and model: a worker that runs several shards of a run loads the model once.
@@ -120,10 +122,10 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
     if done is not None:
         return done
     started = time.time()
-    atomic_write_json(
-        run.running_path(shard_id),
-        {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "job_id": os.environ.get("SINKSCOPE_JOB_ID")},
-    )
+    running = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "job_id": os.environ.get("SINKSCOPE_JOB_ID"),
+               "node": os.environ.get("SLURMD_NODENAME")}
+    # padded: the space of the failed marker is reserved now, so a full disk can still record why it failed
+    atomic_write_bytes(run.running_path(shard_id), _padded_json(running))
     with _ShardLog(run.log_path(shard_id)):
         try:
             marker = _run(run, shard_id, progress, loaded_pipeline, started)
@@ -134,40 +136,76 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
             raise
         except BaseException as error:  # noqa: BLE001 — record every failure, then let it propagate
             log.error("shard %s failed: %s", shard_id, error, exc_info=True)
-            atomic_write_json(
-                run.failed_path(shard_id),
-                {
-                    "error": f"{type(error).__name__}: {error}",
-                    "traceback": traceback.format_exc(),
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "time": time.time(),
-                },
-            )
-            run.running_path(shard_id).unlink(missing_ok=True)
+            record_failure(run, shard_id, error)
             raise
     return marker
+
+
+def _padded_json(payload: dict) -> bytes:
+    data = json.dumps(payload, sort_keys=True, default=str).encode()
+    return data + b" " * max(0, MARKER_RESERVE - len(data))  # JSON allows trailing blanks
+
+
+def os_error_cause(error: BaseException) -> str | None:
+    """'ENOSPC: No space left on device' for an OS error (disk full, permission, quota, ...), else None."""
+    if isinstance(error, OSError) and error.errno:
+        return f"{errno.errorcode.get(error.errno, error.errno)}: {os.strerror(error.errno)}"
+    return None
+
+
+def record_failure(run: RunDir, shard_id: int, error: BaseException, **extra) -> None:
+    """Write the shard's failed marker (error, cause, traceback) and drop its running marker.
+
+    When the filesystem refuses the new file (disk or quota full), the running marker's reserved bytes
+    are renamed to the failed marker and overwritten in place, which needs no new block.
+    """
+    record = {"error": f"{type(error).__name__}: {error}", "cause": os_error_cause(error), "host": socket.gethostname(),
+              "pid": os.getpid(), "time": time.time(), **extra}
+    try:
+        atomic_write_json(run.failed_path(shard_id), {**record, "traceback": traceback.format_exc()})
+    except OSError as write_error:
+        log.error("cannot write %s (%s): using the reserved running marker", run.failed_path(shard_id), write_error)
+        data = json.dumps(record, sort_keys=True, default=str).encode()[:MARKER_RESERVE]
+        try:
+            os.replace(run.running_path(shard_id), run.failed_path(shard_id))
+            with open(run.failed_path(shard_id), "r+b") as f:  # no truncation: the pages stay allocated
+                f.write(data + b" " * (MARKER_RESERVE - len(data)))
+        except OSError as last:
+            log.error("shard %s: no failed marker could be written: %s", shard_id, last)
+            return
+    run.running_path(shard_id).unlink(missing_ok=True)
 
 
 def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, started: float) -> dict:
     import torch  # heavy, as workers: imported only where a shard really runs
 
-    import workers
-
     sweep, _ = read_sweep_file(run.sweep_path)
     units = run.units_of_shard(shard_id)
     if units.num_rows == 0:
         raise ValueError(f"{run.manifest_path}: shard {shard_id} has no units")
-    arms_by_name = {arm.name: arm for arm in sweep.arms}
     rows = units.to_pylist()
     groups: dict[int, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group_index"], []).append(row)
     scratch = run.scratch_dir(shard_id)
     scratch.mkdir(parents=True, exist_ok=True)
-    # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
-    log.info("shard %s: %d groups, %d units (pid %d, %d torch threads)", shard_id, len(groups), len(rows), os.getpid(),
-             torch.get_num_threads())
+    threads_before = torch.get_num_threads()
+    # CPU kernels reduce in an order that depends on the thread count: the sweep fixes it, not the executor or node
+    torch.set_num_threads(sweep.generation.torch_threads)
+    try:
+        # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
+        log.info("shard %s: %d groups, %d units (pid %d, %d torch threads, OMP_NUM_THREADS=%s)", shard_id, len(groups),
+                 len(rows), os.getpid(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        faults.maybe_rendezvous()
+        return _run_groups(run, shard_id, progress, loaded, started, sweep, groups, scratch)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_groups(run: RunDir, shard_id: int, progress, loaded, started: float, sweep, groups: dict, scratch: Path) -> dict:
+    import workers
+
+    arms_by_name = {arm.name: arm for arm in sweep.arms}
     finished = 0
     # Images and tables of a group are encoded and written by one background thread while the GPU generates the
     # next group (PNG encoding of three 1024² images took ~1.5 s a group on the GPU machine, idling the GPU).
@@ -188,6 +226,7 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
             progress(finished, len(groups))
         faults.maybe_kill_after_groups(finished)
         faults.maybe_sleep_after_groups(finished)
+        faults.maybe_fill_disk(finished, run.root)
 
     try:
         for group_index in sorted(groups):
@@ -218,6 +257,26 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
     return _finalise(run, shard_id, sorted(groups), loaded, started)
 
 
+def image_rel_path(arm: str, prompt_id: int, seed_index: int) -> Path:
+    """Where a unit's PNG lives, relative to the run directory."""
+    return Path("images") / f"arm={arm}" / f"p{prompt_id:05d}-s{seed_index:03d}.png"
+
+
+def temp_files_of_shard(run: RunDir, shard_id: int) -> list[Path]:
+    """Hidden temporary files (`atomic_write_bytes`) a writer of this shard left behind: its images, parts,
+    scratch groups and markers. Only meaningful when no writer of the shard is alive (resume checks that)."""
+    def temps(path: Path) -> list[Path]:
+        return list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+
+    units = run.units_of_shard(shard_id).select(["arm", "prompt_id", "seed_index"]).to_pylist()
+    found = [t for u in units for t in temps(run.root / image_rel_path(u["arm"], u["prompt_id"], u["seed_index"]))]
+    found += [t for table in ("units", "sink_steps") for t in temps(run.part_path(table, shard_id))]
+    found += [t for kind in MARKER_DIRS for t in temps(run.marker_path(kind, shard_id))]
+    scratch = run.scratch_dir(shard_id)
+    found += list(scratch.glob(".*.tmp-*")) if scratch.is_dir() else []
+    return sorted(set(found))
+
+
 def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, group: list[dict], results, arms_by_name, sweep,
                  random_weights: bool) -> float:
     """Write one generated group: images, then its sink-step part, then its units part (which marks it finished)."""
@@ -225,7 +284,7 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
     unit_rows, sink_tables = [], []
     for row, result in zip(group, results):
         assert result.arm == row["arm"], (result.arm, row["arm"])
-        rel = Path("images") / f"arm={row['arm']}" / f"p{row['prompt_id']:05d}-s{row['seed_index']:03d}.png"
+        rel = image_rel_path(row["arm"], row["prompt_id"], row["seed_index"])
         png = _png_bytes(result.image)
         faults.maybe_die_during_write(run.root / rel)
         atomic_write_bytes(run.root / rel, png)
@@ -279,7 +338,21 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node that ran the shard (a Ray cluster may put several nodes on one host)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return f"ray:{ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else None
+
+
 def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, started: float) -> dict:
+    import torch
+
+    torch_threads = torch.get_num_threads()
     scratch = run.scratch_dir(shard_id)
     units = pa.concat_tables([pq.read_table(scratch / f"units-g{g:05d}.parquet") for g in group_indices])
     sinks = _concat([pq.read_table(scratch / f"sink_steps-g{g:05d}.parquet") for g in group_indices])
@@ -295,6 +368,8 @@ def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, star
         "job_id": os.environ.get("SINKSCOPE_JOB_ID"),
         "device": getattr(loaded, "device", None) if loaded is not None else None,
         "random_weights": bool(units.column("random_weights").to_pylist()[0]),
+        "torch_threads": torch_threads,
+        "node": os.environ.get("SLURMD_NODENAME") or _ray_node_id(),
         "started": started,
         "finished": time.time(),
     }

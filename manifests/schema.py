@@ -102,6 +102,12 @@ class GenerationSpec(_Strict):
         description="arms of one (prompt, seed) group run in one batched forward (1: one after another). "
         "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash.",
     )
+    torch_threads: int = Field(
+        1, ge=1, le=256,
+        description="torch CPU threads of every shard, whatever executor or node runs it: CPU kernels reduce in an "
+        "order that depends on the thread count, so pixels computed on a CPU change with it. Only bounds CPU-side "
+        "work on a GPU. Part of the config hash.",
+    )
 
 
 class RecordingSpec(_Strict):

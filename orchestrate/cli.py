@@ -20,11 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.rundir import RunDir, atomic_write_json
+from jobs.run_shard import temp_files_of_shard
+from jobs.tasks import is_generation_record
 from manifests import SweepError
 from orchestrate import estimate
 from orchestrate.create import build_manifest, create_run
 from orchestrate.executors.base import make_executor
-from orchestrate.status import RERUNNABLE, eta_seconds, rerunnable, shard_statuses
+from orchestrate.status import RERUNNABLE, eta_seconds, pid_alive, rerunnable, shard_statuses
 
 app = typer.Typer(
     add_completion=False,
@@ -54,22 +56,30 @@ def _parse_overrides(pairs: list[str], source: str) -> dict:
     return out
 
 
-def _executor_for(run: RunDir, sweep, kind: Optional[str], options: list[str]):
-    """The sweep's executor block, with the command line's --executor / --executor-opt applied on top."""
+def _executor_for(run: RunDir, block: dict, kind: Optional[str], options: list[str], source: str = "the sweep"):
+    """The executor of `block` (the sweep's, or the one recorded at submission), with the command line's
+    --executor / --executor-opt applied on top: another kind starts from that kind's defaults."""
     from pydantic import TypeAdapter, ValidationError
 
     from manifests.schema import ExecutorConfig
 
-    block = sweep.executor.model_dump()
+    block = dict(block)
     if kind and kind != block["kind"]:
-        block = {"kind": kind}
+        block, source = {"kind": kind}, "--executor"
     block.update(_parse_overrides(options, "--executor-opt"))
     try:
         config = TypeAdapter(ExecutorConfig).validate_python(block)
     except ValidationError as e:
         problems = "; ".join(f"executor.{'.'.join(map(str, err['loc'][1:]))}: {err['msg']}" for err in e.errors())
-        _fail(f"command-line executor options: {problems}")
+        _fail(f"executor options ({source} + command line): {problems}")
     return make_executor(config)
+
+
+def recorded_executor(run: RunDir) -> dict | None:
+    """The executor block of the run's latest accepted generation submission (kind and options), or None."""
+    configs = [r["config"] for r in run.submissions()
+               if r.get("event") == "submit" and r.get("config") and is_generation_record(r)]
+    return configs[-1] if configs else None
 
 
 def _load_run(run_dir: Path) -> tuple[RunDir, object]:
@@ -82,10 +92,37 @@ def _load_run(run_dir: Path) -> tuple[RunDir, object]:
     return run, sweep
 
 
-def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False) -> int:
+def _set_aside(run: RunDir, todo: list[int], statuses: dict) -> list[tuple[Path, Path]]:
+    """Move the failed markers (and a corrupt shard's done marker) of shards about to be resubmitted to hidden
+    names: a refused submission puts them back unchanged, an accepted one drops them."""
+    moved = []
+    for shard_id in todo:
+        paths = [run.failed_path(shard_id)] + ([run.done_path(shard_id)] if statuses[shard_id].state == "corrupt" else [])
+        for path in paths:
+            if path.exists():
+                aside = path.with_name(f".{path.name}.resubmit-{os.getpid()}")
+                os.replace(path, aside)
+                moved.append((aside, path))
+    return moved
+
+
+def _refused(run: RunDir, executor, shards: list[int], moved: list[tuple[Path, Path]], error: Exception) -> None:
+    """A scheduler refused the shards: put their markers back and record why; no shard state changes."""
+    for aside, path in moved:
+        if int(path.stem.split("-")[1]) in shards:
+            os.replace(aside, path)
+        else:
+            aside.unlink(missing_ok=True)
+    run.append_submission({"executor": executor.kind, "event": "refused", "shards": shards, "message": str(error),
+                           "config": executor.config.model_dump()})
+
+
+def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False) -> dict[int, str]:
     """Submit under the run lock, so two submits or resumes of one run never send a shard twice.
 
-    Returns the number of shards that failed (known only for the blocking local executor).
+    Returns the shards a blocking executor (local, Ray `address: local`) left unfinished, with why; queued
+    shards are not known yet (empty). A refused submission changes no shard state: it is recorded as a
+    `refused` event with the scheduler's message, and the command exits 1.
     """
     with run.lock():
         statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run), verify=verify)}
@@ -95,37 +132,86 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
             console.print(f"skipping {len(skipped)} shard(s) already done, running or queued: {skipped[:20]}")
         if not todo:
             console.print("nothing to submit")
-            return 0
-        for shard_id in todo:
-            if statuses[shard_id].state == "corrupt":
-                run.done_path(shard_id).unlink(missing_ok=True)
-            run.failed_path(shard_id).unlink(missing_ok=True)
-        run.append_submission({"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()})
+            return {}
+        # nobody writes these shards now (rerunnable = no live writer): temp files of dead writers go
+        stale = [t for s in todo for t in temp_files_of_shard(run, s)]
+        for temp in stale:
+            temp.unlink(missing_ok=True)
+        if stale:
+            console.print(f"removed {len(stale)} temporary file(s) left by dead writers")
+        moved = _set_aside(run, todo, statuses)
+        submitted = {"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()}
         if not executor.blocking:
             try:
                 records = executor.submit(run, todo)
-            except RuntimeError as error:  # e.g. sbatch refused an array (queued arrays are recorded by the executor)
-                _fail(f"submission to {executor.kind} failed: {error}")
+            except RuntimeError as error:  # e.g. sbatch refused (arrays queued before it are recorded by the executor)
+                queued = [s for r in getattr(error, "records", []) for s in r["shards"]]
+                if queued:
+                    run.append_submission({**submitted, "shards": queued})
+                _refused(run, executor, [s for s in todo if s not in queued], moved, error)
+                _fail(f"{executor.kind} refused the submission (no shard state changed; recorded in "
+                      f"{run.submissions_path}): {error}")
+            for aside, _ in moved:
+                aside.unlink(missing_ok=True)
+            run.append_submission(submitted)
             for record in records:
                 run.append_submission(record)
             console.print(f"submitted {len(todo)} shard(s) to {executor.kind}; follow with `orchestrate status {run.root}`")
-            return 0
+            return {}
         # a blocking (local) executor runs outside the lock, so claim its shards first: a second submit or
         # resume meanwhile sees them running (this process is alive) and leaves them alone
+        run.append_submission(submitted)
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "claimed_by": "orchestrate"}
         for shard_id in todo:
             atomic_write_json(run.running_path(shard_id), claim)
-    failed = 0
     try:
         records = executor.submit(run, todo)
     except RuntimeError as error:  # refused before anything ran (e.g. GPUs asked of a CPU-only Ray)
-        for shard_id in todo:
+        with run.lock():
+            for shard_id in todo:
+                run.running_path(shard_id).unlink(missing_ok=True)
+            _refused(run, executor, todo, moved, error)
+        _fail(f"{executor.kind} executor refused the shards (no shard state changed): {error}")
+    with run.lock():
+        for aside, _ in moved:
+            aside.unlink(missing_ok=True)
+        errors: dict[str, str] = {}
+        for record in records:
+            run.append_submission(record)
+            errors.update(record.get("errors", {}))
+        return _settle(run, todo, errors)
+
+
+def _settle(run: RunDir, shard_ids: list[int], errors: dict[str, str]) -> dict[int, str]:
+    """After a blocking executor returned: every shard it was given is done, or failed with a recorded cause.
+
+    A shard whose worker died without a record (SIGKILL, out of memory) gets a failed marker naming that,
+    and this process's claims are dropped, so `status` and the summary show the final state, never "running".
+    """
+    unfinished: dict[int, str] = {}
+    for shard_id in shard_ids:
+        if run.done_path(shard_id).exists():
+            continue
+        failed = run.read_marker("failed", shard_id)
+        running = run.read_marker("running", shard_id) or {}
+        ours = running.get("host") == socket.gethostname() and (
+            running.get("pid") == os.getpid() or not pid_alive(int(running.get("pid", -1))))
+        if failed is None:
+            why = errors.get(str(shard_id)) or "lost: its worker ended without a done or failed record"
+            atomic_write_json(run.failed_path(shard_id), {"error": why, "cause": "lost", "host": socket.gethostname(),
+                                                          "pid": running.get("pid"), "time": time.time()})
+            failed = {"error": why}
+        if ours:
             run.running_path(shard_id).unlink(missing_ok=True)
-        _fail(f"{executor.kind} executor: {error}")
-    for record in records:
-        run.append_submission(record)
-        failed += len(record.get("failed", []))
-    return failed
+        unfinished[shard_id] = failed.get("error", "failed")
+    return unfinished
+
+
+def _exit_if_unfinished(run: RunDir, unfinished: dict[int, str]) -> None:
+    if unfinished:
+        named = "; ".join(f"shard {s}: {why}" for s, why in sorted(unfinished.items())[:10])
+        _fail(f"{len(unfinished)} shard(s) did not finish ({named}). `orchestrate logs {run.root} SHARD` shows why; "
+              f"`orchestrate resume {run.root}` reruns them", code=1)
 
 
 def _cluster_executors(run: RunDir) -> list:
@@ -206,11 +292,10 @@ def submit(
     except SweepError as e:
         _fail(str(e))
     console.print(f"{'created' if created else 're-opened'} run [bold]{run.root}[/bold]")
-    ex = _executor_for(run, manifest.sweep, executor, executor_opt)
-    failed = _dispatch(run, ex, manifest.shard_ids)
+    ex = _executor_for(run, manifest.sweep.executor.model_dump(), executor, executor_opt)
+    unfinished = _dispatch(run, ex, manifest.shard_ids)
     _print_summary(run)
-    if failed:
-        _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
+    _exit_if_unfinished(run, unfinished)
 
 
 def _write_smoke_copy(sweep_path: Path, output_root: Optional[Path]) -> Path:
@@ -280,10 +365,18 @@ def verify(
 @app.command()
 def resume(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
-    executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", "-e", help="executor kind (default: the one recorded at submission, with its options)"
+    ),
+    executor_opt: list[str] = typer.Option(
+        [], "--executor-opt", "-o", help="override one field of the recorded executor, KEY=VALUE (repeatable)"
+    ),
 ) -> None:
-    """Rerun only the shards that are neither done nor running or queued (failed, interrupted, corrupt, ...)."""
+    """Rerun only the shards that are neither done nor running or queued (failed, interrupted, corrupt, ...).
+
+    They go back to the executor the run was last submitted to (kind and options from
+    state/submissions.jsonl), unless --executor / --executor-opt say otherwise.
+    """
     run, sweep = _load_run(run_dir)
     statuses = shard_statuses(run, _scheduler_states(run), verify=True)
     todo = rerunnable(statuses)
@@ -291,10 +384,13 @@ def resume(
         console.print("nothing to resume")
         _print_summary(run)
         return
-    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo, verify=True)
+    recorded = recorded_executor(run)
+    block, source = (recorded, "recorded at submission") if recorded else (sweep.executor.model_dump(), "the sweep")
+    ex = _executor_for(run, block, executor, executor_opt, source)
+    console.print(f"resuming {len(todo)} shard(s) on {ex.kind} (executor {source if not executor else 'from --executor'})")
+    unfinished = _dispatch(run, ex, todo, verify=True)
     _print_summary(run)
-    if failed:
-        _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
+    _exit_if_unfinished(run, unfinished)
 
 
 @app.command()
@@ -391,7 +487,7 @@ def analyze(
         done = sorted(run.done_shards())
         if not done:
             _fail(f"{run.root}: no finished shard to score yet")
-        ex = _executor_for(run, sweep, executor, executor_opt)
+        ex = _executor_for(run, sweep.executor.model_dump(), executor, executor_opt)
         job = ShardJob("metrics", tuple(metrics))
         with run.lock():
             try:

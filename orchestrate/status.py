@@ -29,7 +29,7 @@ class ShardStatus:
     error: str | None = None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +69,7 @@ def shard_statuses(run: RunDir, scheduler: dict[int, str] | None = None, verify:
         if sched in ("pending", "running"):
             state = sched
         elif running_marker is not None:
-            same_host_dead = running_marker.get("host") == host and not _pid_alive(int(running_marker.get("pid", -1)))
+            same_host_dead = running_marker.get("host") == host and not pid_alive(int(running_marker.get("pid", -1)))
             if sched in ("cancelled", "timeout", "failed"):
                 state = sched
             elif same_host_dead or sched == "completed":
