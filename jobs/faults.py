@@ -2,10 +2,14 @@
 
 `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks:
   raise_on_prompt:<substring>   raise RuntimeError before a group whose prompt contains <substring>
-  kill_after_groups:<n>         SIGKILL this process right after its n-th finished group of a shard
+  kill_after_groups:<n>[:<id>]  SIGKILL this process right after its n-th finished group of a shard (of shard
+                                <id> only, when given: one worker of a pool dies, the others go on)
   die_during_write              SIGKILL this process halfway through writing the first image file
   sleep_after_groups:<n>:<s>    sleep <s> seconds right after the n-th group was generated (not when it is
                                 kept from scratch), so a scheduler can time out, preempt or requeue the shard
+  hold_after_groups:<n>:<file>  right after the n-th newly generated group, wait for as long as <file> exists: the
+                                shard is provably mid-run while a test kills, cancels or preempts something, and
+                                goes on the moment the test removes the file (no sleep decides anything)
   rendezvous:<n>:<dir>          at the start of a shard, wait until <n> different processes have started a shard
                                 (each leaves a file in <dir>): every worker of a pool provably gets a shard,
                                 whatever the machine's load (no sleep decides it)
@@ -23,7 +27,7 @@ import signal
 import time
 from pathlib import Path
 
-RENDEZVOUS_TIMEOUT_S = 600  # a safety net only: the barrier opens as soon as the peers arrive
+RENDEZVOUS_TIMEOUT_S = 600  # a safety net only: barriers and holds open as soon as the test lets them
 FILLER_NAME = "sinkscope-filler"
 
 
@@ -42,9 +46,12 @@ def maybe_raise_on_prompt(prompt: str) -> None:
         raise RuntimeError(f"injected failure on prompt {prompt!r} (SINKSCOPE_FAULT_INJECT)")
 
 
-def maybe_kill_after_groups(finished_groups: int) -> None:
-    limit = _hooks().get("kill_after_groups")
-    if limit and finished_groups >= int(limit):
+def maybe_kill_after_groups(finished_groups: int, shard_id: int) -> None:
+    spec = _hooks().get("kill_after_groups")
+    if not spec:
+        return
+    limit, _, only = spec.partition(":")
+    if finished_groups >= int(limit) and (not only or int(only) == shard_id):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -64,6 +71,19 @@ def maybe_sleep_after_groups(finished_groups: int) -> None:
         # `==`, not `>=`: a requeued job keeps its environment and must not sleep again after resuming
         if finished_groups == int(count):
             time.sleep(float(seconds or 60))
+
+
+def maybe_hold_after_groups(finished_groups: int) -> None:
+    spec = _hooks().get("hold_after_groups")
+    if not spec:
+        return
+    count, _, path = spec.partition(":")
+    # `==`, not `>=`: a requeued or resumed shard keeps the groups it had and does not stop again
+    if finished_groups != int(count):
+        return
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+    while Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def maybe_rendezvous() -> None:

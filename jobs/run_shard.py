@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import socket
+import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +124,7 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
         return done
     started = time.time()
     running = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "job_id": os.environ.get("SINKSCOPE_JOB_ID"),
-               "node": os.environ.get("SLURMD_NODENAME")}
+               "node": node_name()}
     # padded: the space of the failed marker is reserved now, so a full disk can still record why it failed
     atomic_write_bytes(run.running_path(shard_id), _padded_json(running))
     with _ShardLog(run.log_path(shard_id)):
@@ -139,6 +140,16 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
             record_failure(run, shard_id, error)
             raise
     return marker
+
+
+def node_name() -> str | None:
+    """The cluster node running this process: Slurm's node name, or the Ray node id (several nodes may share a host)."""
+    if os.environ.get("SLURMD_NODENAME"):
+        return os.environ["SLURMD_NODENAME"]
+    ray = sys.modules.get("ray")  # only a Ray worker has imported it
+    if ray is not None and ray.is_initialized():
+        return f"ray:{ray.get_runtime_context().get_node_id()}"
+    return None
 
 
 def _padded_json(payload: dict) -> bytes:
@@ -167,6 +178,7 @@ def record_failure(run: RunDir, shard_id: int, error: BaseException, **extra) ->
         log.error("cannot write %s (%s): using the reserved running marker", run.failed_path(shard_id), write_error)
         data = json.dumps(record, sort_keys=True, default=str).encode()[:MARKER_RESERVE]
         try:
+            run.failed_path(shard_id).parent.mkdir(parents=True, exist_ok=True)
             os.replace(run.running_path(shard_id), run.failed_path(shard_id))
             with open(run.failed_path(shard_id), "r+b") as f:  # no truncation: the pages stay allocated
                 f.write(data + b" " * (MARKER_RESERVE - len(data)))
@@ -224,8 +236,9 @@ def _run_groups(run: RunDir, shard_id: int, progress, loaded, started: float, sw
                  first["prompt_id"], first["seed_index"], generated_s + written_s, generated_s, written_s)
         if progress:
             progress(finished, len(groups))
-        faults.maybe_kill_after_groups(finished)
+        faults.maybe_kill_after_groups(finished, shard_id)
         faults.maybe_sleep_after_groups(finished)
+        faults.maybe_hold_after_groups(finished)
         faults.maybe_fill_disk(finished, run.root)
 
     try:
@@ -338,17 +351,6 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def _ray_node_id() -> str | None:
-    """The Ray node that ran the shard (a Ray cluster may put several nodes on one host)."""
-    import sys
-
-    if "ray" not in sys.modules:
-        return None
-    import ray
-
-    return f"ray:{ray.get_runtime_context().get_node_id()}" if ray.is_initialized() else None
-
-
 def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, started: float) -> dict:
     import torch
 
@@ -369,7 +371,7 @@ def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, star
         "device": getattr(loaded, "device", None) if loaded is not None else None,
         "random_weights": bool(units.column("random_weights").to_pylist()[0]),
         "torch_threads": torch_threads,
-        "node": os.environ.get("SLURMD_NODENAME") or _ray_node_id(),
+        "node": node_name(),
         "started": started,
         "finished": time.time(),
     }

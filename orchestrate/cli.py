@@ -177,8 +177,11 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
             aside.unlink(missing_ok=True)
         errors: dict[str, str] = {}
         for record in records:
-            run.append_submission(record)
             errors.update(record.get("errors", {}))
+            try:
+                run.append_submission(record)
+            except OSError as error:  # e.g. the disk that failed the shards is still full: say so, go on
+                console.print(f"[yellow]could not record the run's outcome in {run.submissions_path}: {error}[/yellow]")
         return _settle(run, todo, errors)
 
 
@@ -198,9 +201,11 @@ def _settle(run: RunDir, shard_ids: list[int], errors: dict[str, str]) -> dict[i
             running.get("pid") == os.getpid() or not pid_alive(int(running.get("pid", -1))))
         if failed is None:
             why = errors.get(str(shard_id)) or "lost: its worker ended without a done or failed record"
-            atomic_write_json(run.failed_path(shard_id), {"error": why, "cause": "lost", "host": socket.gethostname(),
-                                                          "pid": running.get("pid"), "time": time.time()})
-            failed = {"error": why}
+            failed = {"error": why, "cause": "lost", "host": socket.gethostname(), "pid": running.get("pid"), "time": time.time()}
+            try:
+                atomic_write_json(run.failed_path(shard_id), failed)
+            except OSError as error:
+                console.print(f"[yellow]shard {shard_id}: could not write its failed marker: {error}[/yellow]")
         if ours:
             run.running_path(shard_id).unlink(missing_ok=True)
         unfinished[shard_id] = failed.get("error", "failed")
