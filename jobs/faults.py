@@ -10,9 +10,10 @@
   hold_after_groups:<n>:<file>  right after the n-th newly generated group, wait for as long as <file> exists: the
                                 shard is provably mid-run while a test kills, cancels or preempts something, and
                                 goes on the moment the test removes the file (no sleep decides anything)
-  rendezvous:<n>:<dir>          at the start of a shard, wait until <n> different processes have started a shard
-                                (each leaves a file in <dir>): every worker of a pool provably gets a shard,
-                                whatever the machine's load (no sleep decides it)
+  rendezvous                    at the start of a shard in a worker of the local executor's pool, wait until
+                                every worker of that pool has started one (each leaves a file in the run's
+                                state/.rendezvous-<pool>/): every worker provably gets a shard, whatever the
+                                machine's load (no sleep decides it). No effect outside a pool of 2+ workers.
   fill_disk_after_groups:<n>    after the n-th newly finished group, fill the run directory's filesystem
                                 (a file `sinkscope-filler` beside the run directory) until the kernel answers
                                 ENOSPC: the next write fails for real (use a small tmpfs or loop mount)
@@ -29,6 +30,7 @@ from pathlib import Path
 
 RENDEZVOUS_TIMEOUT_S = 600  # a safety net only: barriers and holds open as soon as the test lets them
 FILLER_NAME = "sinkscope-filler"
+POOL_ENV = "SINKSCOPE_LOCAL_POOL"  # "<workers>:<pool id>", set by the local executor in each spawned worker
 
 
 def _hooks() -> dict[str, str]:
@@ -86,18 +88,19 @@ def maybe_hold_after_groups(finished_groups: int) -> None:
         time.sleep(0.1)
 
 
-def maybe_rendezvous() -> None:
-    spec = _hooks().get("rendezvous")
-    if not spec:
+def maybe_rendezvous(run_root: Path) -> None:
+    if "rendezvous" not in _hooks():
         return
-    count, _, folder = spec.partition(":")
-    where = Path(folder)
+    size, _, pool = os.environ.get(POOL_ENV, "1:").partition(":")
+    if int(size) < 2:
+        return
+    where = run_root / "state" / f".rendezvous-{pool}"
     where.mkdir(parents=True, exist_ok=True)
     (where / f"pid-{os.getpid()}").touch()
     deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
-    while len(list(where.glob("pid-*"))) < int(count):
+    while len(list(where.glob("pid-*"))) < int(size):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"rendezvous: fewer than {count} processes reached {where} (SINKSCOPE_FAULT_INJECT)")
+            raise RuntimeError(f"rendezvous: fewer than {size} workers reached {where} (SINKSCOPE_FAULT_INJECT)")
         time.sleep(0.05)
 
 

@@ -208,7 +208,7 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
         log.info("shard %s: %d groups, %d units (pid %d, %d torch threads, OMP_NUM_THREADS=%s)", shard_id, len(groups),
                  len(rows), os.getpid(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
-        faults.maybe_rendezvous()
+        faults.maybe_rendezvous(run.root)
         return _run_groups(run, shard_id, progress, loaded, started, sweep, groups, scratch)
     finally:
         torch.set_num_threads(threads_before)

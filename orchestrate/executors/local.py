@@ -27,6 +27,7 @@ from multiprocessing.connection import wait as wait_ready
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from jobs.faults import POOL_ENV
 from jobs.rundir import RunDir
 from jobs.tasks import GENERATE, ShardJob
 from orchestrate.executors.base import Executor
@@ -80,8 +81,9 @@ def _progress_bar() -> Progress:
 
 
 def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events, job: ShardJob = GENERATE,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, pool: str = "") -> None:
     """One spawned worker: take shards from the shared queue until it is empty; report on its own pipe."""
+    os.environ[POOL_ENV] = pool  # the pool's size and id (fault hooks that coordinate its workers read it)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if threads is not None:
@@ -182,7 +184,8 @@ class LocalExecutor(Executor):
         for i in range(workers):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_loop,
-                               args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, writer, job, threads))
+                               args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, writer, job, threads,
+                                     f"{workers}:{os.getpid()}"))
             proc.start()
             writer.close()  # the worker holds the only write end: EOF on the reader means it has gone
             procs.append(proc)

@@ -34,7 +34,7 @@ def _workers(run: RunDir) -> dict[int, tuple[int, str]]:
 def _submit(tmp_path: Path, executor: dict, **sweep_extra) -> tuple[RunDir, dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     sweep = tiny_sweep(tmp_path, prompts=2, per_shard=1, executor=executor, **sweep_extra)
-    run_cli("submit", str(sweep), env={"SINKSCOPE_FAULT_INJECT": f"rendezvous:2:{tmp_path / 'rendezvous'}"})
+    run_cli("submit", str(sweep), env={"SINKSCOPE_FAULT_INJECT": "rendezvous"})
     (root,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     run = RunDir(root)
     assert run.done_shards() == {0, 1}

@@ -147,7 +147,7 @@ def test_two_workers_one_sigkilled_exits_nonzero_then_resume_matches_one_worker(
     shard 1's worker is SIGKILLed after its first group. `submit` must exit 1 naming shard 1 and the signal,
     the summary must show the final state (no "running"), and resume must end with the reference's pixels."""
     sweep = tiny_sweep(tmp_path, prompts=3, per_shard=1, executor={"kind": "local", "workers": 2, "threads_per_worker": 1})
-    faults = f"rendezvous:2:{tmp_path / 'rendezvous'},kill_after_groups:1:1"
+    faults = "rendezvous,kill_after_groups:1:1"
     killed = run_cli("submit", str(sweep), env={"SINKSCOPE_FAULT_INJECT": faults}, check=False)
     out = killed.stdout + killed.stderr
     assert killed.returncode == 1, out
