@@ -117,8 +117,10 @@ def table_files(root: Path) -> list[Path]:
     """Parquet data files under ``root`` as pyarrow discovers them (``_*``/``.*`` ignored)."""
     if not root.is_dir():
         return []
+    # an explicit (empty) schema: discovery lists the files without opening one, so a damaged part is
+    # reported by `_cast_file` with its shard, not by pyarrow's schema inference
     dataset = ds.dataset(
-        str(root), format="parquet", exclude_invalid_files=False, ignore_prefixes=[".", "_"]
+        str(root), format="parquet", schema=pa.schema([]), exclude_invalid_files=False, ignore_prefixes=[".", "_"]
     )
     return sorted(Path(f) for f in dataset.files)
 

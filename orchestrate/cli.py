@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -77,8 +78,10 @@ def _executor_for(run: RunDir, block: dict, kind: Optional[str], options: list[s
 
 def recorded_executor(run: RunDir) -> dict | None:
     """The executor block of the run's latest accepted generation submission (kind and options), or None."""
-    configs = [r["config"] for r in run.submissions()
-               if r.get("event") == "submit" and r.get("config") and is_generation_record(r)]
+    records = run.submissions()
+    refused = {r.get("attempt") for r in records if r.get("event") == "refused" and r.get("attempt")}
+    configs = [r["config"] for r in records if r.get("event") == "submit" and r.get("config") and is_generation_record(r)
+               and r.get("attempt") not in refused]
     return configs[-1] if configs else None
 
 
@@ -106,15 +109,16 @@ def _set_aside(run: RunDir, todo: list[int], statuses: dict) -> list[tuple[Path,
     return moved
 
 
-def _refused(run: RunDir, executor, shards: list[int], moved: list[tuple[Path, Path]], error: Exception) -> None:
-    """A scheduler refused the shards: put their markers back and record why; no shard state changes."""
+def _refused(run: RunDir, submitted: dict, shards: list[int], moved: list[tuple[Path, Path]], error: Exception) -> None:
+    """A scheduler refused the shards of the attempt `submitted`: put their markers back and record why (a
+    blocking executor's `submit` event of that attempt is already written; `recorded_executor` skips it)."""
     for aside, path in moved:
         if int(path.stem.split("-")[1]) in shards:
             os.replace(aside, path)
         else:
             aside.unlink(missing_ok=True)
-    run.append_submission({"executor": executor.kind, "event": "refused", "shards": shards, "message": str(error),
-                           "config": executor.config.model_dump()})
+    run.append_submission({"executor": submitted["executor"], "event": "refused", "shards": shards, "message": str(error),
+                           "config": submitted["config"], "attempt": submitted["attempt"]})
 
 
 def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False) -> dict[int, str]:
@@ -122,7 +126,7 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
 
     Returns the shards a blocking executor (local, Ray `address: local`) left unfinished, with why; queued
     shards are not known yet (empty). A refused submission changes no shard state: it is recorded as a
-    `refused` event with the scheduler's message, and the command exits 1.
+    `refused` event with the scheduler's message (and the attempt's id), and the command exits 2.
     """
     with run.lock():
         statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run), verify=verify)}
@@ -140,15 +144,16 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
         if stale:
             console.print(f"removed {len(stale)} temporary file(s) left by dead writers")
         moved = _set_aside(run, todo, statuses)
-        submitted = {"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()}
+        submitted = {"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump(),
+                     "attempt": uuid.uuid4().hex[:12]}
         if not executor.blocking:
             try:
                 records = executor.submit(run, todo)
             except RuntimeError as error:  # e.g. sbatch refused (arrays queued before it are recorded by the executor)
                 queued = [s for r in getattr(error, "records", []) for s in r["shards"]]
                 if queued:
-                    run.append_submission({**submitted, "shards": queued})
-                _refused(run, executor, [s for s in todo if s not in queued], moved, error)
+                    run.append_submission({**submitted, "shards": queued, "attempt": f"{submitted['attempt']}-partial"})
+                _refused(run, submitted, [s for s in todo if s not in queued], moved, error)
                 _fail(f"{executor.kind} refused the submission (no shard state changed; recorded in "
                       f"{run.submissions_path}): {error}")
             for aside, _ in moved:
@@ -170,7 +175,7 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
         with run.lock():
             for shard_id in todo:
                 run.running_path(shard_id).unlink(missing_ok=True)
-            _refused(run, executor, todo, moved, error)
+            _refused(run, submitted, todo, moved, error)
         _fail(f"{executor.kind} executor refused the shards (no shard state changed): {error}")
     with run.lock():
         for aside, _ in moved:

@@ -20,7 +20,7 @@
 #        SINKSCOPE_RAY_PORT (6390, GCS), SINKSCOPE_RAY_DASHBOARD_PORT (8266, Jobs + state API),
 #        SINKSCOPE_RAY_CLIENT_PORT (20101), SINKSCOPE_RAY_AGENT_PORT (52375), SINKSCOPE_RAY_NUM_CPUS ($(nproc)),
 #        SINKSCOPE_RAY_NUM_GPUS (unset: detected; N: advertise N GPUs, fake ones on a CPU machine),
-#        SINKSCOPE_RAY_PYTHON (python with ray installed; default .venv/bin/python of the repo).
+#        SINKSCOPE_RAY_PYTHON (python with ray installed; default .venv/bin/python of the repo, else python3 on PATH).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 ROOT=${SINKSCOPE_RAY_ROOT:-${TMPDIR:-/tmp}/sinkscope-ray}
@@ -30,6 +30,7 @@ CLIENT=${SINKSCOPE_RAY_CLIENT_PORT:-20101}
 AGENT=${SINKSCOPE_RAY_AGENT_PORT:-52375}
 NCPUS=${SINKSCOPE_RAY_NUM_CPUS:-$(nproc)}
 PY=${SINKSCOPE_RAY_PYTHON:-$REPO/.venv/bin/python}
+[ -n "${SINKSCOPE_RAY_PYTHON:-}" ] || [ -x "$PY" ] || PY=$(command -v python3 || command -v python)  # e.g. a worktree
 RAY=$(dirname "$PY")/ray
 export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 PGID_FILE=$ROOT/head.pgid

@@ -12,7 +12,7 @@ import pytest
 
 from jobs.rundir import RunDir
 from tests.cluster.conftest import (
-    RAY_ENV, REF_PROMPTS, assert_same_as_reference, cluster_sweep, free_disk, only_run, slurm_block,
+    RAY_ENV, REF_PROMPTS, assert_same_as_reference, cluster_sweep, executor_of, free_disk, only_run, slurm_block,
     submission_records, temp_files, wait_done, wait_for,
 )
 from tests.conftest import run_cli
@@ -23,6 +23,12 @@ FILL = {"SINKSCOPE_FAULT_INJECT": "fill_disk_after_groups:1"}  # the second grou
 
 def _summary(stdout: str) -> str:
     return [line for line in stdout.splitlines() if line.startswith("shards:")][-1]
+
+
+def _wait_failed(run: RunDir) -> None:
+    """The failed marker is written before the job's process exits: wait for the scheduler to agree."""
+    wait_for(lambda: run.failed_shards() == {0} and executor_of(run).scheduler_states(run).get(0) == "failed", 240,
+             "the shard to fail on the full disk", run)
 
 
 def _assert_failed_for_disk_full(run: RunDir) -> dict:
@@ -59,7 +65,7 @@ def test_slurm_disk_full_refused_resubmission_then_resume_to_slurm(slurm_cluster
     sweep = cluster_sweep(small_fs, "fullslurm", ids=REF_PROMPTS[:2], per_shard=2, executor=slurm_block(slurm_cluster))
     run_cli("submit", str(sweep), env=FILL)
     run = only_run(small_fs / "runs")
-    wait_for(lambda: run.failed_shards() == {0}, 240, "the shard to fail on the full disk", run)
+    _wait_failed(run)
     failed = _assert_failed_for_disk_full(run)
     free_disk(small_fs)
     # sbatch refuses an unknown GRES: nothing about the shard may change, the refusal is recorded
@@ -86,7 +92,7 @@ def test_ray_disk_full_then_resume_to_ray(ray_head, small_fs, reference):
                           executor={"kind": "ray", "address": ray_head, "num_gpus": 1, "num_cpus": 2, "max_retries": 1})
     run_cli("submit", str(sweep), env={**RAY_ENV, **FILL})
     run = only_run(small_fs / "runs")
-    wait_for(lambda: run.failed_shards() == {0}, 240, "the shard to fail on the full disk", run)
+    _wait_failed(run)
     _assert_failed_for_disk_full(run)
     jobs = len(submission_records(run, "ray", "job"))
     _resume_and_compare(run, reference, small_fs, env=RAY_ENV)
