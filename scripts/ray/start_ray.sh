@@ -66,7 +66,9 @@ join() {
   local gpu_args=()
   [ -n "${SINKSCOPE_RAY_NODE_GPUS:-}" ] && gpu_args=(--num-gpus="$SINKSCOPE_RAY_NODE_GPUS")
   # ports of its own: a second raylet on the head's host must not collide with the head's
-  setsid "$RAY" start --address="127.0.0.1:$PORT" --block --node-ip-address=127.0.0.1 \
+  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (kept for the head and drivers) also makes `ray start --address` refuse to
+  # join ("Multi-node Ray clusters are not supported"): 1 for this node only, its address given explicitly
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 setsid "$RAY" start --address="127.0.0.1:$PORT" --block --node-ip-address=127.0.0.1 \
     --num-cpus="${SINKSCOPE_RAY_NODE_CPUS:-1}" "${gpu_args[@]}" --node-manager-port=20110 --object-manager-port=20111 \
     --min-worker-port=20200 --max-worker-port=20299 --dashboard-agent-listen-port=52385 \
     --dashboard-agent-grpc-port=52386 --metrics-export-port=52387 --runtime-env-agent-port=52388 \
