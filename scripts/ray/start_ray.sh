@@ -66,9 +66,18 @@ join() {
   local gpu_args=()
   [ -n "${SINKSCOPE_RAY_NODE_GPUS:-}" ] && gpu_args=(--num-gpus="$SINKSCOPE_RAY_NODE_GPUS")
   # ports of its own: a second raylet on the head's host must not collide with the head's
-  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (kept for the head and drivers) also makes `ray start --address` refuse to
-  # join ("Multi-node Ray clusters are not supported"): 1 for this node only, its address given explicitly
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 setsid "$RAY" start --address="127.0.0.1:$PORT" --block --node-ip-address=127.0.0.1 \
+  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (kept for the head and drivers) makes `ray start --address` refuse to join
+  # ("Multi-node Ray clusters are not supported"); at 1, `ray start` rewrites 127.0.0.1 in --address to the host's
+  # outward address, where the head (bound to 127.0.0.1) does not listen. So this node runs `ray start` at 1 with
+  # that one rewrite switched off in its own process (Ray offers no option for it).
+  # a loaded machine starts the node's Python agents slowly: give them minutes, not seconds, to register
+  RAY_agent_register_timeout_ms=180000 RAY_raylet_start_wait_time_s=180 \
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 setsid "$PY" -c 'import sys
+import ray._private.services as services
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()' start --address="127.0.0.1:$PORT" --block --node-ip-address=127.0.0.1 \
     --num-cpus="${SINKSCOPE_RAY_NODE_CPUS:-1}" "${gpu_args[@]}" --node-manager-port=20110 --object-manager-port=20111 \
     --min-worker-port=20200 --max-worker-port=20299 --dashboard-agent-listen-port=52385 \
     --dashboard-agent-grpc-port=52386 --metrics-export-port=52387 --runtime-env-agent-port=52388 \
@@ -78,7 +87,7 @@ join() {
   if "$PY" - "$DASH" "$(cat "$NODE_PGID_FILE")" <<'PY'
 import os, sys, time
 from ray.util.state import list_nodes
-deadline = time.monotonic() + 120
+deadline = time.monotonic() + 240
 while time.monotonic() < deadline:
     try:
         os.killpg(int(sys.argv[2]), 0)
