@@ -54,15 +54,14 @@ stop() {
   log "stopped Ray head (process group $g)"
 }
 
-leave() {
+leave() {  # its process group and every descendant: Ray workers may leave the group, they must die too
   [ -s "$NODE_PGID_FILE" ] || return 0
-  kill -KILL -- "-$(cat "$NODE_PGID_FILE")" 2>/dev/null || true
+  "$PY" "$REPO/scripts/kill_tree.py" "$(cat "$NODE_PGID_FILE")" >&2 || kill -KILL -- "-$(cat "$NODE_PGID_FILE")" 2>/dev/null || true
   rm -f "$NODE_PGID_FILE"
   log "second node lost (process group SIGKILLed)"
 }
 
-join() {
-  [ -s "$NODE_PGID_FILE" ] && kill -0 -- "-$(cat "$NODE_PGID_FILE")" 2>/dev/null && { log "second node already joined"; return 0; }
+join_once() {
   local gpu_args=()
   [ -n "${SINKSCOPE_RAY_NODE_GPUS:-}" ] && gpu_args=(--num-gpus="$SINKSCOPE_RAY_NODE_GPUS")
   # ports of its own: a second raylet on the head's host must not collide with the head's
@@ -70,7 +69,7 @@ join() {
   # ("Multi-node Ray clusters are not supported"); at 1, `ray start` rewrites 127.0.0.1 in --address to the host's
   # outward address, where the head (bound to 127.0.0.1) does not listen. So this node runs `ray start` at 1 with
   # that one rewrite switched off in its own process (Ray offers no option for it).
-  # a loaded machine starts the node's Python agents slowly: give them minutes, not seconds, to register
+  # a loaded machine starts the node's Python agents slowly: give them minutes to register where Ray lets us
   RAY_agent_register_timeout_ms=180000 RAY_raylet_start_wait_time_s=180 \
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 setsid "$PY" -c 'import sys
 import ray._private.services as services
@@ -102,7 +101,18 @@ while time.monotonic() < deadline:
 sys.exit(1)
 PY
   then log "second node joined (process group $(cat "$NODE_PGID_FILE"))"; return 0; fi
-  tail -n 30 "$ROOT/node2.log" >&2; leave; echo "[start_ray] ERROR: the second node did not join" >&2; exit 1
+  tail -n 5 "$ROOT/node2.log" >&2; leave; return 1
+}
+
+# Ray's raylet gives its dashboard agent a fixed ~15 s to write its port file and aborts otherwise (no setting for
+# it in Ray 2.60); a loaded machine can need longer to import the agent, so a failed start is retried twice.
+join() {
+  [ -s "$NODE_PGID_FILE" ] && kill -0 -- "-$(cat "$NODE_PGID_FILE")" 2>/dev/null && { log "second node already joined"; return 0; }
+  for attempt in 1 2 3; do
+    join_once && return 0
+    log "second node did not join (attempt $attempt)"
+  done
+  echo "[start_ray] ERROR: the second node did not join" >&2; exit 1
 }
 
 case "${1:-start}" in

@@ -9,9 +9,8 @@ schedules around; what is not is a network between them (docs/cluster.md, "The f
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from tests.cluster.conftest import (
     RAY_ENV, REF_PROMPTS, assert_same_as_reference, cluster_sweep, executor_of, lose_ray_node, only_run,
     scratch_groups, submission_records, wait_done, wait_for,
 )
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -41,21 +40,6 @@ def _running_nodes(run: RunDir) -> dict[int, str]:
     return {s: (run.read_marker("running", s) or {}).get("node") for s in (0, 1)}
 
 
-def _descendants(pids: set[int]) -> set[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(pids), set(pids)
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def lose_slurm_node(root: Path, node: str) -> None:
     """SIGKILL `node`'s slurmd and the job steps it runs (slurmstepd and everything under it): the controller
     hears nothing more from that node and marks it DOWN after SlurmdTimeout, as for a machine that died."""
@@ -68,11 +52,7 @@ def lose_slurm_node(root: Path, node: str) -> None:
             continue
         if title.startswith("slurmstepd: [") and title[len("slurmstepd: ["):].split(".")[0].split("]")[0] in jobs:
             victims.add(int(cmdline.parent.name))
-    for pid in _descendants(victims):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    subprocess.run([sys.executable, str(REPO / "scripts" / "kill_tree.py"), *map(str, victims)], check=True, capture_output=True)
 
 
 @pytest.mark.slurm
