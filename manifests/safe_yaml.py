@@ -1,0 +1,129 @@
+"""Bounded YAML reading for sweep files: any file is answered in about a second, with a short message.
+
+PyYAML alone will happily expand an alias bomb, recurse through a 10 000-deep nesting until Python's
+stack gives out, keep the last of two equal keys, and take minutes on a multi-megabyte file without
+libyaml. So before anything is built:
+
+- the file's size is capped (`MAX_SWEEP_BYTES`) and it must decode as UTF-8 (the error gives the byte offset);
+- a first pass over libyaml's event stream (flat, no recursion) bounds the nesting depth, the number of
+  aliases, and the number of nodes the document would have once every alias is expanded;
+- the document is then constructed by a loader that rejects duplicate keys in a mapping.
+
+PyYAML has no such limits of its own, hence this module. `CSafeLoader` (libyaml) is used where installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+MAX_SWEEP_BYTES = 1 << 20  # 1 MiB: a sweep with thousands of arms and explicit prompt ids is far below it
+MAX_DEPTH = 32  # nested mappings/sequences; the deepest real sweep (arm_grid → vary → step_window) is 5
+MAX_ALIASES = 100  # `*anchor` references in one file
+MAX_NODES = 200_000  # scalars + collections after expanding every alias (a billion-laughs file is 10⁹)
+
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class YamlLimitError(ValueError):
+    """The text is not a YAML document this project will read. The message is one short line."""
+
+
+def decode_utf8(data: bytes, what: str = "file") -> str:
+    """UTF-8 text of `data`; a failure names the byte offset and line of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise YamlLimitError(
+            f"{what} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}) "
+            f"cannot be decoded; save the file as UTF-8"
+        ) from None
+
+
+def _where(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+
+
+def check_structure(text: str) -> None:
+    """Walk the event stream once, bounding depth, aliases and the expanded node count."""
+    depth = 0
+    aliases = 0
+    # one counter per open collection: nodes inside it, aliases expanded; anchors -> expanded size
+    open_sizes: list[tuple[int, str | None]] = []
+    anchor_size: dict[str, int] = {}
+    total = 0
+    try:
+        for event in yaml.parse(text, Loader=SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise YamlLimitError(f"{_where(event.start_mark)}nested more than {MAX_DEPTH} levels deep")
+                open_sizes.append((total, event.anchor))
+                total += 1
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+                start, anchor = open_sizes.pop()
+                if anchor is not None:
+                    anchor_size[anchor] = total - start
+            elif isinstance(event, yaml.ScalarEvent):
+                total += 1
+                if event.anchor is not None:
+                    anchor_size[event.anchor] = 1
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_ALIASES:
+                    raise YamlLimitError(f"{_where(event.start_mark)}more than {MAX_ALIASES} aliases (*name)")
+                total += anchor_size.get(event.anchor, 1)  # an undefined anchor is reported by the loader
+            if total > MAX_NODES:
+                raise YamlLimitError(
+                    f"{_where(event.start_mark)}the document expands to more than {MAX_NODES} values "
+                    f"(aliases included); a sweep file is far smaller"
+                )
+    except yaml.YAMLError as e:
+        raise YamlLimitError(describe_yaml_error(e)) from None
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    return f"{_where(mark)}not valid YAML ({problem})"
+
+
+class _UniqueKeyLoader(SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML says keys are unique; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` may be overridden by the mapping's own keys
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "a mapping key must be a plain value, not a list or mapping", key_node.start_mark
+                    ) from None
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_bounded(data: bytes, what: str = "file") -> Any:
+    """Parse one YAML document from `data` within the limits above; raises YamlLimitError with one short line."""
+    if len(data) > MAX_SWEEP_BYTES:
+        raise YamlLimitError(f"{what} is {len(data)} bytes; a sweep file may be at most {MAX_SWEEP_BYTES} bytes")
+    text = decode_utf8(data, what)
+    check_structure(text)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise YamlLimitError(describe_yaml_error(e)) from None
+    except RecursionError:  # unreachable after check_structure, kept so no traceback can escape
+        raise YamlLimitError(f"nested more than {MAX_DEPTH} levels deep") from None
