@@ -170,7 +170,7 @@ class Intervention(BaseModel):
             wanted = " or ".join(f"{op}={v}" for op, values in used_when.items() for v in values)
             raise ValueError(
                 f"`{field}` ({value!r}) contradicts {current}: {field} is used only with {wanted}; "
-                f"remove {field} (or set it to {default!r}) or change {' / '.join(used_when)}"
+                f"remove {field} (or set it to {'null' if default is None else default!r}) or change {' / '.join(used_when)}"
             )
 
     @property

@@ -94,3 +94,8 @@ def unknown_key_message(key: str, keys: list[str]) -> str:
     if keys:
         parts.append(f"valid keys here: {', '.join(keys)}")
     return "; ".join(parts)
+
+
+def keys_related(a: str, b: str) -> bool:
+    """One dotted key is the other or lies inside it (a problem of `arms.1.intervention` concerns `arms.1.intervention.bias`)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from manifests.compose import Override, apply_overrides, expand_arm_grids, parse_override
-from manifests.keys import models_at, unknown_key_message, valid_keys
+from manifests.keys import keys_related, models_at, unknown_key_message, valid_keys
 from manifests.prompts import Prompt, load_bundled, load_file
 from manifests.safe_yaml import YamlLimitError, load_bounded
 from manifests.schema import ArmGridSpec, Sweep
@@ -66,9 +66,9 @@ def describe_error(error: dict, root: type = Sweep, prefix: str = "") -> str:
     key = prefix + _key_path(loc) if loc else (prefix.rstrip(".") or "(top level)")
     kind = error["type"]
     if kind == "extra_forbidden":
-        parent = _key_path(loc[:-1]) if len(loc) > 1 else "the top level"
+        parent = prefix + _key_path(loc[:-1]) if len(loc) > 1 else (prefix.rstrip(".") or "the top level")
         keys = valid_keys(models_at(root, loc[:-1]))
-        return f"{key}: {unknown_key_message(str(loc[-1]), keys)} (under {prefix}{parent})"
+        return f"{key}: {unknown_key_message(str(loc[-1]), keys)} (under {parent})"
     if kind == "missing":
         return f"{key}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
@@ -132,7 +132,7 @@ def _attribute(problems: list[str], overrides: list[Override]) -> list[str]:
     out = []
     for problem in problems:
         key = problem.split(":", 1)[0]
-        hits = [o for o in overrides if _normal(key) == _normal(o.key) or _normal(key).startswith(_normal(o.key) + ".")]
+        hits = [o for o in overrides if keys_related(_normal(key), _normal(o.key))]
         out.append(f"{problem} (from {hits[-1].text}={short_repr(hits[-1].value)})" if hits else problem)
     return out
 

@@ -82,13 +82,17 @@ def check_structure(text: str) -> None:
                     f"(aliases included); a sweep file is far smaller"
                 )
     except yaml.YAMLError as e:
-        raise YamlLimitError(describe_yaml_error(e)) from None
+        raise YamlLimitError(describe_yaml_error(e, text)) from None
 
 
-def describe_yaml_error(error: yaml.YAMLError) -> str:
+def describe_yaml_error(error: yaml.YAMLError, text: str = "") -> str:
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error)
-    return f"{_where(mark)}not valid YAML ({problem})"
+    context = getattr(error, "context", None)
+    hint = ""
+    if mark is not None and 0 <= mark.index < len(text) and text[mark.index] == "\t":
+        hint = "; YAML indents with spaces, not tabs"
+    return f"{_where(mark)}not valid YAML ({context + ', ' if context else ''}{problem}{hint})"
 
 
 class _UniqueKeyLoader(SafeLoader):
@@ -124,6 +128,6 @@ def load_bounded(data: bytes, what: str = "file") -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise YamlLimitError(describe_yaml_error(e)) from None
+        raise YamlLimitError(describe_yaml_error(e, text)) from None
     except RecursionError:  # unreachable after check_structure, kept so no traceback can escape
         raise YamlLimitError(f"nested more than {MAX_DEPTH} levels deep") from None

@@ -21,22 +21,24 @@ from manifests.prompts import BUNDLED_SETS
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a path component and a shell word
 MAX_SWEEP_NAME = 100  # the run directory is <name>-<hash8>: well under any file system's 255-byte limit
 MAX_ARM_NAME = 64  # arm names end up in unit ids and image file names
-MAX_SEED = 2**63 - 1  # seeds are stored as int64 (manifest) and fed to torch.Generator
 
 
-def _single_line(value: str | None) -> str | None:
+def _one_line(value: str) -> str:
     """Values written into job scripts or command lines: no line breaks or other control characters."""
-    if value is None:
-        return value
     bad = sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
     if bad:
         raise ValueError(f"must be one line without control characters (found {', '.join(bad)})")
+    return value
+
+
+def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
     return value
 
 
-SingleLine = Annotated[str, AfterValidator(_single_line)]
+OneLine = Annotated[str, AfterValidator(_one_line)]  # may be empty (a bare sbatch flag)
+SingleLine = Annotated[str, AfterValidator(_one_line), AfterValidator(_not_blank)]
 # A Slurm word (partition, account, qos): what `sinfo`/`sacctmgr` print; comma-separated lists allowed.
 SlurmWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,+-]+$", max_length=200)]
 
@@ -121,6 +123,7 @@ class PromptSpec(_Strict):
 
 
 class SeedSpec(_Strict):
+    # bounds keep base + prompt_id + (count − 1) · stride inside int64 (the manifest's seed column, torch.Generator)
     base: int = Field(42, ge=0, le=2**62, description="seed of seed_index 0 of prompt 0")
     count: int = Field(1, ge=1, le=10_000)
     stride: int = Field(1_000_000, ge=1, le=2**48, description="seed = base + prompt_id + seed_index * stride")
@@ -200,7 +203,7 @@ class SlurmExecutorConfig(_Strict):
     array_parallelism: int = Field(64, ge=1, le=1_000_000)
     max_array_size: int | None = Field(None, ge=1, le=100_000_000, description="default: MaxArraySize from `scontrol show config`")
     setup: list[SingleLine] = Field(default_factory=list, description="shell lines run before the job (module load ...), one per item")
-    sbatch_extra: dict[str, SingleLine] = Field(
+    sbatch_extra: dict[str, OneLine] = Field(
         default_factory=dict,
         description="more sbatch options, name -> value ('' or 'true' for a bare flag); options sinkscope sets itself are refused",
     )
@@ -338,9 +341,6 @@ class Sweep(_Strict):
             raise ValueError(f"arms: duplicate arm names {dupes}")
         if self.analysis.baseline is not None and self.analysis.baseline not in names:
             raise ValueError(f"analysis.baseline: {self.analysis.baseline!r} is not an arm name (arms: {names})")
-        last_seed = self.seeds.base + 10_000_000 + (self.seeds.count - 1) * self.seeds.stride
-        if last_seed > MAX_SEED:
-            raise ValueError(f"seeds: base + prompt_id + (count − 1) × stride reaches {last_seed}, past the int64 seed range")
         geo = self.model.geometry()
         height, width = self.resolution()
         if geo is not None and geo.modules:

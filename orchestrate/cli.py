@@ -44,32 +44,57 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _parse_overrides(pairs: list[str], source: str) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            _fail(f"{source}: expected KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+EXECUTOR_KINDS = ("local", "slurm", "ray")
+SET_HELP = "override one key of the sweep file, dotted KEY=VALUE (e.g. generation.steps=4, arms[0].intervention.k=2); repeatable"
+
+
+def executor_config(sweep, kind: Optional[str], options: list[str]):
+    """The sweep's executor block with --executor / --executor-opt applied, validated: raises ValueError naming
+    the option, the key and the valid keys (the run directory does not exist yet when this is called)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from manifests.compose import apply_overrides, parse_override
+    from manifests.keys import closest_key, valid_keys
+    from manifests.keys import keys_related
+    from manifests.load import describe_error, short_repr
+    from manifests.schema import ExecutorConfig, LocalExecutorConfig, RayExecutorConfig, SlurmExecutorConfig
+
+    block = sweep.executor.model_dump(exclude_unset=True) | {"kind": sweep.executor.kind}
+    if kind:
+        if kind not in EXECUTOR_KINDS:
+            hint = closest_key(kind, list(EXECUTOR_KINDS))
+            raise ValueError(f"--executor {kind!r}: unknown executor{f'; did you mean {hint!r}?' if hint else ''} "
+                             f"(expected one of {', '.join(EXECUTOR_KINDS)})")
+        if kind != block["kind"]:
+            block = {"kind": kind}
+    classes = {"local": LocalExecutorConfig, "slurm": SlurmExecutorConfig, "ray": RayExecutorConfig}
+    model = classes[block["kind"]]
+    parsed = []
+    for pair in options:
+        override = parse_override(pair, source="--executor-opt")
+        if override.path[0] == "kind":
+            raise ValueError(f"--executor-opt {pair}: choose the executor with --executor, not executor-opt")
+        parsed.append(override)
+    block = apply_overrides(block, parsed)
+    try:
+        return TypeAdapter(ExecutorConfig).validate_python(block)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            line = describe_error({**err, "loc": tuple(err["loc"])[1:]}, model, prefix="executor.")  # drop the union's tag
+            key, rest = line.split(":", 1)
+            given = [o for o in parsed if keys_related(key, f"executor.{o.key}")]
+            where = f"--executor-opt {given[-1].key}={short_repr(given[-1].value)}" if given else f"{key} (in the sweep file)"
+            problems.append(f"{where}:{rest}")
+        raise ValueError(f"invalid {block['kind']} executor options\n" + "\n".join(f"  - {p}" for p in problems)) from None
 
 
 def _executor_for(run: RunDir, sweep, kind: Optional[str], options: list[str]):
     """The sweep's executor block, with the command line's --executor / --executor-opt applied on top."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from manifests.schema import ExecutorConfig
-
-    block = sweep.executor.model_dump()
-    if kind and kind != block["kind"]:
-        block = {"kind": kind}
-    block.update(_parse_overrides(options, "--executor-opt"))
     try:
-        config = TypeAdapter(ExecutorConfig).validate_python(block)
-    except ValidationError as e:
-        problems = "; ".join(f"executor.{'.'.join(map(str, err['loc'][1:]))}: {err['msg']}" for err in e.errors())
-        _fail(f"command-line executor options: {problems}")
-    return make_executor(config)
+        return make_executor(executor_config(sweep, kind, options))
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _load_run(run_dir: Path) -> tuple[RunDir, object]:
@@ -78,7 +103,10 @@ def _load_run(run_dir: Path) -> tuple[RunDir, object]:
     run = RunDir(run_dir)
     if not run.exists():
         _fail(f"{run_dir}: not a sinkscope run directory (no sweep.yaml + manifest.parquet)")
-    sweep, _ = read_sweep_file(run.sweep_path)
+    try:
+        sweep, _ = read_sweep_file(run.sweep_path)
+    except SweepError as e:
+        _fail(f"{run_dir}: the run's frozen sweep cannot be read: {e}")
     return run, sweep
 
 
@@ -156,12 +184,45 @@ def _scheduler_states(run: RunDir) -> dict[int, str]:
 
 
 @app.command()
-def plan(sweep: Path = typer.Argument(..., help="sweep.yaml to check and expand")) -> None:
-    """Validate a sweep and print its units, shards and an estimate of GPU time. Runs nothing."""
-    try:
-        manifest, _ = build_manifest(sweep)
-    except SweepError as e:
-        _fail(str(e))
+def plan(
+    sweeps: list[Path] = typer.Argument(..., help="sweep files to check and expand (each one is a run)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output_root: Optional[Path] = typer.Option(None, help="check this output_root instead of the sweep's"),
+) -> None:
+    """Validate sweeps and print their units, shards and an estimate of GPU time. Runs and writes nothing.
+
+    Every file is checked (syntax, keys, values, the model folder, the prompt file, that the output root is
+    writable); exits 2 if any of them is invalid, after reporting all of them.
+    """
+    invalid = 0
+    for path in sweeps:
+        try:
+            manifest = _planned_manifest(path, set_, output_root)
+        except SweepError as e:
+            _print_error(str(e))
+            invalid += 1
+            continue
+        _print_plan(manifest)
+    if invalid:
+        if len(sweeps) > 1:
+            _print_error(f"{invalid} of {len(sweeps)} sweep files are invalid")
+        raise typer.Exit(2)
+
+
+def _print_error(message: str) -> None:
+    console.print("[red]error:[/red] ", end="", highlight=False)
+    console.print(message, markup=False, highlight=False)
+
+
+def _planned_manifest(path: Path, overrides: list[str], output_root: Optional[Path] = None):
+    """The manifest of one sweep file after every plan-time check (nothing is written)."""
+    from manifests import expand, plan_sweep_file
+
+    sweep, _, prompts = plan_sweep_file(path, overrides, output_root)
+    return expand(sweep, prompts)
+
+
+def _print_plan(manifest) -> None:
     s = manifest.sweep
     height, width = s.resolution()
     table = Table(title=f"{s.name} ({manifest.config_hash[:8]})")
@@ -185,47 +246,86 @@ def plan(sweep: Path = typer.Argument(..., help="sweep.yaml to check and expand"
 
 @app.command()
 def submit(
-    sweep: Optional[Path] = typer.Argument(None, help="sweep.yaml (default: the embedded demo sweep on tiny-sd3)"),
+    sweeps: Optional[list[Path]] = typer.Argument(
+        None, help="sweep files, one run each (default: the embedded demo sweep on tiny-sd3)"
+    ),
     executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
-    executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+    executor_opt: list[str] = typer.Option(
+        [], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (dotted for sbatch_extra.NAME; repeatable)"
+    ),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     output_root: Optional[Path] = typer.Option(None, help="override output_root"),
     smoke: bool = typer.Option(False, "--smoke", help="run a shrunken copy here first: tiny random model, 2 prompts, 2 steps"),
 ) -> None:
-    """Create (or re-open) the run directory of a sweep and run its unfinished shards.
+    """Create (or re-open) the run directory of each sweep and run its unfinished shards.
 
-    The local executor runs them here and returns when they are done; slurm and ray return at once.
-    With --smoke, a shrunken copy of the sweep runs locally instead (same arms, tiny random model), to
+    Every sweep file, --set and executor option is validated before any run directory is created; one
+    invalid file stops them all (exit 2). The local executor runs the shards here and returns when they are
+    done; slurm and ray return at once. The exit code is the worst over the runs: 1 if any shard failed.
+    With --smoke, a shrunken copy of each sweep runs locally instead (same arms, tiny random model), to
     check it end to end in a minute before spending GPU hours.
     """
-    sweep = sweep or default_sweep()
+    paths = list(sweeps or [default_sweep()])
+    overrides = list(set_)
     if smoke:
-        sweep = _write_smoke_copy(sweep, output_root)
         executor, executor_opt = "local", []
+    planned = []
+    invalid = 0
+    for path in paths:  # everything is checked before anything is written
+        try:
+            manifest = _planned_manifest(path, overrides, output_root)
+            config = executor_config(manifest.sweep, executor, executor_opt)
+        except (SweepError, ValueError) as e:
+            _print_error(str(e) if isinstance(e, SweepError) else f"{path}: {e}")
+            invalid += 1
+            continue
+        planned.append((path, config))
+    if invalid:
+        if len(paths) > 1:
+            _print_error(f"{invalid} of {len(paths)} sweep files are invalid; nothing was submitted")
+        raise typer.Exit(2)
+    codes = [_submit_one(path, config, overrides, output_root, smoke) for path, config in planned]
+    if len(codes) > 1:
+        console.print(f"{len(codes)} runs: {sum(c == 0 for c in codes)} submitted cleanly, {sum(c != 0 for c in codes)} with errors")
+    if max(codes):
+        raise typer.Exit(max(codes))
+
+
+def _submit_one(path: Path, config, overrides: list[str], output_root: Optional[Path], smoke: bool) -> int:
+    """Create or re-open one run and dispatch it; returns its exit code (0, 1: shards failed, 2: refused)."""
     try:
-        run, manifest, created = create_run(sweep, None if output_root is None else str(output_root))
+        if smoke:
+            path = _write_smoke_copy(path, output_root, overrides)
+            overrides = []
+        run, manifest, created = create_run(path, None if output_root is None else str(output_root), overrides=overrides)
+        console.print(f"{'created' if created else 're-opened'} run [bold]{run.root}[/bold]")
+        ex = make_executor(config if not smoke else manifest.sweep.executor)
+        failed = _dispatch(run, ex, manifest.shard_ids)
+        _print_summary(run)
+        if failed:
+            _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
     except SweepError as e:
-        _fail(str(e))
-    console.print(f"{'created' if created else 're-opened'} run [bold]{run.root}[/bold]")
-    ex = _executor_for(run, manifest.sweep, executor, executor_opt)
-    failed = _dispatch(run, ex, manifest.shard_ids)
-    _print_summary(run)
-    if failed:
-        _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
+        _print_error(str(e))
+        return 2
+    except typer.Exit as e:
+        return int(e.exit_code)
+    return 0
 
 
-def _write_smoke_copy(sweep_path: Path, output_root: Optional[Path]) -> Path:
+def _write_smoke_copy(sweep_path: Path, output_root: Optional[Path], overrides: list[str] = ()) -> Path:
     from manifests import read_sweep_file
+    from manifests.compose import materialise_arm_grids
     from manifests.shrink import shrink
 
     try:
-        sweep, raw = read_sweep_file(sweep_path)
+        sweep, raw = read_sweep_file(sweep_path, overrides)
     except SweepError as e:
         _fail(str(e))
     geometry = sweep.model.geometry()
     if geometry is None:
         _fail(f"{sweep_path}: model {sweep.model.label!r} is not in the geometry table; --smoke cannot map its layers")
     try:
-        small = shrink(raw, geometry.family, geometry.num_layers)
+        small = shrink(materialise_arm_grids(raw), geometry.family, geometry.num_layers)
     except ValueError as e:
         _fail(f"{sweep_path}: {e}")
     if sweep.prompts.file is not None and not Path(sweep.prompts.file).is_absolute():
@@ -299,13 +399,23 @@ def resume(
 
 @app.command()
 def status(
-    run_dir: Path = typer.Argument(..., help="run directory"),
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (one or more)"),
     verify: bool = typer.Option(False, help="check every done shard's files against its checksums"),
     all_shards: bool = typer.Option(False, "--all", help="list every shard, not only those not done"),
 ) -> None:
-    """Per-shard state (done, running, pending, failed, cancelled, timeout, interrupted, corrupt), counts and ETA."""
-    run, _ = _load_run(run_dir)
-    _print_summary(run, verify=verify, list_all=all_shards, table=True)
+    """Per-shard state (done, running, pending, failed, cancelled, timeout, interrupted, corrupt), counts and ETA.
+
+    With several run directories, each is shown in turn; exits 2 if any of them is not a run directory."""
+    missing = 0
+    for run_dir in run_dirs:
+        try:
+            run, _ = _load_run(run_dir)
+        except typer.Exit:
+            missing += 1
+            continue
+        _print_summary(run, verify=verify, list_all=all_shards, table=True)
+    if missing:
+        raise typer.Exit(2)
 
 
 def _print_summary(run: RunDir, verify: bool = False, list_all: bool = False, table: bool = False) -> None:
