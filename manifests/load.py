@@ -27,11 +27,13 @@ MAX_INPUT_SHOWN = 60  # characters of a rejected value quoted back
 class SweepError(ValueError):
     """A sweep file that cannot run. `problems` holds one line per mistake (bounded in number and length)."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], total: int | None = None):
+        """`total`: how many problems there are when only the first few were described (describing costs time)."""
         self.source = source
+        total = len(problems) if total is None else total
         shown = [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS] + "…" for p in problems[:MAX_PROBLEMS]]
-        if len(problems) > MAX_PROBLEMS:
-            shown.append(f"… and {len(problems) - MAX_PROBLEMS} more problem(s)")
+        if total > len(shown):
+            shown.append(f"… and {total - len(shown)} more problem(s)")
         self.problems = shown
         super().__init__(f"{source}: invalid sweep\n" + "\n".join(f"  - {p}" for p in shown))
 
@@ -99,8 +101,9 @@ def parse_sweep(data: Any, source: str = "<sweep>", overrides: Sequence[str | Ov
     try:
         return Sweep.model_validate(data)
     except ValidationError as e:
-        problems = [_from_grid(describe_error(err), err["loc"], origins) for err in e.errors()]
-        raise SweepError(source, _attribute(problems, parsed)) from None
+        errors = e.errors()
+        problems = [_from_grid(describe_error(err), err["loc"], origins) for err in errors[:MAX_PROBLEMS]]
+        raise SweepError(source, _attribute(problems, parsed), total=len(errors)) from None
 
 
 def _grid_problems(grids: Any) -> list[str]:
@@ -122,9 +125,8 @@ def _from_grid(problem: str, loc: tuple, origins: dict[int, str]) -> str:
     """A problem of a generated arm names the grid and the values that made it, not a position the file lacks."""
     if len(loc) >= 2 and loc[0] == "arms" and loc[1] in origins:
         return problem.replace(f"arms[{loc[1]}]", origins[loc[1]], 1)
-    for index, origin in origins.items():  # cross-checks name arms in their message: "arms[7] (k4-L12)"
-        problem = problem.replace(f"arms[{index}] (", f"{origin} (", 1)
-    return problem
+    # cross-checks name arms in their message: "arms[7] (k4-L12).intervention…"
+    return re.sub(r"arms\[(\d+)\] \([^)]*\)", lambda m: origins.get(int(m.group(1)), m.group(0)), problem)
 
 
 def _attribute(problems: list[str], overrides: list[Override]) -> list[str]:

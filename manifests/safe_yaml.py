@@ -21,7 +21,7 @@ import yaml
 MAX_SWEEP_BYTES = 1 << 20  # 1 MiB: a sweep with thousands of arms and explicit prompt ids is far below it
 MAX_DEPTH = 32  # nested mappings/sequences; the deepest real sweep (arm_grid → vary → step_window) is 5
 MAX_ALIASES = 100  # `*anchor` references in one file
-MAX_NODES = 200_000  # scalars + collections after expanding every alias (a billion-laughs file is 10⁹)
+MAX_NODES = 50_000  # scalars + collections after expanding every alias (a billion-laughs file has 10⁹; a large real sweep a few thousand)
 
 SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

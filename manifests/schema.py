@@ -107,7 +107,7 @@ class PromptSpec(_Strict):
     start: int = Field(0, ge=0, le=10_000_000)
     limit: int | None = Field(None, ge=1, le=10_000_000)
     ids: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
-        None, max_length=100_000, description="explicit prompt ids (positions in the set; in a file, line number − 1)"
+        None, max_length=20_000, description="explicit prompt ids (positions in the set; in a file, line number − 1)"
     )
     tags: list[str] | None = Field(None, max_length=100, description="keep only prompts with these GenEval tags")
 
