@@ -386,7 +386,7 @@ class Sweep(_Strict):
                 if isinstance(layer, str) and not any(fnmatch(name, layer) for name in geo.modules):
                     raise ValueError(
                         f"{where}: layer pattern {layer!r} matches no attention module of {self.model.label} "
-                        f"(its modules look like {', '.join(geo.modules[:2])}, …, {geo.modules[-1]})"
+                        f"(its attention modules: {', '.join(geo.modules[:3])}{', …' if len(geo.modules) > 3 else ''})"
                     )
 
         check(self.recording.layers, "recording.layers")
