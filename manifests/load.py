@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from manifests.compose import Override, apply_overrides, expand_arm_grids, parse_override
 from manifests.keys import keys_related, models_at, unknown_key_message, valid_keys
 from manifests.prompts import Prompt, load_bundled, load_file
-from manifests.safe_yaml import YamlLimitError, load_bounded
+from manifests.safe_yaml import MAX_SWEEP_BYTES, YamlLimitError, load_bounded
 from manifests.schema import ArmGridSpec, Sweep
 
 MAX_PROBLEMS = 20
@@ -151,6 +151,9 @@ def read_sweep_file(path: str | Path, overrides: Sequence[str | Override] = ()) 
     if not path.is_file():
         raise SweepError(str(path), ["file not found" if not path.exists() else "not a regular file"])
     try:
+        size = path.stat().st_size
+        if size > MAX_SWEEP_BYTES:  # refuse before reading a huge file into memory
+            raise YamlLimitError(f"file is {size} bytes; a sweep file may be at most {MAX_SWEEP_BYTES} bytes")
         data = load_bounded(path.read_bytes())
     except YamlLimitError as e:
         raise SweepError(str(path), [str(e)]) from None
@@ -191,8 +194,8 @@ def resolve_prompts(sweep: Sweep, base_dir: Path = Path("."), source: str = "<sw
         by_id = {p.prompt_id: p for p in prompts}
         missing = [i for i in spec.ids if i not in by_id]
         if missing:
-            shown = short_repr(missing)
-            raise SweepError(source, [f"prompts.ids: ids {shown} are not in the prompt set (it has ids {_id_range(by_id)})"])
+            shown = ", ".join(map(str, missing[:8])) + (f", … ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise SweepError(source, [f"prompts.ids: ids [{shown}] are not in the prompt set (it has ids {_id_range(by_id)})"])
         if len(set(spec.ids)) != len(spec.ids):
             raise SweepError(source, ["prompts.ids: duplicate ids"])
         prompts = [by_id[i] for i in spec.ids]

@@ -104,7 +104,8 @@ class _UniqueKeyLoader(SafeLoader):
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue  # `<<: *base` may be overridden by the mapping's own keys
-                key = self.construct_object(key_node, deep=True)
+                # a plain scalar key is compared by its resolved tag and text (constructing it twice costs time)
+                key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else self.construct_object(key_node, deep=True)
                 try:
                     first = seen.get(key)
                 except TypeError:
@@ -112,8 +113,9 @@ class _UniqueKeyLoader(SafeLoader):
                         None, None, "a mapping key must be a plain value, not a list or mapping", key_node.start_mark
                     ) from None
                 if first is not None:
+                    shown = key[1] if isinstance(key_node, yaml.ScalarNode) else key
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark
+                        None, None, f"duplicate key {shown!r} (first given on line {first.line + 1})", key_node.start_mark
                     )
                 seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)

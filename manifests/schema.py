@@ -42,13 +42,14 @@ SingleLine = Annotated[str, AfterValidator(_one_line), AfterValidator(_not_blank
 # A Slurm word (partition, account, qos): what `sinfo`/`sacctmgr` print; comma-separated lists allowed.
 SlurmWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,+-]+$", max_length=200)]
 
-# sbatch options sinkscope sets itself (directly, or through the executor fields of the same meaning):
+# sbatch options sinkscope sets itself (directly, through submitit, or through the executor fields of the same meaning):
 # giving them again in `sbatch_extra` would break logs, array indexing or the job's resources.
 # orchestrate.executors.slurm refuses the same set at submit time (tested equal).
 RESERVED_SBATCH_OPTIONS = {
     "array": "a", "output": "o", "error": "e", "open-mode": None, "signal": None, "wrap": None, "parsable": None,
     "job-name": "J", "export": None, "partition": "p", "account": "A", "qos": "q", "time": "t", "mem": None,
-    "constraint": "C", "cpus-per-task": "c", "gpus-per-task": None, "ntasks-per-node": None, "requeue": None,
+    "constraint": "C", "cpus-per-task": "c", "gpus-per-task": None, "ntasks-per-node": None,
+    "nodes": "N", "wckey": None,  # submitit writes these two into every job script
 }
 _SBATCH_SHORT = {short: long for long, short in RESERVED_SBATCH_OPTIONS.items() if short}
 
@@ -228,8 +229,7 @@ class SlurmExecutorConfig(_Strict):
             long = _SBATCH_SHORT.get(flag, flag.replace("_", "-").lower()) if len(flag) == 1 else flag.replace("_", "-").lower()
             if long in RESERVED_SBATCH_OPTIONS:
                 field = {"cpus-per-task": "cpus_per_task", "gpus-per-task": "gpus_per_task", "time": "time", "mem": "mem",
-                         "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint",
-                         "requeue": "max_requeues"}.get(long)
+                         "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint"}.get(long)
                 instead = f"; use executor.{field} instead" if field else ""
                 raise ValueError(f"--{long} (given as {key!r}) is set by sinkscope itself and cannot be given in sbatch_extra{instead}")
         return value
