@@ -231,7 +231,8 @@ class SlurmExecutorConfig(_Strict):
                 field = {"cpus-per-task": "cpus_per_task", "gpus-per-task": "gpus_per_task", "time": "time", "mem": "mem",
                          "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint"}.get(long)
                 instead = f"; use executor.{field} instead" if field else ""
-                raise ValueError(f"--{long} (given as {key!r}) is set by sinkscope itself and cannot be given in sbatch_extra{instead}")
+                given = "" if key == long else f" (given as {key!r})"
+                raise ValueError(f"--{long} is set by sinkscope itself{given} and cannot be given in sbatch_extra{instead}")
         return value
 
 

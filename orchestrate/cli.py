@@ -275,6 +275,7 @@ def submit(
         try:
             manifest = _planned_manifest(path, overrides, output_root)
             config = executor_config(manifest.sweep, executor, executor_opt)
+            _check_run_path(manifest, config, output_root)
         except (SweepError, ValueError) as e:
             _print_error(str(e) if isinstance(e, SweepError) else f"{path}: {e}")
             invalid += 1
@@ -289,6 +290,22 @@ def submit(
         console.print(f"{len(codes)} runs: {sum(c == 0 for c in codes)} submitted cleanly, {sum(c != 0 for c in codes)} with errors")
     if max(codes):
         raise typer.Exit(max(codes))
+
+
+def _check_run_path(manifest, config, output_root: Optional[Path]) -> None:
+    """Slurm writes the run path into job scripts and expands `%` in it: refuse an unsafe one before creating it."""
+    if config.kind != "slurm":
+        return
+    from jobs.rundir import run_dir_for
+    from orchestrate.executors.slurm import SAFE_PATH
+
+    root = run_dir_for(manifest) if output_root is None else Path(output_root) / run_dir_for(manifest).name
+    if not SAFE_PATH.match(str(root)):
+        key = "--output-root" if output_root is not None else "output_root"
+        raise ValueError(
+            f"{key}: run directory {str(root)!r} has characters Slurm or a shell would interpret "
+            f"(allowed: letters, digits and _./+=,@:-). Choose an output_root without spaces, quotes, % or $."
+        )
 
 
 def _submit_one(path: Path, config, overrides: list[str], output_root: Optional[Path], smoke: bool) -> int:

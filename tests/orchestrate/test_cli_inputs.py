@@ -36,7 +36,7 @@ def test_executor_option_typo_is_refused_before_the_run_directory_exists(tmp_pat
     (["-e", "slurmm"], "--executor 'slurmm': unknown executor; did you mean 'slurm'?"),
     (["-e", "slurm", "-o", "time=soon"], "--executor-opt time='soon': Input should be a valid integer"),
     (["-e", "slurm", "-o", "partition=gpu$(id)"], "--executor-opt partition='gpu$(id)': String should match pattern"),
-    (["-e", "slurm", "-o", "sbatch_extra.array=0-3"], "--executor-opt sbatch_extra.array='0-3': --array (given as 'array') is set"),
+    (["-e", "slurm", "-o", "sbatch_extra.array=0-3"], "--executor-opt sbatch_extra.array='0-3': --array is set by sinkscope itself"),
     (["-e", "ray", "-o", "num_gpus=.nan"], "--executor-opt num_gpus=nan: Input should be a finite number"),
     (["-o", "kind=slurm"], "choose the executor with --executor"),
     (["--set", "generation.stepz=2"], "generation.stepz: unknown key 'stepz'; did you mean 'steps'?"),
@@ -88,7 +88,7 @@ def test_submit_of_several_files_writes_nothing_if_one_is_invalid(tmp_path):
     result = runner.invoke(app, ["submit", str(good), str(bad)])
     assert result.exit_code == 2
     out = _flat(result.output)
-    assert "--output (given as 'output') is set by sinkscope itself" in out and "nothing was submitted" in out
+    assert "--output is set by sinkscope itself" in out and "nothing was submitted" in out
     assert _runs(tmp_path / "runs") == []
 
 
@@ -120,3 +120,11 @@ def test_submit_several_sweeps_one_run_each_with_a_truthful_exit_code(tmp_path):
     assert frozen["generation"]["steps"] == 1  # the override is part of the run
     status = run_cli("status", str(runs[0]), str(runs[1]), check=False)
     assert "1 failed" in _flat(status.stdout) and "1 done" in _flat(status.stdout)
+
+
+def test_a_run_path_slurm_would_interpret_is_refused_before_it_exists(tmp_path):
+    root = tmp_path / "my runs $(x)"
+    result = runner.invoke(app, ["submit", str(tiny_sweep(tmp_path)), "-e", "slurm", "--output-root", str(root)])
+    assert result.exit_code == 2
+    assert "characters Slurm or a shell would interpret" in _flat(result.output)
+    assert not root.exists()
