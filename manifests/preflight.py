@@ -62,20 +62,23 @@ def check_prompt_file(sweep: Sweep, base_dir: Path) -> list[str]:
     return []
 
 
-def check_machine(sweep: Sweep, base_dir: Path, source: str, output_root: str | Path | None = None) -> None:
-    """Raise SweepError listing every path of the sweep this machine cannot use."""
+def check_machine(
+    sweep: Sweep, base_dir: Path, source: str, output_root: str | Path | None = None, model: bool = True
+) -> None:
+    """Raise SweepError listing every path of the sweep this machine cannot use (`model=False`: not the model
+    folder, for a smoke run that replaces the model by a tiny one)."""
     root_key = "output_root" if output_root is None else "--output-root"
-    problems = check_model_path(sweep) + check_prompt_file(sweep, base_dir)
+    problems = (check_model_path(sweep) if model else []) + check_prompt_file(sweep, base_dir)
     problems += check_output_root(sweep.output_root if output_root is None else output_root, root_key)
     if problems:
         raise SweepError(source, problems)
 
 
 def plan_sweep_file(
-    path: str | Path, overrides=(), output_root: str | Path | None = None
+    path: str | Path, overrides=(), output_root: str | Path | None = None, model: bool = True
 ) -> tuple[Sweep, dict, list[Prompt]]:
     """Everything `orchestrate plan` checks: the file, the overrides, the prompts and this machine's paths."""
     sweep, raw = read_sweep_file(path, overrides)
     base_dir = Path(path).parent
-    check_machine(sweep, base_dir, str(path), output_root)
+    check_machine(sweep, base_dir, str(path), output_root, model=model)
     return sweep, raw, resolve_prompts(sweep, base_dir=base_dir, source=str(path))

@@ -14,6 +14,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from manifests.text import decode_utf8
+
 BUNDLED_SETS = ("geneval", "geneval-balanced-100")
 
 
@@ -75,18 +77,6 @@ def split_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def read_text_file(path: Path) -> str:
-    """UTF-8 text; a decoding failure names the file and the byte offset (a BOM is skipped)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(
-            f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}) cannot be decoded"
-        ) from None
-
-
 def load_file(path: Path) -> list[Prompt]:
     """A .txt file (one prompt per non-empty line) or a .jsonl file with a "prompt" field (and optional "tag").
 
@@ -94,7 +84,7 @@ def load_file(path: Path) -> list[Prompt]:
     prompt can be read off the file. Every bad line is reported with its line number."""
     prompts: list[Prompt] = []
     problems: list[str] = []
-    for index, line in enumerate(split_lines(read_text_file(path))):
+    for index, line in enumerate(split_lines(decode_utf8(path.read_bytes(), str(path)))):
         lineno = index + 1
         if not line.strip(" \t"):
             continue

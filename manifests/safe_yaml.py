@@ -4,7 +4,7 @@ PyYAML alone will happily expand an alias bomb, recurse through a 10 000-deep ne
 stack gives out, keep the last of two equal keys, and take minutes on a multi-megabyte file without
 libyaml. So before anything is built:
 
-- the file's size is capped (`MAX_SWEEP_BYTES`) and it must decode as UTF-8 (the error gives the byte offset);
+- the file's size is capped (`MAX_SWEEP_BYTES`) and it must decode as UTF-8 (`manifests.text`: the byte offset is named);
 - a first pass over libyaml's event stream (flat, no recursion) bounds the nesting depth, the number of
   aliases, and the number of nodes the document would have once every alias is expanded;
 - the document is then constructed by a loader that rejects duplicate keys in a mapping.
@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from manifests.text import NotUtf8Error, decode_utf8
+
 MAX_SWEEP_BYTES = 1 << 20  # 1 MiB: a sweep with thousands of arms and explicit prompt ids is far below it
 MAX_DEPTH = 32  # nested mappings/sequences; the deepest real sweep (arm_grid → vary → step_window) is 5
 MAX_ALIASES = 100  # `*anchor` references in one file
@@ -28,18 +30,6 @@ SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class YamlLimitError(ValueError):
     """The text is not a YAML document this project will read. The message is one short line."""
-
-
-def decode_utf8(data: bytes, what: str = "file") -> str:
-    """UTF-8 text of `data`; a failure names the byte offset and line of the first bad byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise YamlLimitError(
-            f"{what} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}) "
-            f"cannot be decoded; save the file as UTF-8"
-        ) from None
 
 
 def _where(mark) -> str:
@@ -125,7 +115,10 @@ def load_bounded(data: bytes, what: str = "file") -> Any:
     """Parse one YAML document from `data` within the limits above; raises YamlLimitError with one short line."""
     if len(data) > MAX_SWEEP_BYTES:
         raise YamlLimitError(f"{what} is {len(data)} bytes; a sweep file may be at most {MAX_SWEEP_BYTES} bytes")
-    text = decode_utf8(data, what)
+    try:
+        text = decode_utf8(data, what)
+    except NotUtf8Error as e:
+        raise YamlLimitError(str(e)) from None
     check_structure(text)
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass

@@ -214,11 +214,11 @@ def _print_error(message: str) -> None:
     console.print(message, markup=False, highlight=False)
 
 
-def _planned_manifest(path: Path, overrides: list[str], output_root: Optional[Path] = None):
+def _planned_manifest(path: Path, overrides: list[str], output_root: Optional[Path] = None, model: bool = True):
     """The manifest of one sweep file after every plan-time check (nothing is written)."""
     from manifests import expand, plan_sweep_file
 
-    sweep, _, prompts = plan_sweep_file(path, overrides, output_root)
+    sweep, _, prompts = plan_sweep_file(path, overrides, output_root, model=model)
     return expand(sweep, prompts)
 
 
@@ -273,7 +273,7 @@ def submit(
     invalid = 0
     for path in paths:  # everything is checked before anything is written
         try:
-            manifest = _planned_manifest(path, overrides, output_root)
+            manifest = _planned_manifest(path, overrides, output_root, model=not smoke)  # smoke: a tiny model instead
             config = executor_config(manifest.sweep, executor, executor_opt)
             _check_run_path(manifest, config, output_root)
         except (SweepError, ValueError) as e:
