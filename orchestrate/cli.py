@@ -22,7 +22,7 @@ from rich.table import Table
 from jobs.rundir import RunDir, atomic_write_json
 from manifests import SweepError
 from orchestrate import estimate
-from orchestrate.create import build_manifest, create_run
+from orchestrate.create import create_run
 from orchestrate.executors.base import make_executor
 from orchestrate.status import RERUNNABLE, eta_seconds, rerunnable, shard_statuses
 
@@ -54,8 +54,7 @@ def executor_config(sweep, kind: Optional[str], options: list[str]):
     from pydantic import TypeAdapter, ValidationError
 
     from manifests.compose import apply_overrides, parse_override
-    from manifests.keys import closest_key, valid_keys
-    from manifests.keys import keys_related
+    from manifests.keys import closest_key, keys_related
     from manifests.load import describe_error, short_repr
     from manifests.schema import ExecutorConfig, LocalExecutorConfig, RayExecutorConfig, SlurmExecutorConfig
 
