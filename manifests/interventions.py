@@ -217,4 +217,8 @@ def resolve_preset(name: str) -> Intervention:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown intervention preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        from manifests.keys import closest_key
+
+        hint = closest_key(str(name), sorted(PRESETS))
+        meant = f"; did you mean {hint!r}?" if hint else ""
+        raise ValueError(f"unknown intervention preset {name!r}{meant} (known presets: {', '.join(sorted(PRESETS))})") from None

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from manifests.compose import Override, apply_overrides, expand_arm_grids, parse_override
-from manifests.keys import keys_related, models_at, unknown_key_message, valid_keys
+from manifests.keys import closest_key, keys_related, models_at, unknown_key_message, valid_keys
 from manifests.prompts import Prompt, load_bundled, load_file
 from manifests.safe_yaml import MAX_SWEEP_BYTES, YamlLimitError, load_bounded
 from manifests.schema import ArmGridSpec, Sweep
@@ -75,6 +75,12 @@ def describe_error(error: dict, root: type = Sweep, prefix: str = "") -> str:
         return f"{key}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
+    choices = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", (error.get("ctx") or {}).get("expected_tags", ""))))
+    if kind in ("literal_error", "union_tag_invalid") and choices:
+        typed = given if isinstance(given, str) else (error.get("ctx") or {}).get("tag")
+        hint = closest_key(typed, choices) if isinstance(typed, str) else None
+        if hint is not None:
+            msg += f"; did you mean {hint!r}?"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind in (
         "literal_error", "string_pattern_mismatch", "enum", "finite_number", "string_too_long",
     ) or kind.startswith(("greater_than", "less_than")):

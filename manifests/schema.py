@@ -83,7 +83,11 @@ class ModelSpec(_Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, hub_id or path (got {given or 'none'})")
         if self.preset is not None and self.preset not in PRESET_GEOMETRY:
-            raise ValueError(f"unknown model preset {self.preset!r}; expected one of {', '.join(PRESET_GEOMETRY)}")
+            from manifests.keys import closest_key
+
+            hint = closest_key(self.preset, list(PRESET_GEOMETRY))
+            meant = f"; did you mean {hint!r}?" if hint else ""
+            raise ValueError(f"unknown model preset {self.preset!r}{meant} (expected one of {', '.join(PRESET_GEOMETRY)})")
         return self
 
     def geometry(self) -> Geometry | None:
