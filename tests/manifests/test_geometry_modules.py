@@ -22,8 +22,10 @@ def test_module_names_match_the_built_model(preset):
 
 
 def test_the_tables_name_every_block_they_count():
-    for geo in list(PRESET_GEOMETRY.values()) + list(HUB_GEOMETRY.values()):
-        assert geo.modules, geo
+    """Where a table lists module names (models added without them are checked at load time only)."""
+    known = [g for g in list(PRESET_GEOMETRY.values()) + list(HUB_GEOMETRY.values()) if g.modules]
+    assert len(known) >= len(TINY) + 7  # the tiny presets, sd3-medium-random and the six hub models of the paper
+    for geo in known:
         if geo.family == "sdxl":  # integer layer i = the i-th attn2
             assert sum(name.endswith(".attn2") for name in geo.modules) == geo.num_layers
         elif geo.family == "pixart":
