@@ -7,6 +7,7 @@ live in `Sweep._cross_checks`, so every mistake is reported before anything runs
 from __future__ import annotations
 
 import re
+import typing
 import unicodedata
 from fnmatch import fnmatch
 from pathlib import Path
@@ -54,8 +55,29 @@ RESERVED_SBATCH_OPTIONS = {
 _SBATCH_SHORT = {short: long for long, short in RESERVED_SBATCH_OPTIONS.items() if short}
 
 
+def _admits_number(annotation) -> bool:
+    return annotation in (int, float) or any(_admits_number(arg) for arg in typing.get_args(annotation))
+
+
+def _admits_bool(annotation) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_admits_bool(arg) for arg in typing.get_args(annotation))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """pydantic reads `steps: true` as 1: a YAML true/false where a number belongs is a mistake, not 1 or 0."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _admits_number(field.annotation) and not _admits_bool(field.annotation):
+                    raise ValueError(f"`{name}` expects a number, got a boolean ({str(value).lower()})")
+        return data
 
 
 class ModelSpec(_Strict):
