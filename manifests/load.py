@@ -90,6 +90,8 @@ def describe_error(error: dict, root: type = Sweep, prefix: str = "") -> str:
 
 def parse_sweep(data: Any, source: str = "<sweep>", overrides: Sequence[str | Override] = ()) -> Sweep:
     """Validate a sweep mapping (as read from YAML), after applying `--set` overrides and expanding arm grids."""
+    if data is None:
+        raise SweepError(source, ["(top level): the file is empty; expected a mapping of keys (name, model, prompts, arms, ...)"])
     if not isinstance(data, dict):
         raise SweepError(source, [f"(top level): expected a mapping of keys (name, model, prompts, arms, ...), got {type(data).__name__}"])
     try:
