@@ -549,6 +549,11 @@ def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
 @app.command()
 def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run directory goes")) -> None:
     """The whole pipeline on the embedded default (tiny random SD3, local executor): submit, analyze, report."""
+    from manifests.preflight import check_output_root
+
+    problems = check_output_root(output_root, "--output-root")
+    if problems:
+        _fail("; ".join(problems))
     run, manifest, _ = create_run(default_sweep(), str(output_root))
     console.print(f"run [bold]{run.root}[/bold] (tiny-sd3: random weights, numbers mean nothing)")
     _dispatch(run, make_executor(manifest.sweep.executor), manifest.shard_ids)

@@ -128,3 +128,9 @@ def test_a_run_path_slurm_would_interpret_is_refused_before_it_exists(tmp_path):
     assert result.exit_code == 2
     assert "characters Slurm or a shell would interpret" in _flat(result.output)
     assert not root.exists()
+
+
+def test_demo_refuses_an_output_root_it_cannot_create():
+    result = runner.invoke(app, ["demo", "--output-root", "/dev/null/runs"])
+    assert result.exit_code == 2
+    assert "--output-root: cannot create run directories under '/dev/null/runs'" in _flat(result.output)
