@@ -75,9 +75,10 @@ def describe_error(error: dict, root: type = Sweep, prefix: str = "") -> str:
         return f"{key}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
-    choices = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", (error.get("ctx") or {}).get("expected_tags", ""))))
+    ctx = error.get("ctx") or {}
+    choices = re.findall(r"'([^']*)'", str(ctx.get("expected", ctx.get("expected_tags", ""))))
     if kind in ("literal_error", "union_tag_invalid") and choices:
-        typed = given if isinstance(given, str) else (error.get("ctx") or {}).get("tag")
+        typed = given if isinstance(given, str) else ctx.get("tag")
         hint = closest_key(typed, choices) if isinstance(typed, str) else None
         if hint is not None:
             msg += f"; did you mean {hint!r}?"
@@ -141,7 +142,9 @@ def _attribute(problems: list[str], overrides: list[Override]) -> list[str]:
     """Mark problems under a key set on the command line, so the user looks there and not in the file."""
     out = []
     for problem in problems:
-        key = problem.split(":", 1)[0]
+        key, _, rest = problem.partition(": ")
+        if key == "(top level)":  # a cross-check: "(top level): arms[1] (sink).intervention.layers: …"
+            key = re.sub(r" \([^)]*\)", "", rest.partition(": ")[0])
         hits = [o for o in overrides if keys_related(_normal(key), _normal(o.key))]
         out.append(f"{problem} (from {hits[-1].text}={short_repr(hits[-1].value)})" if hits else problem)
     return out

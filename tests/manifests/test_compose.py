@@ -145,3 +145,9 @@ def test_three_grids_give_the_arms_of_the_hand_written_k_sweep():
     written = parse_sweep(raw)
     assert {a.name: a.intervention for a in composed.arms} == {a.name: a.intervention for a in written.arms}
     assert len(composed.arms) == 16
+
+
+def test_a_cross_check_problem_names_the_override_that_caused_it():
+    with pytest.raises(SweepError, match=r"layer 9 is outside .* \(from --set arms\[1\]\.intervention\.layers=\[9\]\)"):
+        parse_sweep({**BASE, "arms": BASE["arms"] + [{"name": "s", "intervention": {"preset": "fixed.m1", "layers": [1]}}]},
+                    overrides=["arms[1].intervention.layers=[9]"])
