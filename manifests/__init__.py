@@ -9,6 +9,7 @@ from manifests.prompts import Prompt
 from manifests.prompts import load_bundled as load_bundled_prompts
 from manifests.schema import (
     AnalysisSpec,
+    ArmGridSpec,
     ArmSpec,
     GenerationSpec,
     LocalExecutorConfig,

@@ -105,6 +105,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", overrides: Sequence[str | Ov
         raise SweepError(source, _attribute(grid_problems, parsed))
     try:
         data, origins = expand_arm_grids(data)
+        data = {k: v for k, v in data.items() if k != "arm_grid"}  # expanded: the Sweep holds the arms only
     except ValueError as e:
         raise SweepError(source, _attribute(str(e).splitlines(), parsed)) from None
     try:

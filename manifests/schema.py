@@ -349,8 +349,20 @@ class Sweep(_Strict):
     generation: GenerationSpec = GenerationSpec()
     arms: list[ArmSpec] = Field(min_length=1, max_length=1000)
     arm_grid: list[ArmGridSpec] = Field(
-        default_factory=list, description="arms generated from grids, appended to `arms` (docs/sweeps.md, Sweep composition)"
+        default_factory=list, max_length=0,
+        description="arms generated from grids, appended to `arms` (docs/sweeps.md, Sweep composition). Expanded before "
+        "validation (`_expand_grids`), so a validated Sweep holds the generated arms in `arms` and an empty `arm_grid`",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_grids(cls, data: Any) -> Any:
+        """For callers that validate a mapping directly (parse_sweep expands first, to name grids in errors)."""
+        if isinstance(data, dict) and data.get("arm_grid"):
+            from manifests.compose import materialise_arm_grids
+
+            return materialise_arm_grids(data)
+        return data
     recording: RecordingSpec = RecordingSpec()
     sharding: ShardingSpec = ShardingSpec()
     executor: ExecutorConfig = LocalExecutorConfig()

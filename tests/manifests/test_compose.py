@@ -151,3 +151,16 @@ def test_a_cross_check_problem_names_the_override_that_caused_it():
     with pytest.raises(SweepError, match=r"layer 9 is outside .* \(from --set arms\[1\]\.intervention\.layers=\[9\]\)"):
         parse_sweep({**BASE, "arms": BASE["arms"] + [{"name": "s", "intervention": {"preset": "fixed.m1", "layers": [1]}}]},
                     overrides=["arms[1].intervention.layers=[9]"])
+
+
+def test_a_grid_and_its_arms_written_out_are_one_experiment():
+    from manifests import Sweep, config_hash, resolve_prompts
+
+    base = {"preset": "fixed.m1", "layers": [1]}
+    grid = parse_sweep({**BASE, "arm_grid": [{"base": base, "vary": {"k": [1, 2]}, "name": "m1k{k}"}]})
+    hand = parse_sweep({**BASE, "arms": BASE["arms"] + [{"name": f"m1k{k}", "intervention": {**base, "k": k}} for k in (1, 2)]})
+    assert grid.arm_grid == [] and grid == hand
+    assert config_hash(grid, resolve_prompts(grid)) == config_hash(hand, resolve_prompts(hand))
+    # a full dump validates again to the same sweep, and so does a direct model_validate of the raw grid
+    assert Sweep.model_validate(grid.model_dump()) == grid
+    assert Sweep.model_validate({**BASE, "arm_grid": [{"base": base, "vary": {"k": [1, 2]}, "name": "m1k{k}"}]}) == grid
