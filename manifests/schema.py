@@ -361,7 +361,10 @@ class Sweep(_Strict):
         if isinstance(data, dict) and data.get("arm_grid"):
             from manifests.compose import materialise_arm_grids
 
-            return materialise_arm_grids(data)
+            try:
+                return materialise_arm_grids(data)
+            except (TypeError, AttributeError, KeyError) as e:  # a malformed grid (parse_sweep describes it key by key)
+                raise ValueError(f"arm_grid: not a list of {{base, vary, name}} grids ({type(e).__name__}: {e})") from None
         return data
     recording: RecordingSpec = RecordingSpec()
     sharding: ShardingSpec = ShardingSpec()
