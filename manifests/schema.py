@@ -349,7 +349,7 @@ class Sweep(_Strict):
     generation: GenerationSpec = GenerationSpec()
     arms: list[ArmSpec] = Field(min_length=1, max_length=1000)
     arm_grid: list[ArmGridSpec] = Field(
-        default_factory=list, max_length=0,
+        default_factory=list, max_length=0, exclude=True,  # always empty once validated: not part of any dump or hash
         description="arms generated from grids, appended to `arms` (docs/sweeps.md, Sweep composition). Expanded before "
         "validation (`_expand_grids`), so a validated Sweep holds the generated arms in `arms` and an empty `arm_grid`",
     )
