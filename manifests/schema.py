@@ -105,7 +105,7 @@ class ModelSpec(_Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, hub_id or path (got {given or 'none'})")
         if self.preset is not None and self.preset not in PRESET_GEOMETRY:
-            from manifests.keys import closest_key
+            from manifests.suggest import closest_key
 
             hint = closest_key(self.preset, list(PRESET_GEOMETRY))
             meant = f"; did you mean {hint!r}?" if hint else ""
@@ -332,7 +332,7 @@ class ArmGridSpec(_Strict):
             raise ValueError(f"{', '.join(empty)}: give at least one value to vary over")
         unknown = [k for k in value if k != "preset" and k not in Intervention.model_fields]
         if unknown:
-            from manifests.keys import unknown_key_message
+            from manifests.suggest import unknown_key_message
 
             raise ValueError("; ".join(unknown_key_message(k, ["preset", *Intervention.model_fields]) for k in unknown))
         return value

@@ -57,7 +57,7 @@ def executor_config(sweep, kind: Optional[str], options: list[str]):
     from pydantic import TypeAdapter, ValidationError
 
     from manifests.compose import apply_overrides, parse_override
-    from manifests.keys import closest_key, keys_related
+    from manifests.suggest import closest_key, keys_related
     from manifests.load import describe_error, short_repr
     from manifests.schema import ExecutorConfig, LocalExecutorConfig, RayExecutorConfig, SlurmExecutorConfig
 
