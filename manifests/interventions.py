@@ -217,7 +217,7 @@ def resolve_preset(name: str) -> Intervention:
     try:
         return PRESETS[name]
     except KeyError:
-        from manifests.keys import closest_key
+        from manifests.suggest import closest_key
 
         hint = closest_key(str(name), sorted(PRESETS))
         meant = f"; did you mean {hint!r}?" if hint else ""

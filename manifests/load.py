@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from manifests.compose import Override, apply_overrides, expand_arm_grids, parse_override
-from manifests.keys import closest_key, keys_related, models_at, unknown_key_message, valid_keys
+from manifests.suggest import closest_key, keys_related, models_at, unknown_key_message, valid_keys
 from manifests.prompts import Prompt, load_bundled, load_file
 from manifests.safe_yaml import MAX_SWEEP_BYTES, YamlLimitError, load_bounded
 from manifests.schema import ArmGridSpec, Sweep

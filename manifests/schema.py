@@ -105,7 +105,7 @@ class ModelSpec(_Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, hub_id or path (got {given or 'none'})")
         if self.preset is not None and self.preset not in PRESET_GEOMETRY:
-            from manifests.keys import closest_key
+            from manifests.suggest import closest_key
 
             hint = closest_key(self.preset, list(PRESET_GEOMETRY))
             meant = f"; did you mean {hint!r}?" if hint else ""
@@ -172,6 +172,12 @@ class GenerationSpec(_Strict):
         1, ge=1, le=64,
         description="arms of one (prompt, seed) group run in one batched forward (1: one after another). "
         "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash.",
+    )
+    torch_threads: int = Field(
+        1, ge=1, le=256,
+        description="torch CPU threads of every shard, whatever executor or node runs it: CPU kernels reduce in an "
+        "order that depends on the thread count, so pixels computed on a CPU change with it. Only bounds CPU-side "
+        "work on a GPU. Part of the config hash.",
     )
 
 
@@ -332,7 +338,7 @@ class ArmGridSpec(_Strict):
             raise ValueError(f"{', '.join(empty)}: give at least one value to vary over")
         unknown = [k for k in value if k != "preset" and k not in Intervention.model_fields]
         if unknown:
-            from manifests.keys import unknown_key_message
+            from manifests.suggest import unknown_key_message
 
             raise ValueError("; ".join(unknown_key_message(k, ["preset", *Intervention.model_fields]) for k in unknown))
         return value

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -21,13 +22,16 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.frozen_sweep import SweepDriftError, accept_drift, check_resolved_sweep, drift_message, load_resolved_sweep
+from jobs import runformat as rf
 from jobs.rundir import RunDir
+from jobs.run_shard import temp_files_of_shard
+from jobs.tasks import record_task
 from manifests import SweepError
 from orchestrate import estimate
 from orchestrate import status as run_status
 from orchestrate.create import create_run
 from orchestrate.executors.base import make_executor
-from orchestrate.status import RERUNNABLE, shard_statuses
+from orchestrate.status import RERUNNABLE, pid_alive, shard_statuses
 
 app = typer.Typer(
     add_completion=False,
@@ -51,17 +55,18 @@ EXECUTOR_KINDS = ("local", "slurm", "ray")
 SET_HELP = "override one key of the sweep file, dotted KEY=VALUE (e.g. generation.steps=4, arms[0].intervention.k=2); repeatable"
 
 
-def executor_config(sweep, kind: Optional[str], options: list[str]):
-    """The sweep's executor block with --executor / --executor-opt applied, validated: raises ValueError naming
-    the option, the key and the valid keys (the run directory does not exist yet when this is called)."""
+def executor_config(sweep, kind: Optional[str], options: list[str], base: dict | None = None):
+    """The sweep's executor block (or `base`: the one recorded at submission) with --executor / --executor-opt
+    applied, validated: raises ValueError naming the option, the key and the valid keys (the run directory
+    does not exist yet when this is called)."""
     from pydantic import TypeAdapter, ValidationError
 
     from manifests.compose import apply_overrides, parse_override
-    from manifests.keys import closest_key, keys_related
+    from manifests.suggest import closest_key, keys_related
     from manifests.load import describe_error, short_repr
     from manifests.schema import ExecutorConfig, LocalExecutorConfig, RayExecutorConfig, SlurmExecutorConfig
 
-    block = sweep.executor.model_dump(exclude_unset=True) | {"kind": sweep.executor.kind}
+    block = dict(base) if base else sweep.executor.model_dump(exclude_unset=True) | {"kind": sweep.executor.kind}
     if kind:
         if kind not in EXECUTOR_KINDS:
             hint = closest_key(kind, list(EXECUTOR_KINDS))
@@ -91,12 +96,24 @@ def executor_config(sweep, kind: Optional[str], options: list[str]):
         raise ValueError(f"invalid {block['kind']} executor options\n" + "\n".join(f"  - {p}" for p in problems)) from None
 
 
-def _executor_for(run: RunDir, sweep, kind: Optional[str], options: list[str]):
-    """The sweep's executor block, with the command line's --executor / --executor-opt applied on top."""
+def _executor_for(run: RunDir, sweep, kind: Optional[str], options: list[str], base: dict | None = None):
+    """The sweep's executor block (or `base`), with the command line's --executor / --executor-opt applied on top."""
     try:
-        return make_executor(executor_config(sweep, kind, options))
+        return make_executor(executor_config(sweep, kind, options, base))
     except ValueError as e:
         _fail(str(e))
+
+
+def recorded_executor(run: RunDir) -> dict | None:
+    """The executor block (kind and options) of the run's latest accepted generation submission, or None.
+
+    A blocking executor's `submit` event is written before it runs; a refusal of that attempt (same
+    `attempt` id) cancels it, so a refused configuration never becomes the one `resume` goes back to."""
+    records = run.submissions()
+    refused = {r.get("attempt") for r in records if r.get("event") == "refused" and r.get("attempt")}
+    configs = [r["config"] for r in records if r.get("event") == "submit" and r.get("config") and record_task(r) == "generate"
+               and r.get("attempt") not in refused]
+    return configs[-1] if configs else None
 
 
 ACCEPT_DRIFT_HELP = ("continue although the run's resolved sweep no longer matches its recorded hash (an edited "
@@ -129,11 +146,38 @@ def _open_run(run_dir: Path) -> RunDir:
     return run
 
 
-def _dispatch(run: RunDir, executor, shard_ids: list[int] | None = None, verify: bool = False, dry_run: bool = False) -> int:
+def _set_aside(run: RunDir, todo: list[int], corrupt: set[int]) -> list[tuple[Path, Path]]:
+    """Move the failed markers (and a corrupt shard's done marker) of shards about to be resubmitted to hidden
+    names: a refused submission puts them back unchanged, an accepted one drops them."""
+    moved = []
+    for shard_id in todo:
+        for path in [run.failed_path(shard_id)] + ([run.done_path(shard_id)] if shard_id in corrupt else []):
+            if path.exists():
+                aside = path.with_name(f".{path.name}.resubmit-{os.getpid()}")
+                os.replace(path, aside)
+                moved.append((aside, path))
+    return moved
+
+
+def _refused(run: RunDir, submitted: dict, shards: list[int], moved: list[tuple[Path, Path]], error: Exception) -> None:
+    """The scheduler refused `shards` of the attempt `submitted`: put their markers back, record why."""
+    for aside, path in moved:
+        if rf.shard_id_of(path.name) in shards:
+            os.replace(aside, path)
+        else:
+            aside.unlink(missing_ok=True)
+    run.append_submission({"executor": submitted["executor"], "event": "refused", "shards": shards, "message": str(error),
+                           "config": submitted["config"], "attempt": submitted["attempt"]})
+
+
+def _dispatch(run: RunDir, executor, shard_ids: list[int] | None = None, verify: bool = False,
+              dry_run: bool = False) -> dict[int, str]:
     """Submit the rerunnable ones of `shard_ids` (default: all) under the run lock, so two submits or resumes of
     one run never send a shard twice. Shard states are computed once, here; outputs are hashed only if `verify`.
 
-    Returns the number of shards that failed (known only for the blocking local executor).
+    Returns the shards a blocking executor (local, Ray `address: local`) left unfinished, with why (queued
+    shards: empty). Temporary files of the shards' dead writers are removed first. A refused submission
+    changes no shard state: it is recorded as a `refused` event with the scheduler's message; exit 2.
     """
     with run.lock():
         statuses = shard_statuses(run, _scheduler_states(run), verify=verify, errors=False)
@@ -150,8 +194,8 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int] | None = None, verify:
             console.print(f"skipping {skipped} shard(s) already done, running or queued")
         if not todo:
             console.print("nothing to submit")
-            return 0
-        corrupt = [s.shard_id for s in statuses if s.state == "corrupt" and s.shard_id in set(todo)]
+            return {}
+        corrupt = {s.shard_id for s in statuses if s.state == "corrupt" and s.shard_id in set(todo)}
         if dry_run:
             counts: dict[str, int] = {}
             for s in statuses:
@@ -160,37 +204,92 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int] | None = None, verify:
             how = "run here" if executor.blocking else f"queued on {executor.kind}"
             console.print(f"dry run: {len(todo)} shard(s) would be {how} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}): "
                           f"{_id_ranges(todo)}; nothing was started")
-            return 0
-        for shard_id in todo:
-            if shard_id in corrupt:
-                run.done_path(shard_id).unlink(missing_ok=True)
-            run.failed_path(shard_id).unlink(missing_ok=True)
-        run.append_submission({"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()})
+            return {}
+        # nobody writes these shards now (rerunnable = no live writer): temp files of dead writers go
+        stale = [t for s in todo if s not in corrupt for t in temp_files_of_shard(run, s)]
+        for temp in stale:
+            temp.unlink(missing_ok=True)
+        if stale:
+            console.print(f"removed {len(stale)} temporary file(s) left by dead writers")
+        moved = _set_aside(run, todo, corrupt)
+        submitted = {"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump(),
+                     "attempt": uuid.uuid4().hex[:12]}
         if not executor.blocking:
             try:
                 records = executor.submit(run, todo)
-            except RuntimeError as error:  # e.g. sbatch refused an array (queued arrays are recorded by the executor)
-                _fail(f"submission to {executor.kind} failed: {error}")
+            except RuntimeError as error:  # e.g. sbatch refused (arrays queued before it are recorded by the executor)
+                queued = [s for r in getattr(error, "records", []) for s in r["shards"]]
+                if queued:
+                    run.append_submission({**submitted, "shards": queued, "attempt": f"{submitted['attempt']}-partial"})
+                _refused(run, submitted, [s for s in todo if s not in queued], moved, error)
+                _fail(f"{executor.kind} refused the submission (no shard state changed; recorded in "
+                      f"{run.submissions_path}): {error}")
+            for aside, _ in moved:
+                aside.unlink(missing_ok=True)
+            run.append_submission(submitted)
             for record in records:
                 run.append_submission(record)
             console.print(f"submitted {len(todo)} shard(s) to {executor.kind}; follow with `orchestrate status {run.root}`")
-            return 0
+            return {}
         # a blocking (local) executor runs outside the lock, so claim its shards first: a second submit or
         # resume meanwhile sees them running (this process is alive) and leaves them alone
+        run.append_submission(submitted)
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "claimed_by": "orchestrate"}
         for shard_id in todo:
             run.write_marker("running", shard_id, claim)
-    failed = 0
     try:
         records = executor.submit(run, todo)
     except RuntimeError as error:  # refused before anything ran (e.g. GPUs asked of a CPU-only Ray)
-        for shard_id in todo:
+        with run.lock():
+            for shard_id in todo:
+                run.running_path(shard_id).unlink(missing_ok=True)
+            _refused(run, submitted, todo, moved, error)
+        _fail(f"{executor.kind} executor refused the shards (no shard state changed): {error}")
+    with run.lock():
+        for aside, _ in moved:
+            aside.unlink(missing_ok=True)
+        errors: dict[str, str] = {}
+        for record in records:
+            errors.update(record.get("errors", {}))
+            try:
+                run.append_submission(record)
+            except OSError as error:  # e.g. the disk that failed the shards is still full: say so, go on
+                console.print(f"[yellow]could not record the run's outcome in {run.submissions_path}: {error}[/yellow]")
+        return _settle(run, todo, errors)
+
+
+def _settle(run: RunDir, shard_ids: list[int], errors: dict[str, str]) -> dict[int, str]:
+    """After a blocking executor returned: every shard it was given is done, or failed with a recorded cause.
+
+    A shard whose worker died without a record (SIGKILL, out of memory) gets a failed marker naming that,
+    and this process's claims are dropped, so `status` and the summary show the final state, never "running".
+    """
+    unfinished: dict[int, str] = {}
+    for shard_id in shard_ids:
+        if run.done_path(shard_id).exists():
+            continue
+        failed = run.read_marker("failed", shard_id)
+        running = run.read_marker("running", shard_id) or {}
+        ours = running.get("host") == socket.gethostname() and (
+            running.get("pid") == os.getpid() or not pid_alive(int(running.get("pid", -1))))
+        if failed is None:
+            why = errors.get(str(shard_id)) or "lost: its worker ended without a done or failed record"
+            failed = {"error": why, "cause": "lost", "host": socket.gethostname(), "pid": running.get("pid"), "time": time.time()}
+            try:
+                run.write_marker("failed", shard_id, failed)
+            except OSError as error:
+                console.print(f"[yellow]shard {shard_id}: could not write its failed marker: {error}[/yellow]")
+        if ours:
             run.running_path(shard_id).unlink(missing_ok=True)
-        _fail(f"{executor.kind} executor: {error}")
-    for record in records:
-        run.append_submission(record)
-        failed += len(record.get("failed", []))
-    return failed
+        unfinished[shard_id] = failed.get("error", "failed")
+    return unfinished
+
+
+def _exit_if_unfinished(run: RunDir, unfinished: dict[int, str]) -> None:
+    if unfinished:
+        named = "; ".join(f"shard {s}: {why}" for s, why in sorted(unfinished.items())[:10])
+        _fail(f"{len(unfinished)} shard(s) did not finish ({named}). `orchestrate logs {run.root} SHARD` shows why; "
+              f"`orchestrate resume {run.root}` reruns them", code=1)
 
 
 def _id_ranges(ids: list[int], limit: int = 12) -> str:
@@ -372,12 +471,11 @@ def _submit_one(path: Path, config, overrides: list[str], output_root: Optional[
             except SweepDriftError as error:
                 _fail(f"{error}\n(re-opened run; use `orchestrate resume {run.root} --accept-sweep-drift` to continue it)")
         ex = make_executor(config if not smoke else manifest.sweep.executor)
-        failed = _dispatch(run, ex, dry_run=dry_run)
+        unfinished = _dispatch(run, ex, dry_run=dry_run)
         if dry_run:
             return 0
         _print_summary(run)
-        if failed:
-            _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
+        _exit_if_unfinished(run, unfinished)
     except SweepError as e:
         _print_error(str(e))
         return 2
@@ -454,8 +552,12 @@ def verify(
 @app.command()
 def resume(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
-    executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", "-e", help="executor kind (default: the one recorded at submission, with its options)"
+    ),
+    executor_opt: list[str] = typer.Option(
+        [], "--executor-opt", "-o", help="override one field of the recorded executor, KEY=VALUE (repeatable)"
+    ),
     verify: bool = typer.Option(False, "--verify", help="hash every done shard's files (and compacted tables) against their "
                                 "checksums first and rerun the corrupt ones"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would be rerun; run nothing"),
@@ -463,15 +565,21 @@ def resume(
 ) -> None:
     """Rerun only the shards that are neither done nor running or queued (failed, interrupted, corrupt, ...).
 
-    The run's resolved sweep is re-validated first: a hash mismatch stops here unless --accept-sweep-drift.
+    They go back to the executor the run was last submitted to (kind and options from state/submissions.jsonl),
+    unless --executor / --executor-opt say otherwise. The run's resolved sweep is re-validated first: a hash
+    mismatch stops here unless --accept-sweep-drift.
     """
     run, sweep = _load_run(run_dir, accept_sweep_drift, "resume")
-    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), verify=verify, dry_run=dry_run)
+    recorded = recorded_executor(run)
+    ex = _executor_for(run, sweep, executor, executor_opt, recorded)
+    source = "from --executor" if executor and (recorded is None or executor != recorded["kind"]) else (
+        "recorded at submission" if recorded else "from the sweep")
+    console.print(f"resuming on {ex.kind} (executor {source})")
+    unfinished = _dispatch(run, ex, verify=verify, dry_run=dry_run)
     if dry_run:
         return
     _print_summary(run)
-    if failed:
-        _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
+    _exit_if_unfinished(run, unfinished)
 
 
 @app.command()

@@ -55,7 +55,7 @@ class TaskSummary:
     eta_s: float | None = None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +97,7 @@ def shard_statuses(run: RunDir, scheduler: dict[int, str] | None = None, verify:
         if sched in ("pending", "running"):
             status.state = sched
         elif running_marker is not None:
-            same_host_dead = running_marker.get("host") == host and not _pid_alive(int(running_marker.get("pid", -1)))
+            same_host_dead = running_marker.get("host") == host and not pid_alive(int(running_marker.get("pid", -1)))
             if sched in ("cancelled", "timeout", "failed"):
                 status.state = sched
             elif same_host_dead or sched == "completed":

@@ -131,8 +131,10 @@ def test_sigkill_during_write_then_resume(slurm_cluster, reference, tmp_path):
     assert not run.done_shards()
     partial = list(run.images_dir.rglob(".*.tmp-*"))
     assert partial, "die_during_write leaves a partial hidden file"
-    run_cli("resume", str(run.root))
+    resumed = run_cli("resume", str(run.root))
+    assert f"removed {len(partial)} temporary file(s) left by dead writers" in resumed.stdout, resumed.stdout
     wait_done(run)
+    assert not list(run.root.rglob(".*.tmp-*")), "resume cleans the temporary files of dead writers"
     assert_same_as_reference(run, reference)
 
 

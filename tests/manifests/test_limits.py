@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from manifests import SweepError, read_sweep_file, resolve_prompts
-from manifests.keys import closest_key, unknown_key_message
+from manifests.suggest import closest_key, unknown_key_message
 from manifests.load import MAX_PROBLEMS
 from manifests.safe_yaml import MAX_DEPTH, MAX_SWEEP_BYTES, YamlLimitError, load_bounded
 

@@ -1,4 +1,4 @@
-"""Which keys are valid where in a sweep, and the closest valid key to a mistyped one.
+"""Which keys are valid where in a sweep, and the closest valid key to a mistyped one (sweep-key suggestions).
 
 Derived from the pydantic schema itself (one owner: `manifests.schema`), so a new field is suggested
 as soon as it is declared. Invisible characters (zero-width spaces, BOMs, soft hyphens: Unicode
