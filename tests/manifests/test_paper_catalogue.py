@@ -46,4 +46,4 @@ def test_shrunken_copy_runs_end_to_end(path, tmp_path):
     file.write_text(yaml.safe_dump(small))
     result = runner.invoke(app, ["submit", str(file)])
     assert result.exit_code == 0, result.output
-    assert "shards: 1 done" in result.output
+    assert "shards: 1 total: 1 done" in result.output
