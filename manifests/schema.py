@@ -187,6 +187,10 @@ class AnalysisSpec(_Strict):
     baseline: str | None = Field(None, description="reference arm (default: the one arm without intervention)")
     bootstrap_resamples: int = Field(10_000, ge=100)
     bootstrap_seed: int = 0
+    statistics: Literal["project", "paper"] = Field(
+        "project", description="statistics preset of the report (analysis.stats.PRESETS; docs/analysis.md §6): "
+        "paper = 1,000 resamples, seed 42, ddof 0, percentile CIs, two-sided LPIPS, Holm within k"
+    )
     random_metric_weights: bool = Field(False, description="use random metric backbones (tests / demo only; labelled)")
 
 

@@ -411,12 +411,20 @@ def analyze(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
-    """Assemble tables and figures of an analysed run into report/report.md."""
+def report(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    statistics: Optional[str] = typer.Option(
+        None, "--statistics", help="statistics preset: project or paper (default: the sweep's analysis.statistics)"
+    ),
+) -> None:
+    """Assemble tables and figures of an analysed run into report/report.md and report/report.html."""
     import analysis
+    from analysis.stats import PRESETS
 
+    if statistics is not None and statistics not in PRESETS:
+        _fail(f"--statistics: unknown preset {statistics!r}; expected one of {', '.join(PRESETS)}")
     run, _ = _load_run(run_dir)
-    path = analysis.build_report(run.root)
+    path = analysis.build_report(run.root, statistics=statistics)
     console.print(f"report: [bold]{path}[/bold]")
 
 
@@ -431,7 +439,7 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
         _print_summary(run, table=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
     analyze(run.root, metric=[], executor=None, executor_opt=[])  # called as plain functions: pass every option
-    report(run.root)
+    report(run.root, statistics=None)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
     console.print(f"report:      {run.root / 'report'}")
