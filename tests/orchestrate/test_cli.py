@@ -63,6 +63,17 @@ def test_demo_end_to_end(tmp_path):
     summary = (run_dir / "report" / "summary.md").read_text()
     assert "RANDOM WEIGHTS" in summary and "sink_k1" in summary
     assert str(run_dir / "tables") in out and str(run_dir / "images") in out
+    # the report: headline first, spatial sink maps, every arm, qualitative grids; HTML rendered from the Markdown
+    report = (run_dir / "report" / "report.md").read_text()
+    sections = ["## Headline", "## Paired differences", "## Where the sinks are", "## Sink dynamics and modality, every arm",
+                "## Qualitative panels"]  # fmt: skip
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
+    assert "### LPIPS (random weights)" in report and "| sink_k1 − random_k1 " in report
+    for figure in ("sink_map_grid", "sink_map_overlay", "sink_dynamics", "sink_modality", "qualitative_sink_k1_vs_random_k1"):
+        assert f"](figures/{figure}.png)" in report and (run_dir / "report" / "figures" / f"{figure}.png").is_file()
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "<h2>Where the sinks are</h2>" in html and '<img src="figures/sink_map_grid.png"' in html
+    assert '<a href="tables/paired.parquet">' in html and "<table>" in html
 
 
 @pytest.mark.slow
