@@ -41,6 +41,12 @@ def test_status_of_a_folder_that_is_not_a_run(tmp_path):
     assert "not a sinkscope run directory" in " ".join(result.output.split())
 
 
+def test_report_rejects_an_unknown_statistics_preset(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path), "--statistics", "papr"])
+    assert result.exit_code == 2
+    assert "--statistics: unknown preset 'papr'; expected one of project, paper" in " ".join(result.output.split())
+
+
 def test_executor_override_is_validated(tmp_path, sweep_factory):
     result = runner.invoke(app, ["submit", str(sweep_factory()), "-e", "slurm", "-o", "time=soon"])
     assert result.exit_code == 2
