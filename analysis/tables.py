@@ -153,13 +153,19 @@ def _family(table: pd.DataFrame, kind: str) -> str:
 
 
 def _decision(table: pd.DataFrame, kind: str, symbol: str) -> dict[str, list[str]]:
-    """The decision test's columns: its side, unadjusted p, adjusted p (family in the header), verdict."""
-    return {
+    """The decision test's columns: its side, unadjusted p, adjusted p of the declared family (named in
+    the header, used by the verdict), the other family's adjusted p where there is one, verdict."""
+    out = {
         "test": [f"t, {side_words(a, symbol)}" for a in table["alternative"]],
         "p (unadjusted)": [fmt_p(p) for p in table["p_unadj"]],
-        f"p ({_family(table, kind)})": [fmt_p(p) for p in table["p_adj"]],
-        "verdict": list(table["verdict"]),
+        f"p ({_family(table, kind)}; verdict)": [fmt_p(p) for p in table["p_adj"]],
     }
+    declared = str(table["holm_family"].iloc[0]) if len(table) else ""
+    for family in ("metric", "k"):
+        if family != declared and f"p_holm_{family}" in table.columns:
+            out[f"p ({FAMILY_WORDS[(kind, family)]})"] = [fmt_p(p) for p in table[f"p_holm_{family}"]]
+    out["verdict"] = list(table["verdict"])
+    return out
 
 
 def format_paired(table: pd.DataFrame) -> pd.DataFrame:

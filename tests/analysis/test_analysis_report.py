@@ -20,7 +20,8 @@ def test_summary_table_and_random_banner(shared_run):
     assert "Statistics: preset **project**" in text and "none below n = 10" in text
     header = next(ln for ln in text.splitlines() if ln.startswith("| arm"))
     for column in ("mean Δ", "95% hull of the t- and bootstrap-t intervals (1,000 resamples of prompts, seed 3)",
-                   "Wilcoxon p (2-sided, unadjusted)", "p (unadjusted)", "p (Holm over all arms of the metric)", "verdict"):
+                   "Wilcoxon p (2-sided, unadjusted)", "p (unadjusted)", "p (Holm over all arms of the metric; verdict)",
+                   "p (Holm over the arms of the metric at the same k)", "verdict"):
         assert column in header
     raw = pd.read_parquet(shared_run / "report" / "summary.parquet")
     run = load_run(shared_run)
