@@ -21,7 +21,7 @@ Conventions (docs/analysis.md §6 has them choice by choice):
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -100,9 +100,6 @@ class StatsSettings:
     def interval_label(self) -> str:
         """How the table's intervals are computed, in words (every table prints it)."""
         return interval_description(self.interval, self.n_resamples, self.seed, self.confidence, self.level)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def interval_description(interval: str, n_resamples: int, seed: int, confidence: float = 0.95, level: str = "prompt") -> str:
@@ -304,7 +301,6 @@ _STAT_COLUMNS = [
     "p_t_two_sided", "p_t_less", "p_t_greater", "w", "p_wilcoxon_two_sided", "p_wilcoxon_less",
     "p_wilcoxon_greater", "wilcoxon_method", "dz",
 ]  # fmt: skip
-_DECISION_COLUMNS = ["alternative", "p_unadj", "holm_family", "p_adj"]
 _SETTINGS_COLUMNS = ["statistics", "interval", "confidence", "n_resamples", "bootstrap_seed", "ddof", "alpha"]
 
 
