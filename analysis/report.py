@@ -6,7 +6,6 @@ so both always say the same thing (links, tables and code included).
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +81,7 @@ def write_summary(
 ) -> Path:
     """Paired Δ vs baseline for every metric and arm → ``report/summary.{md,parquet,tex}``.
     ``overrides``: any :class:`~analysis.stats.StatsSettings` field (level, n_resamples, seed, ...)."""
-    run = load_run(run_dir, sink_steps=False)
+    run = load_run(run_dir)
     s = report_settings(run, statistics, **overrides)
     table = paired_table(run, metrics, settings=s)
     out = run.run_dir / "report"
@@ -124,30 +123,29 @@ class Completeness:
 
 def completeness(run: RunData) -> Completeness:
     """Compare the run's manifest with its done markers and metric tables."""
+    from jobs.rundir import RunDir
+
+    from .stats import metric_kind
+
     manifest = run.manifest
     done = sorted(run.done_shards) if run.done_shards is not None else sorted(run.units["shard_id"].dropna().astype(int).unique())
-    failed_dir = run.run_dir / "state" / "failed"
-    marked = [int(p.stem.split("-")[-1]) for p in failed_dir.glob("shard-*.json")] if failed_dir.is_dir() else []
+    markers = RunDir(run.run_dir)
+    marked = sorted(markers.failed_shards())
     if manifest is not None:
         expected = sorted(manifest["shard_id"].astype(int).unique())
     else:  # hand-made run without a manifest: the shards something was written for
         expected = sorted(set(done) | set(run.unfinished_shards) | set(marked))
     failed = {}
-    for shard in expected:
-        path = failed_dir / f"shard-{shard:05d}.json"
-        if shard not in done and path.is_file():
-            try:
-                error = str(json.loads(path.read_text()).get("error", "")).strip().splitlines()
-            except (OSError, ValueError):
-                error = ["(unreadable failure record)"]
+    for shard in marked:
+        if shard in expected and shard not in done:
+            record = markers.read_marker("failed", shard) or {}
+            error = str(record.get("error", "")).strip().splitlines()
             failed[shard] = error[0] if error else "(no message)"
     unfinished = [s for s in expected if s not in done and s not in failed]
     missing = [s for s in expected if s not in done]
     excluded = manifest[manifest["shard_id"].isin(missing)] if manifest is not None else run.units.iloc[0:0]
     wanted = list((run.sweep.get("analysis") or {}).get("metrics") or [])
     names = list(dict.fromkeys([*wanted, *run.metrics["metric"].unique()]))
-    from .stats import metric_kind
-
     unscored = {}
     for metric in names:
         if metric == "fid_shift":
@@ -159,8 +157,9 @@ def completeness(run: RunData) -> Completeness:
     if missing:
         commands.append(_cmd("resume", run.run_dir))
     todo = [m for m, n in unscored.items() if n] if not missing else names
-    if missing or todo:
-        commands.append(_cmd("analyze", run.run_dir, *[f"--metric {m}" for m in todo if m in names]))
+    if missing or todo:  # `analyze` computes the sweep's metrics by default; others are named
+        extra = [f"--metric {m}" for m in todo if m not in wanted]
+        commands.append(_cmd("analyze", run.run_dir, *([f"--metric {m}" for m in todo] if extra else [])))
         commands.append(_cmd("report", run.run_dir))
     return Completeness(expected, done, failed, unfinished, len(excluded),
                         sorted(excluded["prompt_id"].astype(int).unique()) if len(excluded) else [], unscored, commands)  # fmt: skip
@@ -296,7 +295,7 @@ def build_report(
     from .stats import delta_delta_table, dose_table, tag_table
     from .tables import format_delta_delta, format_dose, format_set_metrics, format_tags
 
-    run = load_run(run_dir, sink_steps=False)
+    run = load_run(run_dir)
     s = report_settings(run, statistics, **overrides)
     root = run.run_dir / "report"
     tdir, fdir = root / "tables", root / "figures"
@@ -369,7 +368,7 @@ def build_report(
     else:
         doc.table(format_tags(tags), save_table(tags, format_tags(tags), tdir, "per_tag"))
 
-    has_steps = any((run.run_dir / "tables" / "sink_steps").glob("**/*.parquet"))
+    has_steps = len(run.sink_steps) > 0
     doc.heading("Where the sinks are")
     maps = sink_maps(run) if has_steps else None
     if maps is None:
