@@ -19,12 +19,11 @@ from .tables import FAMILY_WORDS, display_name, format_paired, save_table, to_ma
 
 
 def report_settings(run: RunData, statistics: str | StatsSettings | None = None, **overrides) -> StatsSettings:
-    """The statistics of a report: ``statistics`` (preset name or settings), else the sweep's
-    ``analysis.statistics``, else "project"; the project preset takes ``n_resamples``/``seed`` from the
-    sweep's ``analysis.bootstrap_resamples``/``bootstrap_seed``; explicit ``overrides`` win."""
+    """The statistics of a report: ``statistics`` (preset name or settings, default "project"). The project
+    preset takes ``n_resamples``/``seed`` from the sweep's ``analysis.bootstrap_resamples``/``bootstrap_seed``
+    (the paper preset keeps the paper's 1,000 and 42); explicit ``overrides`` win."""
     section = run.sweep.get("analysis") or {}
-    chosen = statistics if statistics is not None else section.get("statistics", "project")
-    base = resolve_settings(chosen)
+    base = resolve_settings(statistics)
     if base.name == "project":
         base = resolve_settings(base, n_resamples=section.get("bootstrap_resamples"), seed=section.get("bootstrap_seed"))
     return resolve_settings(base, **overrides)

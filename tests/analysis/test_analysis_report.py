@@ -56,18 +56,16 @@ def test_summary_before_any_metric(fake_run):
     assert f"No metric values yet: run `orchestrate analyze {run_dir}`" in text
 
 
-def test_paper_preset_from_the_sweep_and_from_the_argument(fake_run):
+def test_report_settings_from_the_argument_and_the_sweep(fake_run):
     from analysis_fakerun import set_analysis
 
     run_dir = fake_run(n_prompts=2, n_seeds=1, prompts_per_shard=2, with_sink_steps=False)
-    run = load_run(run_dir)
-    assert report_settings(run).name == "project"
-    assert report_settings(run, "paper").n_resamples == 1000
+    assert report_settings(load_run(run_dir)).name == "project"
     set_analysis(run_dir, bootstrap_resamples=1234, bootstrap_seed=9)
-    s = report_settings(load_run(run_dir))
+    run = load_run(run_dir)
+    s = report_settings(run)
     assert (s.name, s.n_resamples, s.seed) == ("project", 1234, 9)
-    set_analysis(run_dir, statistics="paper")
-    s = report_settings(load_run(run_dir), seed=1)
+    s = report_settings(run, "paper", seed=1)
     assert (s.name, s.n_resamples, s.seed, s.ddof) == ("paper", 1000, 1, 0)  # the paper's resamples are fixed
 
 

@@ -50,7 +50,7 @@ def test_report_rejects_an_unknown_statistics_preset(tmp_path):
 def test_executor_override_is_validated(tmp_path, sweep_factory):
     result = runner.invoke(app, ["submit", str(sweep_factory()), "-e", "slurm", "-o", "time=soon"])
     assert result.exit_code == 2
-    assert "executor.time" in " ".join(result.output.split())
+    assert "--executor-opt time='soon': Input should be a valid integer" in " ".join(result.output.split())
 
 
 @pytest.mark.slow
