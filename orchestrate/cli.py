@@ -802,12 +802,20 @@ def analyze(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
-    """Assemble tables and figures of an analysed run into report/report.md."""
+def report(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    statistics: Optional[str] = typer.Option(
+        None, "--statistics", help="statistics preset: project (default) or paper (docs/analysis.md §6)"
+    ),
+) -> None:
+    """Assemble tables and figures of an analysed run into report/report.md and report/report.html."""
     import analysis
+    from analysis.stats import PRESETS
 
+    if statistics is not None and statistics not in PRESETS:
+        _fail(f"--statistics: unknown preset {statistics!r}; expected one of {', '.join(PRESETS)}")
     run, _ = _load_run(run_dir)
-    path = analysis.build_report(run.root)
+    path = analysis.build_report(run.root, statistics=statistics)
     console.print(f"report: [bold]{path}[/bold]")
 
 
@@ -827,7 +835,7 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
         _print_summary(run, list_all=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
     analyze(run.root, metric=[], executor=None, executor_opt=[], accept_sweep_drift=False, compact_first=True)  # plain call: every option
-    report(run.root)
+    report(run.root, statistics=None)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
     console.print(f"report:      {run.root / 'report'}")
