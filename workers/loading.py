@@ -73,7 +73,7 @@ class LoadedPipeline:
         for layer in recording.layers:
             check(layer, "recording.layers:")
         for arm in arms:
-            if arm.intervention is not None:
+            if arm.intervention is not None and arm.intervention.acts_on_attention:
                 for layer in arm.intervention.layers:
                     check(layer, f"arm {arm.name!r}: intervention")
 

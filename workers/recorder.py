@@ -7,8 +7,13 @@ when not requested) never makes the dataset unreadable.
 `layer` is an integer id that is stable for a given architecture: the block index for modules that integer
 layers address (SD3 `transformer_blocks.{i}.attn`, SDXL's i-th `attn2`, Flux's i-th block, PixArt's
 `transformer_blocks.{i}.attn2`), and num_blocks + rank (in module order) for modules reachable by glob only
-(SD3.5 `.attn2`, SDXL / PixArt `attn1`), so two modules never share an id. `layer_name` (last column) is
-the module name.
+(SD3.5 `.attn2`, SDXL / PixArt `attn1`), so two modules never share an id. `layer_name` is the module name.
+
+Atlas columns (after `layer_name`): the top-1 key of each row (`sink_idx`, so distinct sinks can be counted
+across prompts and seeds) and where it sits (`manifests.keys`: `sink_region` such as "image:corner" or
+"text:padding", the patch `sink_frame` / `sink_row` / `sink_col`, or the text `sink_segment` / `sink_position`
+/ `sink_token`), filled whenever `mass` is recorded; `sink_ratio` / `sink_ratio_median` (stat `ratio`): the
+sink-to-random key-importance ratios of `workers.processors.common.sink_ratios`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from manifests.keys import ImageGrid, KeyRegion, key_region
 from workers.session import CallRecord
 
 SINK_STEP_SCHEMA = pa.schema(
@@ -36,6 +42,16 @@ SINK_STEP_SCHEMA = pa.schema(
         pa.field("selected_idx", pa.list_(pa.int32())),
         pa.field("removed_mass_after", pa.float32()),
         pa.field("layer_name", pa.string(), nullable=False),
+        pa.field("sink_idx", pa.int32()),
+        pa.field("sink_region", pa.string()),
+        pa.field("sink_frame", pa.int32()),
+        pa.field("sink_row", pa.int32()),
+        pa.field("sink_col", pa.int32()),
+        pa.field("sink_segment", pa.string()),
+        pa.field("sink_position", pa.int32()),
+        pa.field("sink_token", pa.string()),
+        pa.field("sink_ratio", pa.float32()),
+        pa.field("sink_ratio_median", pa.float32()),
     ]
 )
 
@@ -56,15 +72,34 @@ def _host(t: torch.Tensor | None):
     return None if t is None else t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu()
 
 
+def sink_region(rec: CallRecord, index: int, grids: dict) -> KeyRegion:
+    """Where key `index` of this call sits (manifests.keys); `grids` caches the patch grid per image-key count."""
+    grid = None
+    if index < rec.num_image:
+        if rec.image_size is None:
+            raise ValueError(f"{rec.layer_name}: image key {index} but the run did not give the image size")
+        key = (rec.num_image, rec.image_size, rec.frames)
+        if key not in grids:
+            grids[key] = ImageGrid.for_tokens(rec.num_image, *rec.image_size, frames=rec.frames)
+        grid = grids[key]
+    return key_region(index, rec.num_image, grid, rec.text_keys)
+
+
+_NO_REGION = KeyRegion(-1, "", "")
+
+
 def records_to_table(records: list[CallRecord]) -> pa.Table:
     """Expand per-call records into per-head rows (one device→host copy per tensor, at the end of a run)."""
     columns: dict[str, list] = {field.name: [] for field in SINK_STEP_SCHEMA}
+    grids: dict = {}
     for rec in records:
         topk_idx, topk_mass, max_mass = _host(rec.topk_idx), _host(rec.topk_mass), _host(rec.max_mass)
         entropy, top5, selected, after = _host(rec.entropy), _host(rec.top5), _host(rec.selected), _host(rec.removed_mass_after)
+        ratio, ratio_median = _host(rec.sink_ratio), _host(rec.sink_ratio_median)
         intervened = selected is not None
         for head in range(rec.heads):
             idx = None if topk_idx is None else topk_idx[head].tolist()
+            where = _NO_REGION if idx is None else sink_region(rec, idx[0], grids)
             columns["step"].append(rec.step)
             columns["timestep"].append(rec.timestep)
             columns["sigma"].append(rec.sigma)
@@ -83,4 +118,14 @@ def records_to_table(records: list[CallRecord]) -> pa.Table:
             columns["selected_idx"].append(selected[head].tolist() if intervened else None)
             columns["removed_mass_after"].append(float(after[head]) if intervened and after is not None else None)
             columns["layer_name"].append(rec.layer_name)
+            columns["sink_idx"].append(None if idx is None else idx[0])
+            columns["sink_region"].append(None if idx is None else where.label)
+            columns["sink_frame"].append(where.frame)
+            columns["sink_row"].append(where.row)
+            columns["sink_col"].append(where.col)
+            columns["sink_segment"].append(where.segment)
+            columns["sink_position"].append(where.position)
+            columns["sink_token"].append(where.token)
+            columns["sink_ratio"].append(None if ratio is None else float(ratio[head]))
+            columns["sink_ratio_median"].append(None if ratio_median is None else float(ratio_median[head]))
     return pa.Table.from_pydict(columns, schema=SINK_STEP_SCHEMA)
