@@ -58,6 +58,17 @@ SINK_STEPS_SCHEMA = pa.schema(
         ("selected_idx", pa.list_(pa.int32())),
         ("removed_mass_after", pa.float32()),
         ("layer_name", pa.string()),  # the attention module's name (layer ids of glob-only modules are num_blocks + rank)
+        # atlas columns (workers.recorder): the top-1 key and where it sits (manifests.keys), sink-to-random ratios
+        ("sink_idx", pa.int32()),
+        ("sink_region", pa.string()),
+        ("sink_frame", pa.int32()),
+        ("sink_row", pa.int32()),
+        ("sink_col", pa.int32()),
+        ("sink_segment", pa.string()),
+        ("sink_position", pa.int32()),
+        ("sink_token", pa.string()),
+        ("sink_ratio", pa.float32()),
+        ("sink_ratio_median", pa.float32()),
     ]
 )
 

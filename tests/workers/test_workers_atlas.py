@@ -184,3 +184,18 @@ def test_arms_with_different_prompt_edits_never_share_a_batch():
     edit = Intervention(score_op="none", prompt=PromptEdit(padding_slots=0))
     arms = [ArmSpec(name="a"), ArmSpec(name="b"), ArmSpec(name="c", intervention=edit), ArmSpec(name="d", intervention=edit), ArmSpec(name="e")]
     assert [[a.name for a in c] for c in chunks(arms, 4)] == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_verify_prompt_check_catches_an_edit_that_differs_from_its_claim(tiny_flux_loaded):
+    from workers.verify import _Check, check_prompt_edit
+
+    claim = PromptEdit(pad_token=",")
+    stock = encode_prompt(tiny_flux_loaded, PROMPT, GEN)
+    honest, wrong = _Check(), _Check()
+    check_prompt_edit(honest, tiny_flux_loaded, stock, encode_prompt(tiny_flux_loaded, PROMPT, GEN, claim), claim)
+    check_prompt_edit(wrong, tiny_flux_loaded, stock, encode_prompt(tiny_flux_loaded, PROMPT, GEN, PromptEdit(pad_token=".")), claim)
+    assert honest.passed and honest.calls
+    assert not wrong.passed and "padding slot" in wrong.notes[0]
+    short = _Check()
+    check_prompt_edit(short, tiny_flux_loaded, stock, encode_prompt(tiny_flux_loaded, PROMPT, GEN, PromptEdit(padding_slots=1)), claim)
+    assert not short.passed and "tokens, expected" in short.notes[0]
