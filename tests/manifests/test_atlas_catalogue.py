@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import pytest
-import yaml
+from shrunken import submit_shrunken
 from typer.testing import CliRunner
 
-from manifests import parse_sweep, read_sweep_file
-from manifests.shrink import shrink
+from manifests import read_sweep_file
 from orchestrate.cli import app
 
 ATLAS = sorted((Path(__file__).parents[2] / "manifests" / "atlas").glob("*.yaml"))
@@ -25,18 +24,8 @@ def test_atlas_sweeps_share_prompts_and_recording():
 
 @pytest.mark.slow
 def test_shrunken_atlas_runs_and_draws(tmp_path):
-    runs = []
     for path in ATLAS:
-        sweep, raw = read_sweep_file(path)
-        geometry = sweep.model.geometry()
-        small = shrink(raw, geometry.family, geometry.num_layers)
-        small["output_root"] = str(tmp_path / "runs")
-        parse_sweep(small)
-        file = tmp_path / path.name
-        file.write_text(yaml.safe_dump(small))
-        result = runner.invoke(app, ["submit", str(file)])
-        assert result.exit_code == 0, result.output
-        assert "shards: 1 done" in result.output
+        submit_shrunken(path, tmp_path)
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == len(ATLAS)
     result = runner.invoke(app, ["atlas", *map(str, runs), "--out", str(tmp_path / "atlas")])
