@@ -85,21 +85,33 @@ def sink_region(rec: CallRecord, index: int, grids: dict) -> KeyRegion:
     return key_region(index, rec.num_image, grid, rec.text_keys)
 
 
-_NO_REGION = KeyRegion(-1, "", "")
+_NO_REGION = (None, KeyRegion(-1, "", ""))
+
+
+def _list(t: torch.Tensor | None):
+    """A host tensor as (nested) Python lists, once per record: indexing a tensor per head costs microseconds each."""
+    return None if t is None else _host(t).tolist()
 
 
 def records_to_table(records: list[CallRecord]) -> pa.Table:
     """Expand per-call records into per-head rows (one device→host copy per tensor, at the end of a run)."""
     columns: dict[str, list] = {field.name: [] for field in SINK_STEP_SCHEMA}
     grids: dict = {}
+    regions: dict = {}  # text_keys tuples are shared by the records of one element and live as long as this call
     for rec in records:
-        topk_idx, topk_mass, max_mass = _host(rec.topk_idx), _host(rec.topk_mass), _host(rec.max_mass)
-        entropy, top5, selected, after = _host(rec.entropy), _host(rec.top5), _host(rec.selected), _host(rec.removed_mass_after)
-        ratio, ratio_median = _host(rec.sink_ratio), _host(rec.sink_ratio_median)
+        topk_idx, topk_mass, max_mass = _list(rec.topk_idx), _list(rec.topk_mass), _list(rec.max_mass)
+        entropy, top5, selected, after = _list(rec.entropy), _list(rec.top5), _list(rec.selected), _list(rec.removed_mass_after)
+        ratio, ratio_median = _list(rec.sink_ratio), _list(rec.sink_ratio_median)
         intervened = selected is not None
         for head in range(rec.heads):
-            idx = None if topk_idx is None else topk_idx[head].tolist()
-            where = _NO_REGION if idx is None else sink_region(rec, idx[0], grids)
+            idx = None if topk_idx is None else topk_idx[head]
+            label, where = _NO_REGION
+            if idx is not None:  # heads and steps share few distinct sinks: look each (layout, key) up once
+                key = (rec.num_image, rec.image_size, rec.frames, id(rec.text_keys), idx[0])
+                if key not in regions:
+                    found = sink_region(rec, idx[0], grids)
+                    regions[key] = (found.label, found)
+                label, where = regions[key]
             columns["step"].append(rec.step)
             columns["timestep"].append(rec.timestep)
             columns["sigma"].append(rec.sigma)
@@ -110,22 +122,22 @@ def records_to_table(records: list[CallRecord]) -> pa.Table:
             columns["topk_modality"].append(
                 None if idx is None else [key_modality(j, rec.num_image, rec.num_clip, rec.t5_valid) for j in idx]
             )
-            columns["topk_mass"].append(None if topk_mass is None else topk_mass[head].tolist())
-            columns["max_mass"].append(None if max_mass is None else float(max_mass[head]))
-            columns["entropy"].append(None if entropy is None else float(entropy[head]))
-            columns["top5_conc"].append(None if top5 is None else float(top5[head]))
+            columns["topk_mass"].append(None if topk_mass is None else topk_mass[head])
+            columns["max_mass"].append(None if max_mass is None else max_mass[head])
+            columns["entropy"].append(None if entropy is None else entropy[head])
+            columns["top5_conc"].append(None if top5 is None else top5[head])
             columns["intervened"].append(intervened)
-            columns["selected_idx"].append(selected[head].tolist() if intervened else None)
-            columns["removed_mass_after"].append(float(after[head]) if intervened and after is not None else None)
+            columns["selected_idx"].append(selected[head] if intervened else None)
+            columns["removed_mass_after"].append(after[head] if intervened and after is not None else None)
             columns["layer_name"].append(rec.layer_name)
             columns["sink_idx"].append(None if idx is None else idx[0])
-            columns["sink_region"].append(None if idx is None else where.label)
+            columns["sink_region"].append(label)
             columns["sink_frame"].append(where.frame)
             columns["sink_row"].append(where.row)
             columns["sink_col"].append(where.col)
             columns["sink_segment"].append(where.segment)
             columns["sink_position"].append(where.position)
             columns["sink_token"].append(where.token)
-            columns["sink_ratio"].append(None if ratio is None else float(ratio[head]))
-            columns["sink_ratio_median"].append(None if ratio_median is None else float(ratio_median[head]))
+            columns["sink_ratio"].append(None if ratio is None else ratio[head])
+            columns["sink_ratio_median"].append(None if ratio_median is None else ratio_median[head])
     return pa.Table.from_pydict(columns, schema=SINK_STEP_SCHEMA)
