@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from manifests.keys import REGION_LABELS
 
-from ._io import SINK_STEPS_SCHEMA, read_table, write_text_atomic
+from ._io import write_text_atomic
 from .plots import Saved, _figure, _save
 from .tables import to_markdown
 
@@ -64,29 +62,27 @@ def _family(sweep: dict) -> str | None:
     return None if geometry is None else geometry.family
 
 
-def atlas_rows(run_dir: Path, arm: str | None = None) -> pd.DataFrame:
-    """The atlas columns of a run's finished units (one arm: the baseline by default), conditional branch if any."""
-    from .run import load_run
+def atlas_rows(run) -> pd.DataFrame:
+    """The atlas columns of a loaded run's baseline arm (done shards only), conditional branch if recorded."""
+    return _rows(run, run.baseline, run.run_dir)
 
-    run = load_run(run_dir, sink_steps=False)
-    table = read_table(Path(run_dir) / "tables" / "sink_steps", SINK_STEPS_SCHEMA, columns=ATLAS_COLUMNS)
-    table = table.filter(pc.equal(table["arm"], arm or run.baseline))
-    if len(run.units):
-        table = table.filter(pc.is_in(table["unit_id"], value_set=pa.array(run.units["unit_id"])))
-    rows = table.to_pandas()
+
+def _rows(run, arm: str, where) -> pd.DataFrame:
+    rows = run.sink_steps.df(ATLAS_COLUMNS, arm=arm)
     if rows.empty or rows["sink_idx"].isna().all():
-        raise ValueError(f"{run_dir}: no sink rows with a top-1 key; record with `recording.stats: [mass, ratio]` and some layers")
+        raise ValueError(f"{where}: no sink rows with a top-1 key for arm {arm!r}; record with "
+                         "`recording.stats: [mass, ratio]` and some layers")
     if (rows["branch"] == "cond").any():
         rows = rows[rows["branch"] == "cond"]
     return rows.reset_index(drop=True)
 
 
 def model_atlas(run_dir: Path, arm: str | None = None) -> ModelAtlas:
-    """The atlas of one run."""
+    """The atlas of one run (`arm`: default the baseline)."""
     from .run import load_run
 
-    run = load_run(run_dir, sink_steps=False)
-    rows = atlas_rows(run_dir, arm)
+    run = load_run(run_dir)
+    rows = _rows(run, arm or run.baseline, run_dir)
     ratio = rows.pivot_table(index="layer", columns="step", values="sink_ratio", aggfunc="mean")
     per_head = rows.groupby(["layer", "step", "head"])["sink_idx"].nunique()
     distinct = per_head.groupby(["layer", "step"]).mean().unstack("step")
@@ -99,11 +95,12 @@ def model_atlas(run_dir: Path, arm: str | None = None) -> ModelAtlas:
         spatial = np.zeros(shape)
         np.add.at(spatial, (image["sink_row"].astype(int).to_numpy(), image["sink_col"].astype(int).to_numpy()), 1)
     unit_sinks = rows.groupby("unit_id")["sink_idx"].agg(lambda s: s.value_counts().sort_index().idxmax())
-    peak = ratio.stack().idxmax() if ratio.notna().any().any() else (None, None)
+    has_ratio = bool(ratio.notna().any().any())
+    peak = ratio.stack().idxmax() if has_ratio else (None, None)
     summary = {
         "model": _label(run.sweep),
         "units": int(rows["unit_id"].nunique()),
-        "peak_ratio": float(np.nanmax(ratio.to_numpy())) if ratio.notna().any().any() else float("nan"),
+        "peak_ratio": float(np.nanmax(ratio.to_numpy())) if has_ratio else float("nan"),
         "peak_layer": peak[0],
         "peak_step": peak[1],
         "distinct_sinks": int(unit_sinks.nunique()),

@@ -1,4 +1,4 @@
-"""The `orchestrate` command line: plan, submit, status, resume, cancel, logs, analyze, report, demo.
+"""The `orchestrate` command line: plan, submit, status, resume, cancel, logs, compact, analyze, report, demo.
 
 Every command takes a sweep file or a run directory; all state lives in the run directory, so any
 command can run from any machine that sees it.
@@ -6,6 +6,7 @@ command can run from any machine that sees it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -19,12 +20,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from jobs.rundir import RunDir, atomic_write_json
+from jobs.frozen_sweep import SweepDriftError, accept_drift, check_resolved_sweep, drift_message, load_resolved_sweep
+from jobs.rundir import RunDir
 from manifests import SweepError
 from orchestrate import estimate
+from orchestrate import status as run_status
 from orchestrate.create import build_manifest, create_run
 from orchestrate.executors.base import make_executor
-from orchestrate.status import RERUNNABLE, eta_seconds, rerunnable, shard_statuses
+from orchestrate.status import RERUNNABLE, shard_statuses
 
 app = typer.Typer(
     add_completion=False,
@@ -72,32 +75,70 @@ def _executor_for(run: RunDir, sweep, kind: Optional[str], options: list[str]):
     return make_executor(config)
 
 
-def _load_run(run_dir: Path) -> tuple[RunDir, object]:
-    from manifests import read_sweep_file
+ACCEPT_DRIFT_HELP = ("continue although the run's resolved sweep no longer matches its recorded hash (an edited "
+                     "sweep.resolved.json, or a sinkscope that resolves it differently); recorded in provenance.json")
 
+
+def _load_run(run_dir: Path, accept_sweep_drift: bool = False, command: str = "") -> tuple[RunDir, object]:
+    """The run and its resolved sweep, re-validated and hash-checked (a mismatch stops unless accepted)."""
     run = RunDir(run_dir)
-    if not run.exists():
-        _fail(f"{run_dir}: not a sinkscope run directory (no sweep.yaml + manifest.parquet)")
-    sweep, _ = read_sweep_file(run.sweep_path)
+    if not run.manifest_path.is_file():
+        _fail(f"{run_dir}: not a sinkscope run directory (no manifest.parquet)")
+    try:
+        if accept_sweep_drift:
+            with run.lock():
+                accepted = accept_drift(run, command)
+            if accepted is not None:
+                console.print(f"[yellow]accepted sweep drift {accepted.recorded_hash[:12] if accepted.recorded_hash else '(none)'} → "
+                              f"{accepted.current_hash[:12]} (recorded in {run.provenance_path.name})[/yellow]")
+        sweep = load_resolved_sweep(run)
+    except (SweepDriftError, SweepError) as error:
+        _fail(str(error))
     return run, sweep
 
 
-def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False) -> int:
-    """Submit under the run lock, so two submits or resumes of one run never send a shard twice.
+def _open_run(run_dir: Path) -> RunDir:
+    """The run, for commands that only read or stop it (status, logs, cancel, compact): no sweep check."""
+    run = RunDir(run_dir)
+    if not run.manifest_path.is_file():
+        _fail(f"{run_dir}: not a sinkscope run directory (no manifest.parquet)")
+    return run
+
+
+def _dispatch(run: RunDir, executor, shard_ids: list[int] | None = None, verify: bool = False, dry_run: bool = False) -> int:
+    """Submit the rerunnable ones of `shard_ids` (default: all) under the run lock, so two submits or resumes of
+    one run never send a shard twice. Shard states are computed once, here; outputs are hashed only if `verify`.
 
     Returns the number of shards that failed (known only for the blocking local executor).
     """
     with run.lock():
-        statuses = {s.shard_id: s for s in shard_statuses(run, _scheduler_states(run), verify=verify)}
-        todo = [s for s in shard_ids if statuses[s].state in RERUNNABLE]
-        skipped = sorted(set(shard_ids) - set(todo))
+        statuses = shard_statuses(run, _scheduler_states(run), verify=verify, errors=False)
+        if verify:
+            problems = run_status.verify_compacted(run)
+            if problems:
+                _fail("compacted tables are damaged (restore them from a backup or delete the run's tables/*/_compact* "
+                      "and the done markers of their shards):\n  " + "\n  ".join(problems))
+        wanted = None if shard_ids is None else set(shard_ids)
+        todo = [s.shard_id for s in statuses if s.state in RERUNNABLE and (wanted is None or s.shard_id in wanted)]
+        considered = len(statuses) if wanted is None else len(wanted)
+        skipped = considered - len(todo)
         if skipped:
-            console.print(f"skipping {len(skipped)} shard(s) already done, running or queued: {skipped[:20]}")
+            console.print(f"skipping {skipped} shard(s) already done, running or queued")
         if not todo:
             console.print("nothing to submit")
             return 0
+        corrupt = [s.shard_id for s in statuses if s.state == "corrupt" and s.shard_id in set(todo)]
+        if dry_run:
+            counts: dict[str, int] = {}
+            for s in statuses:
+                if s.shard_id in set(todo):
+                    counts[s.state] = counts.get(s.state, 0) + 1
+            how = "run here" if executor.blocking else f"queued on {executor.kind}"
+            console.print(f"dry run: {len(todo)} shard(s) would be {how} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}): "
+                          f"{_id_ranges(todo)}; nothing was started")
+            return 0
         for shard_id in todo:
-            if statuses[shard_id].state == "corrupt":
+            if shard_id in corrupt:
                 run.done_path(shard_id).unlink(missing_ok=True)
             run.failed_path(shard_id).unlink(missing_ok=True)
         run.append_submission({"executor": executor.kind, "event": "submit", "shards": todo, "config": executor.config.model_dump()})
@@ -114,7 +155,7 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
         # resume meanwhile sees them running (this process is alive) and leaves them alone
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "claimed_by": "orchestrate"}
         for shard_id in todo:
-            atomic_write_json(run.running_path(shard_id), claim)
+            run.write_marker("running", shard_id, claim)
     failed = 0
     try:
         records = executor.submit(run, todo)
@@ -126,6 +167,18 @@ def _dispatch(run: RunDir, executor, shard_ids: list[int], verify: bool = False)
         run.append_submission(record)
         failed += len(record.get("failed", []))
     return failed
+
+
+def _id_ranges(ids: list[int], limit: int = 12) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' (at most `limit` ranges, then a count)."""
+    ranges: list[list[int]] = []
+    for i in sorted(ids):
+        if ranges and i == ranges[-1][1] + 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges[:limit])
+    return text + (f", … ({len(ranges) - limit} more ranges)" if len(ranges) > limit else "")
 
 
 def _cluster_executors(run: RunDir) -> list:
@@ -142,12 +195,12 @@ def _cluster_executors(run: RunDir) -> list:
     return [make_executor(TypeAdapter(ExecutorConfig).validate_python(c)) for c in configs.values()]
 
 
-def _scheduler_states(run: RunDir) -> dict[int, str]:
-    """Ask every cluster executor this run has used (from state/submissions.jsonl)."""
+def _scheduler_states(run: RunDir, task: str = "generate") -> dict[int, str]:
+    """Ask every cluster executor this run has used (from state/submissions.jsonl) about its jobs of `task`."""
     states: dict[int, str] = {}
     for executor in _cluster_executors(run):
         try:
-            states.update(executor.scheduler_states(run))
+            states.update(executor.scheduler_states(run, task))
             for note in getattr(executor, "notes", []):
                 console.print(f"[yellow]{executor.kind}: {note}[/yellow]")
         except Exception as error:  # noqa: BLE001 — status must still show the markers
@@ -190,6 +243,7 @@ def submit(
     executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
     output_root: Optional[Path] = typer.Option(None, help="override output_root"),
     smoke: bool = typer.Option(False, "--smoke", help="run a shrunken copy here first: tiny random model, 2 prompts, 2 steps"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="create (or re-open) the run directory and print what would run; run nothing"),
 ) -> None:
     """Create (or re-open) the run directory of a sweep and run its unfinished shards.
 
@@ -206,8 +260,15 @@ def submit(
     except SweepError as e:
         _fail(str(e))
     console.print(f"{'created' if created else 're-opened'} run [bold]{run.root}[/bold]")
+    if not created:
+        try:
+            load_resolved_sweep(run)
+        except SweepDriftError as error:
+            _fail(f"{error}\n(re-opened run; use `orchestrate resume {run.root} --accept-sweep-drift` to continue it)")
     ex = _executor_for(run, manifest.sweep, executor, executor_opt)
-    failed = _dispatch(run, ex, manifest.shard_ids)
+    failed = _dispatch(run, ex, dry_run=dry_run)
+    if dry_run:
+        return
     _print_summary(run)
     if failed:
         _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
@@ -282,16 +343,19 @@ def resume(
     run_dir: Path = typer.Argument(..., help="run directory"),
     executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
     executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+    verify: bool = typer.Option(False, "--verify", help="hash every done shard's files (and compacted tables) against their "
+                                "checksums first and rerun the corrupt ones"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what would be rerun; run nothing"),
+    accept_sweep_drift: bool = typer.Option(False, "--accept-sweep-drift", help=ACCEPT_DRIFT_HELP),
 ) -> None:
-    """Rerun only the shards that are neither done nor running or queued (failed, interrupted, corrupt, ...)."""
-    run, sweep = _load_run(run_dir)
-    statuses = shard_statuses(run, _scheduler_states(run), verify=True)
-    todo = rerunnable(statuses)
-    if not todo:
-        console.print("nothing to resume")
-        _print_summary(run)
+    """Rerun only the shards that are neither done nor running or queued (failed, interrupted, corrupt, ...).
+
+    The run's resolved sweep is re-validated first: a hash mismatch stops here unless --accept-sweep-drift.
+    """
+    run, sweep = _load_run(run_dir, accept_sweep_drift, "resume")
+    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), verify=verify, dry_run=dry_run)
+    if dry_run:
         return
-    failed = _dispatch(run, _executor_for(run, sweep, executor, executor_opt), todo, verify=True)
     _print_summary(run)
     if failed:
         _fail(f"{failed} shard(s) failed; see `orchestrate status {run.root}` and `orchestrate logs`", code=1)
@@ -300,38 +364,94 @@ def resume(
 @app.command()
 def status(
     run_dir: Path = typer.Argument(..., help="run directory"),
-    verify: bool = typer.Option(False, help="check every done shard's files against its checksums"),
-    all_shards: bool = typer.Option(False, "--all", help="list every shard, not only those not done"),
+    verify: bool = typer.Option(False, help="hash every done shard's files (and compacted tables) against their checksums"),
+    all_shards: bool = typer.Option(False, "--all", help="also print the per-shard table (reads every done marker)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (the summary; per shard with --all) for scripts"),
+    watch: Optional[float] = typer.Option(None, "--watch", min=0.1, help="redraw the summary every SECONDS until nothing "
+                                          "runs or is queued (Ctrl-C stops)"),
 ) -> None:
-    """Per-shard state (done, running, pending, failed, cancelled, timeout, interrupted, corrupt), counts and ETA."""
-    run, _ = _load_run(run_dir)
-    _print_summary(run, verify=verify, list_all=all_shards, table=True)
+    """Summary of a run: shards per state, failures by error, oldest running, ETA; metric jobs too.
+
+    Lists each marker folder once and reads only running/failed markers and a sample of done ones, so it
+    stays fast at 10,000 shards. --all adds the per-shard table (reads every done marker)."""
+    run = _open_run(run_dir)
+    while True:
+        if watch:
+            console.clear()
+        active = _print_summary(run, verify=verify, list_all=all_shards, as_json=as_json)
+        if not watch or not active:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
-def _print_summary(run: RunDir, verify: bool = False, list_all: bool = False, table: bool = False) -> None:
-    statuses = shard_statuses(run, _scheduler_states(run), verify=verify)
-    counts: dict[str, int] = {}
-    for s in statuses:
-        counts[s.state] = counts.get(s.state, 0) + 1
-    if table:
+def _print_summary(run: RunDir, verify: bool = False, list_all: bool = False, as_json: bool = False) -> bool:
+    """Print the run's status; returns whether any shard or metric job is still running or queued."""
+    statuses = shard_statuses(run, _scheduler_states(run), verify=verify, per_shard=list_all)
+    summary = run_status.summarise(run, statuses)
+    metric_scheduler = _scheduler_states(run, "metrics")
+    metric_ids = sorted(set(run_status.metric_job_ids(run)) | set(metric_scheduler))
+    metric_statuses = shard_statuses(run, metric_scheduler, task="metrics", shard_ids=metric_ids) if metric_ids else []
+    metric_summary = run_status.summarise(run, metric_statuses, "metrics") if metric_ids else None
+    compacted_problems = run_status.verify_compacted(run) if verify else []
+    check = None
+    if run.resolved_sweep_path.is_file():
+        try:
+            check = check_resolved_sweep(run)
+        except SweepDriftError:
+            check = None
+    drift = drift_message(run, check) if check is not None and check.drifted and not check.accepted else None
+    active = any(s.state in ("running", "pending") for s in statuses + metric_statuses)
+    if as_json:
+        payload = {"run": str(run.root), "generate": run_status.as_json(summary, statuses if list_all else None),
+                   "metrics": None if metric_summary is None else run_status.as_json(metric_summary),
+                   "compacted_problems": compacted_problems, "sweep_drift": drift}
+        sys.stdout.write(json.dumps(payload, indent=1, default=str) + "\n")
+        return active
+    if list_all:
         t = Table(title=str(run.root))
         for column in ("shard", "state", "groups", "elapsed", "error"):
             t.add_column(column)
         for s in statuses:
-            if list_all or s.state != "done":
-                elapsed = "" if s.elapsed_s is None else f"{s.elapsed_s:.1f}s"
-                t.add_row(str(s.shard_id), s.state, f"{s.groups_done}/{s.groups_total}", elapsed, (s.error or "")[:120])
+            elapsed = "" if s.elapsed_s is None else f"{s.elapsed_s:.1f}s"
+            t.add_row(str(s.shard_id), s.state, f"{s.groups_done}/{s.groups_total}", elapsed, (s.error or "")[:120])
         console.print(t)
-    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    eta = eta_seconds(run, statuses)
-    eta_text = "" if eta is None or counts.get("done", 0) == len(statuses) else f"; ETA ≈ {eta / 60:.1f} min at one worker"
-    console.print(f"shards: {summary}{eta_text}")
+    _print_task_summary("shards", summary)
+    if metric_summary is not None:
+        _print_task_summary("metric jobs", metric_summary)
+    for problem in compacted_problems:
+        console.print(f"[red]corrupt compacted table[/red]: {problem}", highlight=False)
+    if drift:
+        console.print(f"[red]sweep drift[/red]: {drift}", highlight=False)
+    return active
+
+
+def _print_task_summary(label: str, summary) -> None:
+    order = {state: i for i, state in enumerate(run_status.STATES)}
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(summary.counts.items(), key=lambda kv: order.get(kv[0], 99)))
+    line = f"{label}: {summary.total} total: {counts}"
+    if summary.workers_running:
+        line += f"; {summary.workers_running} worker(s)/task(s) running"
+    if summary.throughput_per_h:
+        line += f"; {summary.throughput_per_h:.1f} shards/h"
+    if summary.eta_s is not None:
+        line += f"; ETA ≈ {summary.eta_s / 60:.1f} min"
+    console.print(line, highlight=False)
+    for group in summary.failures:
+        console.print(f"  [red]{group['count']} failed[/red] with {group['error']} (e.g. shard {group['example_shard']}; "
+                      f"`orchestrate logs RUN {group['example_shard']}{' --task metrics' if summary.task == 'metrics' else ''}`)",
+                      highlight=False)
+    if summary.oldest_running:
+        oldest = ", ".join(f"{r['shard_id']} ({(r['age_s'] or 0) / 60:.1f} min on {r['host']})" for r in summary.oldest_running)
+        console.print(f"  oldest running: {oldest}", highlight=False)
 
 
 @app.command()
 def cancel(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
     """Cancel every Slurm job or Ray task this run submitted."""
-    run, _ = _load_run(run_dir)
+    run = _open_run(run_dir)
     cancelled: list[str] = []
     with run.lock():
         for executor in _cluster_executors(run):
@@ -345,10 +465,13 @@ def logs(
     run_dir: Path = typer.Argument(..., help="run directory"),
     shard: int = typer.Argument(..., help="shard id"),
     lines: int = typer.Option(40, "--lines", "-n", help="how many lines of the log's tail"),
+    task: str = typer.Option("generate", "--task", help="generate (the shard's generation job) or metrics (its metric job)"),
 ) -> None:
     """Print the tail of a shard's log and its recorded error, if any."""
-    run, _ = _load_run(run_dir)
-    path = run.log_path(shard)
+    run = _open_run(run_dir)
+    if task not in ("generate", "metrics"):
+        _fail(f"--task: expected generate or metrics, got {task!r}")
+    path = run.log_path(shard, task)
     if path.is_file():
         tail = path.read_text(errors="replace").splitlines()[-lines:]
         console.print(f"[bold]{path}[/bold]")
@@ -357,10 +480,42 @@ def logs(
         console.print(f"no log yet at {path}")
     for extra in sorted(run.executor_dir.glob(f"**/*{run.shard_name(shard)}*")) if run.executor_dir.is_dir() else []:
         console.print(f"scheduler log: {extra}")
-    failed = run.read_marker("failed", shard)
+    failed = run.read_marker("failed", shard, task)
     if failed:
         console.print(f"[red]error[/red]: {failed['error']}", markup=True, highlight=False)
         console.print(failed.get("traceback", ""), markup=False, highlight=False)
+
+
+@app.command()
+def compact(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
+    """Compact the done shards' part files into a few large Parquet files per table (sink steps split by arm).
+
+    Safe at any time and after a crash at any point: markers stay the truth, the switch to compacted files is one
+    atomic rename, and rerunning it never loses or duplicates a row. Metric tables are skipped while metric jobs run.
+    """
+    _compact(_open_run(run_dir))
+
+
+def _compact(run: RunDir) -> None:
+    from jobs import compaction
+    from jobs import runformat as rf
+
+    tables = rf.SHARDED_TABLES
+    if run.running_shards("metrics"):
+        tables = ("units", "sink_steps")
+        console.print("metric jobs are running: metric tables are left for a later `orchestrate compact`")
+    try:
+        reports = compaction.compact_run(run, tables)
+    except TimeoutError as error:
+        _fail(f"{run.root}: the run is locked by another submit, resume or compaction ({error})")
+    for r in reports:
+        if r.shards_added or r.parts_removed or r.skipped:
+            console.print(f"compacted {r.folder.relative_to(run.root)}: {r.shards_added} shard(s), {r.rows_written} rows "
+                          f"in {r.files_written} file(s); {r.parts_removed} part file(s) removed", highlight=False)
+        for shard, why in sorted(r.skipped.items()):
+            console.print(f"[yellow]left shard {shard}[/yellow]: {why}", highlight=False)
+    if not any(r.shards_added or r.parts_removed for r in reports):
+        console.print("nothing to compact")
 
 
 @app.command()
@@ -371,18 +526,24 @@ def analyze(
         None, "--executor", "-e", help="score the shards as jobs on slurm or ray (default: here, in this process)"
     ),
     executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
+    accept_sweep_drift: bool = typer.Option(False, "--accept-sweep-drift", help=ACCEPT_DRIFT_HELP),
+    compact_first: bool = typer.Option(True, "--compact/--no-compact", help="compact the done shards' tables first "
+                                       "(`orchestrate compact`)"),
 ) -> None:
     """Score the run's images (only what is missing) and write report/summary.md with paired statistics.
 
-    With --executor slurm|ray, one metric job per finished shard is submitted through that executor and the
-    command returns; run `orchestrate analyze RUN_DIR` again once they are done to reduce set metrics
-    (FID-shift) and write the summary (already scored shards are not scored again).
+    The run's resolved sweep is re-validated first (a hash mismatch stops unless --accept-sweep-drift), and the
+    done shards' part files are compacted. With --executor slurm|ray, one metric job per finished shard is
+    submitted through that executor and the command returns; run `orchestrate analyze RUN_DIR` again once they
+    are done to reduce set metrics (FID-shift) and write the summary (already scored shards are not scored again).
     """
     import analysis
     from jobs.tasks import ShardJob
     from manifests.schema import METRICS
 
-    run, sweep = _load_run(run_dir)
+    run, sweep = _load_run(run_dir, accept_sweep_drift, "analyze")
+    if compact_first:
+        _compact(run)
     metrics = metric or list(sweep.analysis.metrics)
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -443,12 +604,12 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
     """The whole pipeline on the embedded default (tiny random SD3, local executor): submit, analyze, report."""
     run, manifest, _ = create_run(default_sweep(), str(output_root))
     console.print(f"run [bold]{run.root}[/bold] (tiny-sd3: random weights, numbers mean nothing)")
-    _dispatch(run, make_executor(manifest.sweep.executor), manifest.shard_ids)
+    _dispatch(run, make_executor(manifest.sweep.executor))
     statuses = shard_statuses(run)
     if any(s.state != "done" for s in statuses):
-        _print_summary(run, table=True)
+        _print_summary(run, list_all=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
-    analyze(run.root, metric=[], executor=None, executor_opt=[])  # called as plain functions: pass every option
+    analyze(run.root, metric=[], executor=None, executor_opt=[], accept_sweep_drift=False, compact_first=True)  # plain call: every option
     report(run.root)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")

@@ -1,12 +1,12 @@
 """analysis.atlas on a hand-made run whose atlas columns are known: heat maps, region shares, summary, files."""
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from analysis_fakerun import FakeRunSpec, make_run, unit_id
 
-from analysis._io import SINK_STEPS_SCHEMA
 from analysis.atlas import model_atlas, write_atlas
+from jobs import runformat as rf
+from jobs.rundir import RunDir
 
 
 def _rewrite_sink_steps(run, prompts):
@@ -20,17 +20,14 @@ def _rewrite_sink_steps(run, prompts):
                     for branch in ("cond", "uncond"):
                         idx = 100 + p if (layer, head) == (1, 0) else 5
                         rows.append({
-                            "unit_id": unit_id(p, 0, "base"), "prompt_id": p, "seed_index": 0, "arm": "base", "step": step,
+                            "unit_id": unit_id(p, 0, "base"), "shard_id": 0, "prompt_id": p, "seed_index": 0, "arm": "base", "step": step,
                             "timestep": 1.0, "sigma": 1.0, "layer": layer, "head": head, "branch": branch, "intervened": False,
                             "layer_name": f"transformer_blocks.{layer}.attn", "sink_idx": idx,
                             "sink_region": "text:padding" if idx >= 100 else "image:corner",
                             "sink_row": None if idx >= 100 else 0, "sink_col": None if idx >= 100 else 5,
                             "sink_ratio": 10.0 * layer + step + (100.0 if branch == "uncond" else 0.0),
                         })  # fmt: skip
-    folder = run / "tables" / "sink_steps"
-    for old in folder.glob("*.parquet"):
-        old.unlink()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SINK_STEPS_SCHEMA), folder / "part-shard-00000.parquet")
+    rf.atomic_write_parquet(RunDir(run).part_path("sink_steps", 0), pa.Table.from_pylist(rows, schema=rf.SINK_STEPS_SCHEMA))
 
 
 def test_atlas_of_a_known_run(tmp_path):

@@ -91,7 +91,7 @@ def test_truncated_part_file_is_detected_and_only_its_shard_rerun(split_run, ref
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     assert "corrupt" in run_cli("status", str(run.root), "--verify").stdout
     before = len(submission_records(run, "slurm", "array"))
-    run_cli("resume", str(run.root))
+    run_cli("resume", str(run.root), "--verify")
     new = submission_records(run, "slurm", "array")[before:]
     assert [r["shards"] for r in new] == [[2]], new
     wait_done(run)

@@ -107,7 +107,9 @@ def test_truncated_part_file_is_detected_and_rerun(tmp_path):
     raw = part.read_bytes()
     part.write_bytes(raw[: len(raw) // 2])
     assert "corrupt" in run_cli("status", str(run.root), "--verify").stdout
-    run_cli("resume", str(run.root))
+    assert "corrupt" not in run_cli("resume", str(run.root), "--dry-run").stdout  # files are hashed only under --verify
+    assert "1 corrupt" in run_cli("resume", str(run.root), "--verify", "--dry-run").stdout
+    run_cli("resume", str(run.root), "--verify")
     assert pq.read_table(part).drop_columns(["seconds"]).equals(good)
     assert "corrupt" not in run_cli("status", str(run.root), "--verify").stdout
 
