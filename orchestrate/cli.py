@@ -588,7 +588,7 @@ def atlas(
     arm: Optional[str] = typer.Option(None, help="arm to map (default: each run's baseline arm)"),
 ) -> None:
     """Sink atlas across models: layer × step heat maps of the sink-to-random ratio and of the number of distinct
-    top-1 sinks, top-1 region shares per layer and image-sink maps (needs `recording.stats: [mass, ratio]`)."""
+    top-1 sinks, top-1 region shares per layer and image-sink maps (record the stats mass and ratio)."""
     import analysis.atlas
 
     roots = [_load_run(d)[0].root for d in run_dirs]
