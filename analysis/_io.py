@@ -55,11 +55,29 @@ def read_datasets(datasets: list[DatasetFiles], schema: pa.Schema, columns: list
             if d.compacted:
                 keep = None if not d.exclude else ~ds.field("shard_id").isin(sorted(d.exclude))
                 pieces.append(_dataset(d.compacted, schema).to_table(columns=names, filter=keep))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
-            raise TableReadError(f"{d.folder}: a file does not match the run format's {d.table} schema ({error})") from error
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as error:
+            raise _damaged_part(d) or TableReadError(
+                f"{d.folder}: a file does not match the run format's {d.table} schema ({error})") from error
     if not pieces:
         return schema.empty_table().select(names)
     return pa.concat_tables(pieces)
+
+
+def _damaged_part(d: DatasetFiles) -> TableReadError | None:
+    """An error naming the first unreadable part of a dataset (its shard) and the commands that repair
+    it, or None when every part opens (done markers vouch for the parts; `resume` reruns damaged shards)."""
+    import pyarrow.parquet as pq
+
+    for part in d.parts:
+        try:
+            pq.read_metadata(part)
+        except (pa.ArrowInvalid, OSError) as part_error:
+            run_dir = Path(part).parents[2] if d.table in ("units", "sink_steps") else Path(part).parents[3]
+            return TableReadError(
+                f"{part}: the {d.table} part of shard {rf.shard_id_of(Path(part).name)} is damaged ({part_error}). "
+                f"`orchestrate status {run_dir} --verify` lists every damaged shard; `orchestrate resume {run_dir} --verify` reruns them"
+            )
+    return None
 
 
 def _read_with_duckdb(duckdb, datasets: list[DatasetFiles], schema: pa.Schema, names: list[str]) -> pa.Table:
@@ -72,9 +90,14 @@ def _read_with_duckdb(duckdb, datasets: list[DatasetFiles], schema: pa.Schema, n
                 where = f" WHERE shard_id NOT IN ({', '.join(map(str, sorted(exclude)))})" if exclude else ""
                 selects.append(f"SELECT {cols} FROM read_parquet({listed}, hive_partitioning=false){where}")
     try:
-        table = duckdb.connect().sql(" UNION ALL ".join(selects)).to_arrow_table()
+        con = duckdb.connect()
+        con.execute("SET enable_progress_bar = false")
+        table = con.sql(" UNION ALL ".join(selects)).to_arrow_table()
         return table.cast(pa.schema([schema.field(n) for n in names]))
     except (duckdb.Error, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
+        damaged = next(filter(None, map(_damaged_part, datasets)), None)
+        if damaged:
+            raise damaged from error
         folders = sorted({str(d.folder) for d in datasets})
         raise TableReadError(f"{', '.join(folders)}: a file does not match the run format's schema ({error})") from error
 

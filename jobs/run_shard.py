@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from jobs import faults
 from jobs import runformat as rf
 from jobs.frozen_sweep import load_resolved_sweep
-from jobs.rundir import RunDir
+from jobs.rundir import RunDir, node_name
 
 log = logging.getLogger("sinkscope.jobs")
 
@@ -88,22 +88,33 @@ def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback 
 def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, started: float) -> dict:
     import torch  # heavy, as workers: imported only where a shard really runs
 
-    import workers
-
     sweep = load_resolved_sweep(run)  # re-validated and hash-checked at every shard start
     units = run.units_of_shard(shard_id)
     if units.num_rows == 0:
         raise ValueError(f"{run.manifest_path}: shard {shard_id} has no units")
-    arms_by_name = {arm.name: arm for arm in sweep.arms}
     rows = units.to_pylist()
     groups: dict[int, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group_index"], []).append(row)
     scratch = run.scratch_dir(shard_id)
     scratch.mkdir(parents=True, exist_ok=True)
-    # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
-    log.info("shard %s: %d groups, %d units (pid %d, %d torch threads)", shard_id, len(groups), len(rows), os.getpid(),
-             torch.get_num_threads())
+    threads_before = torch.get_num_threads()
+    # CPU kernels reduce in an order that depends on the thread count: the sweep fixes it, not the executor or node
+    torch.set_num_threads(sweep.generation.torch_threads)
+    try:
+        # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
+        log.info("shard %s: %d groups, %d units (pid %d, %d torch threads, OMP_NUM_THREADS=%s)", shard_id, len(groups),
+                 len(rows), os.getpid(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        faults.maybe_rendezvous(run.root)
+        return _run_groups(run, shard_id, progress, started, sweep, groups, scratch)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, groups: dict, scratch: Path) -> dict:
+    import workers
+
+    arms_by_name = {arm.name: arm for arm in sweep.arms}
     finished = 0
     loaded = None
     # Images and tables of a group are encoded and written by one background thread while the GPU generates the
@@ -123,8 +134,10 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, started:
                  first["prompt_id"], first["seed_index"], generated_s + written_s, generated_s, written_s)
         if progress:
             progress(finished, len(groups))
-        faults.maybe_kill_after_groups(finished)
+        faults.maybe_kill_after_groups(finished, shard_id)
         faults.maybe_sleep_after_groups(finished)
+        faults.maybe_hold_after_groups(finished)
+        faults.maybe_fill_disk(finished, run.root)
 
     try:
         for group_index in sorted(groups):
@@ -212,7 +225,24 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if tables else rf.SINK_STEPS_SCHEMA.empty_table()
 
 
+def temp_files_of_shard(run: RunDir, shard_id: int) -> list[Path]:
+    """Hidden temporary files (`runformat.atomic_writer`) a killed writer of this shard left behind: its images,
+    parts, scratch groups, markers. Only meaningful when no writer of the shard is alive (resume checks that)."""
+    def temps(path: Path) -> list[Path]:
+        return list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+
+    units = run.units_of_shard(shard_id).select(["arm", "prompt_id", "seed_index"]).to_pylist()
+    found = [t for u in units for t in temps(run.root / rf.image_relpath(u["arm"], u["prompt_id"], u["seed_index"]))]
+    found += [t for table in ("units", "sink_steps") for t in temps(run.part_path(table, shard_id))]
+    found += [t for kind in rf.MARKER_KINDS for t in temps(run.marker_path(kind, shard_id))]
+    scratch = run.scratch_dir(shard_id)
+    found += list(scratch.glob(".*.tmp-*")) if scratch.is_dir() else []
+    return sorted(set(found))
+
+
 def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, started: float) -> dict:
+    import torch
+
     scratch = run.scratch_dir(shard_id)
     names = [rf.scratch_group_names(g) for g in group_indices]
     units = rf.conform(pa.concat_tables([pq.read_table(scratch / u) for u, _ in names]), rf.UNITS_SCHEMA, str(scratch))
@@ -228,6 +258,8 @@ def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, star
         "job_id": os.environ.get("SINKSCOPE_JOB_ID"),
         "device": getattr(loaded, "device", None) if loaded is not None else None,
         "random_weights": bool(units.column("random_weights").to_pylist()[0]),
+        "torch_threads": torch.get_num_threads(),
+        "node": node_name(),
         "started": started,
         "finished": time.time(),
     }

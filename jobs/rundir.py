@@ -8,10 +8,12 @@ the state operations (markers, submissions, the run lock). A job is done iff its
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -153,8 +155,10 @@ class RunDir:
         log = logging.getLogger("sinkscope.jobs")
         started = time.time()
         self.done_path(shard_id, task).unlink(missing_ok=True)  # a rerun (metric jobs): the old done marker is stale
-        self.write_marker("running", shard_id, {"host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                                                "job_id": os.environ.get("SINKSCOPE_JOB_ID"), "task": task}, task)
+        running = {"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                   "job_id": os.environ.get("SINKSCOPE_JOB_ID"), "task": task, "node": node_name()}
+        # padded: the failed marker's space is reserved now, so a full disk can still record why the job failed
+        rf.atomic_write_bytes(self.running_path(shard_id, task), _padded_json(running))
         with _ShardLog(self.log_path(shard_id, task)):
             try:
                 yield started
@@ -164,12 +168,32 @@ class RunDir:
                 raise
             except BaseException as error:  # noqa: BLE001 — record every failure, then let it propagate
                 log.error("%s job of shard %s failed: %s", task, shard_id, error, exc_info=True)
-                self.write_marker("failed", shard_id, {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
-                                                       "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                                                       "task": task}, task)
-                self.running_path(shard_id, task).unlink(missing_ok=True)
+                self.record_failure(shard_id, error, task)
                 raise
         self.failed_path(shard_id, task).unlink(missing_ok=True)
+        self.running_path(shard_id, task).unlink(missing_ok=True)
+
+    def record_failure(self, shard_id: int, error: BaseException, task: str = "generate") -> None:
+        """Write the job's failed marker (error, errno `cause` for OS errors, traceback) and drop its running marker.
+
+        When the filesystem refuses a new file (disk or quota full), the running marker's reserved bytes are
+        renamed to the failed marker and overwritten in place, which needs no new block.
+        """
+        record = {"error": f"{type(error).__name__}: {error}", "cause": os_error_cause(error), "host": socket.gethostname(),
+                  "pid": os.getpid(), "time": time.time(), "task": task}
+        try:
+            self.write_marker("failed", shard_id, {**record, "traceback": traceback.format_exc()}, task)
+        except OSError as write_error:
+            logging.getLogger("sinkscope.jobs").error("cannot write a failed marker (%s): using the reserved running marker",
+                                                      write_error)
+            data = json.dumps(record, sort_keys=True, default=str).encode()[:MARKER_RESERVE]
+            try:
+                os.replace(self.running_path(shard_id, task), self.failed_path(shard_id, task))
+                with open(self.failed_path(shard_id, task), "r+b") as f:  # no truncation: the pages stay allocated
+                    f.write(data + b" " * (MARKER_RESERVE - len(data)))
+            except OSError as last:
+                logging.getLogger("sinkscope.jobs").error("shard %s: no failed marker could be written: %s", shard_id, last)
+                return
         self.running_path(shard_id, task).unlink(missing_ok=True)
 
     def submissions(self) -> list[dict]:
@@ -207,6 +231,31 @@ class RunDir:
 
     def iter_logs(self) -> Iterator[Path]:
         return iter(sorted(self.logs_dir.glob("*shard-*.log")))
+
+
+MARKER_RESERVE = 4096  # bytes of a running marker, reused for the failed marker on a full disk
+
+
+def _padded_json(payload: dict) -> bytes:
+    data = json.dumps(payload, sort_keys=True, default=str).encode()
+    return data + b" " * max(0, MARKER_RESERVE - len(data))  # JSON allows trailing blanks
+
+
+def os_error_cause(error: BaseException) -> str | None:
+    """'ENOSPC: No space left on device' for an OS error (disk full, permission, quota, ...), else None."""
+    if isinstance(error, OSError) and error.errno:
+        return f"{errno.errorcode.get(error.errno, error.errno)}: {os.strerror(error.errno)}"
+    return None
+
+
+def node_name() -> str | None:
+    """The cluster node running this process: Slurm's node name, or the Ray node id (several nodes may share a host)."""
+    if os.environ.get("SLURMD_NODENAME"):
+        return os.environ["SLURMD_NODENAME"]
+    ray = sys.modules.get("ray")  # only a Ray worker has imported it
+    if ray is not None and ray.is_initialized():
+        return f"ray:{ray.get_runtime_context().get_node_id()}"
+    return None
 
 
 def read_marker_file(path: str | Path) -> dict | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -19,15 +20,18 @@ from manifests import Manifest, expand, read_sweep_file, resolve_prompts
 from orchestrate.provenance import write_provenance
 
 
-def build_manifest(sweep_path: str | Path) -> tuple[Manifest, dict]:
-    sweep, raw = read_sweep_file(sweep_path)
+def build_manifest(sweep_path: str | Path, overrides: Sequence[str] = ()) -> tuple[Manifest, dict]:
+    """`overrides`: `--set KEY=VALUE` strings; they are part of the frozen sweep (and so of the hash)."""
+    sweep, raw = read_sweep_file(sweep_path, overrides)
     prompts = resolve_prompts(sweep, base_dir=Path(sweep_path).parent, source=str(sweep_path))
     return expand(sweep, prompts), raw
 
 
-def create_run(sweep_path: str | Path, output_root: str | None = None) -> tuple[RunDir, Manifest, bool]:
+def create_run(
+    sweep_path: str | Path, output_root: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[RunDir, Manifest, bool]:
     """Returns (run, manifest, created). An existing run with the same hash is re-opened untouched."""
-    manifest, raw = build_manifest(sweep_path)
+    manifest, raw = build_manifest(sweep_path, overrides)
     root = run_dir_for(manifest)
     if output_root is not None:
         root = Path(output_root) / root.name

@@ -56,6 +56,8 @@ def write_provenance(run: RunDir, manifest: Manifest, resolved: dict) -> dict:
         "platform": platform.platform(),
         "model": manifest.sweep.model.label,
         "random_weights": bool(geometry and geometry.random_weights),
+        # the CPU thread count every shard runs with, whatever executor or node runs it (it changes CPU pixels)
+        "torch_threads": manifest.sweep.generation.torch_threads,
         "units": manifest.num_units,
         "shards": len(manifest.shard_ids),
         "note": "the GPU and host of each shard are recorded in its done marker (state/done/)",

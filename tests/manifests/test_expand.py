@@ -83,7 +83,8 @@ def test_prompt_file_relative_to_sweep(tmp_path):
         {"name": "f", "model": {"preset": "tiny-sd3"}, "prompts": {"file": "p.txt"}, "arms": [{"name": "b"}]}))
     sweep, _ = read_sweep_file(tmp_path / "s.yaml")
     prompts = resolve_prompts(sweep, base_dir=tmp_path)
-    assert [(p.prompt_id, p.text) for p in prompts] == [(0, "a cat"), (1, "a dog")]
+    # a prompt's id is its line number - 1, blank lines included
+    assert [(p.prompt_id, p.text) for p in prompts] == [(0, "a cat"), (2, "a dog")]
 
 
 def test_every_preset_is_valid_for_sd3_medium():

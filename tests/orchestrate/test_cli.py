@@ -44,7 +44,7 @@ def test_status_of_a_folder_that_is_not_a_run(tmp_path):
 def test_executor_override_is_validated(tmp_path, sweep_factory):
     result = runner.invoke(app, ["submit", str(sweep_factory()), "-e", "slurm", "-o", "time=soon"])
     assert result.exit_code == 2
-    assert "executor.time" in " ".join(result.output.split())
+    assert "--executor-opt time='soon': Input should be a valid integer" in " ".join(result.output.split())
 
 
 @pytest.mark.slow
