@@ -820,6 +820,24 @@ def report(
 
 
 @app.command()
+def atlas(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories, one per model (same prompts), shown side by side"),
+    out: Path = typer.Option(Path("atlas"), "--out", "-o", help="folder for atlas.md, atlas.png/.pdf and atlas.csv"),
+    arm: Optional[str] = typer.Option(None, help="arm to map (default: each run's baseline arm)"),
+) -> None:
+    """Sink atlas across models: layer × step heat maps of the sink-to-random ratio and of the number of distinct
+    top-1 sinks, top-1 region shares per layer and image-sink maps (record the stats mass and ratio)."""
+    import analysis.atlas
+
+    roots = [_load_run(d)[0].root for d in run_dirs]
+    try:
+        path = analysis.atlas.write_atlas(roots, out, arm=arm)
+    except ValueError as error:
+        _fail(str(error))
+    console.print(f"atlas: [bold]{path}[/bold]")
+
+
+@app.command()
 def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run directory goes")) -> None:
     """The whole pipeline on the embedded default (tiny random SD3, local executor): submit, analyze, report."""
     from manifests.preflight import check_output_root
