@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import faults
+from jobs.baseline_cache import BaselineCache, identity_key, resolve_root
 from jobs.tables import UNITS_SCHEMA, conform
 from manifests import read_sweep_file
 from jobs.rundir import RunDir, atomic_write_bytes, atomic_write_json
@@ -165,6 +166,9 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
         groups.setdefault(row["group_index"], []).append(row)
     scratch = run.scratch_dir(shard_id)
     scratch.mkdir(parents=True, exist_ok=True)
+    cache_root = resolve_root(sweep.cache.baselines)
+    cache = BaselineCache(cache_root) if cache_root is not None else None
+    log.info("baseline cache: %s", cache_root or "off")
     # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
     log.info("shard %s: %d groups, %d units (pid %d, %d torch threads)", shard_id, len(groups), len(rows), os.getpid(),
              torch.get_num_threads())
@@ -204,12 +208,15 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
                 loaded = _pipeline_for(sweep.model)
             arm_specs = [arms_by_name[row["arm"]] for row in group]
             group_started = time.perf_counter()
-            results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording)
+            lookups = _cache_lookup(cache, loaded, sweep, first, arm_specs) if cache is not None else {}
+            reused = {name: found.reused for name, found in lookups.items() if found.reused is not None}
+            results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
+                                             reused=reused)
             generated_s = time.perf_counter() - group_started
             if pending is not None:
                 settle()
             future = writer.submit(_write_group, run, scratch, shard_id, group_index, group, results, arms_by_name, sweep,
-                                   bool(loaded.random_weights))
+                                   bool(loaded.random_weights), cache, lookups)
             pending = (future, group_index, first, generated_s)
         if pending is not None:
             settle()
@@ -218,15 +225,78 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
     return _finalise(run, shard_id, sorted(groups), loaded, started)
 
 
+class _Lookup:
+    """One baseline arm's cache key and, on a hit, what stands in for generating it."""
+
+    def __init__(self, key: str, identity: dict, reused=None, entry_path: Path | None = None):
+        self.key, self.identity, self.reused, self.entry_path = key, identity, reused, entry_path
+
+
+def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -> dict[str, _Lookup]:
+    """Look up every baseline arm of a group; a hit must also hold the latents the group's prefix arms start from."""
+    import PIL.Image
+
+    import workers
+    from workers.baseline_identity import baseline_identity, latents_from_bytes
+
+    out = {}
+    for arm in arm_specs:
+        if arm.intervention is not None:
+            continue
+        identity = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
+        key = identity_key(identity)
+        entry = cache.get(key)
+        out[arm.name] = _Lookup(key, identity)
+        if entry is None:
+            continue
+        trajectory, final, sigmas = latents_from_bytes(entry.latents)
+        needed = workers.latents_needed(arm_specs, sweep.generation, sigmas)
+        if not set(needed) <= set(trajectory):
+            log.info("baseline %s: cache entry %s lacks the latents of steps %s, regenerating", arm.name, entry.path,
+                     sorted(set(needed) - set(trajectory)))
+            continue
+        image = PIL.Image.open(io.BytesIO(entry.image_png))
+        image.load()
+        device = {"device": loaded.device}
+        out[arm.name].reused = workers.ReusedBaseline(
+            image=image, png=entry.image_png, sink_rows=pq.read_table(io.BytesIO(entry.sink_steps_parquet)),
+            trajectory={step: t.to(**device) for step, t in trajectory.items()}, final_latents=final.to(**device), sigmas=sigmas,
+        )
+        out[arm.name].entry_path = entry.path
+        log.info("baseline %s of prompt %d seed %d reused from %s", arm.name, first["prompt_id"], first["seed_index"], entry.path)
+    return out
+
+
+def _publish_baseline(cache: BaselineCache, lookup: _Lookup, result, png: bytes, sink_parquet: bytes, sweep, arm_specs,
+                      producer: dict) -> None:
+    """Publish a baseline generated here, with the latents this sweep's prefix arms start from."""
+    import workers
+    from workers.baseline_identity import latents_to_bytes
+
+    steps = workers.latents_needed(arm_specs, sweep.generation, result.sigmas)
+    latents = latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas)
+    cache.publish(lookup.key, lookup.identity, image_png=png, sink_steps_parquet=sink_parquet, latents=latents,
+                  latent_steps=steps, producer=producer)
+
+
 def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, group: list[dict], results, arms_by_name, sweep,
-                 random_weights: bool) -> float:
-    """Write one generated group: images, then its sink-step part, then its units part (which marks it finished)."""
+                 random_weights: bool, cache: BaselineCache | None = None, lookups: dict | None = None) -> float:
+    """Write one generated group: images, then its sink-step part, then its units part (which marks it finished).
+
+    Baselines generated here are published to the baseline cache (when on) before the group counts as finished.
+    """
     began = time.perf_counter()
+    lookups = lookups or {}
     unit_rows, sink_tables = [], []
     for row, result in zip(group, results):
         assert result.arm == row["arm"], (result.arm, row["arm"])
         rel = Path("images") / f"arm={row['arm']}" / f"p{row['prompt_id']:05d}-s{row['seed_index']:03d}.png"
-        png = _png_bytes(result.image)
+        png = result.png if result.png is not None else _png_bytes(result.image)
+        lookup = lookups.get(row["arm"])
+        if cache is not None and lookup is not None and lookup.reused is None:
+            _publish_baseline(cache, lookup, result, png, _parquet_bytes(result.sink_rows), sweep,
+                              [arms_by_name[r["arm"]] for r in group],
+                              {"run": str(run.root), "unit_id": row["unit_id"], "shard_id": shard_id})
         faults.maybe_die_during_write(run.root / rel)
         atomic_write_bytes(run.root / rel, png)
         arm = arms_by_name[row["arm"]]
@@ -251,6 +321,8 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
                 "model": sweep.model.label,
                 "random_weights": random_weights,
                 "seconds": float(result.seconds),
+                "reused_from": None if lookup is None or lookup.entry_path is None else str(lookup.entry_path),
+                "start_step": int(result.start_step),
             }
         )
         sink_tables.append(_with_unit_columns(result.sink_rows, row))

@@ -28,7 +28,9 @@ UNITS_SCHEMA = pa.schema(
         ("guidance", pa.float32()),
         ("model", pa.string()),
         ("random_weights", pa.bool_()),  # True: the image comes from a randomly initialised model
-        ("seconds", pa.float64()),
+        ("seconds", pa.float64()),  # time spent on the unit in this run (0 for a baseline reused from the cache)
+        ("reused_from", pa.string()),  # baseline cache entry the unit was taken from (jobs.baseline_cache); null: generated here
+        ("start_step", pa.int32()),  # > 0: the arm ran from the group baseline's latents entering this step (prefix sharing)
     ]
 )
 
