@@ -156,20 +156,44 @@ def _scheduler_states(run: RunDir) -> dict[int, str]:
 
 
 @app.command()
-def plan(sweep: Path = typer.Argument(..., help="sweep.yaml to check and expand")) -> None:
-    """Validate a sweep and print its units, shards and an estimate of GPU time. Runs nothing."""
-    try:
-        manifest, _ = build_manifest(sweep)
-    except SweepError as e:
-        _fail(str(e))
+def plan(
+    sweeps: list[Path] = typer.Argument(..., help="sweep.yaml files or folders of them (e.g. manifests/paper/)"),
+) -> None:
+    """Validate sweeps and print their units, shards and GPU time with and without sharing. Runs nothing.
+
+    One sweep: its arms, units and shards, then the estimate. Several (or a folder): one row per sweep and the
+    total, with baselines shared across the sweeps in the order given (one baseline cache for all of them).
+    """
+    paths: list[Path] = []
+    for path in sweeps:
+        paths += sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    if not paths:
+        _fail(f"no sweep files in {', '.join(map(str, sweeps))}")
+    manifests = []
+    for path in paths:
+        try:
+            manifests.append(build_manifest(path)[0])
+        except SweepError as e:
+            _fail(str(e))
+    costs = estimate.plan_costs(manifests)
+    if len(manifests) == 1:
+        _plan_one(manifests[0], costs[0])
+    else:
+        _plan_many(costs)
+
+
+def _plan_one(manifest, cost) -> None:
     s = manifest.sweep
     height, width = s.resolution()
     table = Table(title=f"{s.name} ({manifest.config_hash[:8]})")
     table.add_column("arm")
     table.add_column("intervention")
+    table.add_column("prefix steps shared", justify="right")
+    starts = estimate.arm_start_steps(s)
     for arm in s.arms:
         iv = arm.intervention
-        table.add_row(arm.name, "baseline (none)" if iv is None else iv.model_dump_json(exclude_defaults=True))
+        table.add_row(arm.name, "baseline (none)" if iv is None else iv.model_dump_json(exclude_defaults=True),
+                      "" if iv is None else str(starts.get(arm.name, 0)))
     console.print(table)
     geometry = s.model.geometry()
     console.print(
@@ -181,6 +205,29 @@ def plan(sweep: Path = typer.Argument(..., help="sweep.yaml to check and expand"
         f"in [bold]{len(manifest.shard_ids)}[/bold] shards ({s.sharding.prompts_per_shard} prompts per shard)"
     )
     console.print(estimate.describe(s, manifest.num_units))
+    console.print(estimate.describe_sharing(cost) + " (a baseline cache shared with other runs saves more)")
+
+
+def _plan_many(costs) -> None:
+    table = Table(title=f"{len(costs)} sweeps, one baseline cache (in this order)")
+    for name in ("sweep", "images", "baselines", "reused", "prefix steps", "without sharing", "with sharing"):
+        table.add_column(name, justify="left" if name == "sweep" else "right")
+    for c in costs:
+        table.add_row(c.name, str(c.units), str(c.baseline_units), str(c.baseline_units - c.baselines_generated),
+                      str(c.prefix_steps_saved), estimate.hours_or_minutes(c.seconds_without, c.where),
+                      estimate.hours_or_minutes(c.seconds_with, c.where))
+    console.print(table)
+    for where in sorted({c.where for c in costs}):
+        part = [c for c in costs if c.where == where]
+        without, with_ = sum(c.seconds_without for c in part), sum(c.seconds_with for c in part)
+        units, generated = sum(c.units for c in part), sum(c.images_generated for c in part)
+        baselines = sum(c.baseline_units for c in part)
+        console.print(
+            f"total on {where}: {units} images, {baselines} of them baselines ({baselines - sum(c.baselines_generated for c in part)} "
+            f"reused) → {generated} generated, {sum(c.prefix_steps_saved for c in part)} steps taken from baselines; "
+            f"[bold]≈{estimate.hours_or_minutes(without, where)} without sharing, ≈{estimate.hours_or_minutes(with_, where)} with "
+            f"({with_ / without:.0%})[/bold]"
+        )
 
 
 @app.command()

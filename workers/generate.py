@@ -351,19 +351,14 @@ def _capture_steps(scheduler, trajectory: dict, start: int) -> None:
 
 
 def start_step(arm: ArmSpec, num_steps: int, sigmas: list[float] | None) -> int:
-    """The first step at which the arm's intervention acts (0: from the start; a baseline: never, num_steps).
+    """The first step at which the arm's intervention acts (a baseline: never, num_steps).
 
     Before it the arm computes exactly what the baseline computes: same latents, no intervention (random draws
     are seeded per step, never by how many came before), so those steps can be taken from the baseline.
     """
-    iv = arm.intervention
-    if iv is None:
+    if arm.intervention is None:
         return num_steps
-    if iv.step_window is None:
-        return 0
-    active = iv.step_window.active_steps(num_steps, sigmas)
-    # never active: the arm is the baseline; it still runs its last step, so every arm decodes its own image
-    return min(active) if active else num_steps - 1
+    return arm.intervention.first_active_step(num_steps, sigmas)
 
 
 def group_plan(arms: list[ArmSpec], generation: GenerationSpec, start_steps: dict[str, int]) -> list[tuple[int, list[ArmSpec]]]:
