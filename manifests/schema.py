@@ -103,6 +103,12 @@ class GenerationSpec(_Strict):
         "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash. "
         "Baselines always run alone (batch 1).",
     )
+    compile: Literal["none", "inductor", "inductor-cudagraphs"] = Field(
+        "none",
+        description="torch.compile the denoiser for every arm of the run (inductor: mode default; inductor-cudagraphs: "
+        "mode reduce-overhead). Opt-in: fused kernels round differently from stock, so images differ from "
+        "compile: none within the dtype's tolerance; part of the config hash and of the baseline cache key",
+    )
     prefix_sharing: bool = Field(
         True,
         description="an arm whose intervention starts at step s > 0 runs only steps s.. from the group baseline's latents "

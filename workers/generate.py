@@ -281,6 +281,7 @@ def run_batch(
         if capture_latents:
             _capture_steps(scheduler, trajectory, start_step)
     pipe.scheduler = scheduler
+    stock_denoiser = _use_compiled_denoiser(loaded, generation.compile)
     loaded.session.context = ctx
     start = time.perf_counter()
     try:
@@ -294,6 +295,8 @@ def run_batch(
     finally:
         loaded.session.context = None
         pipe.scheduler = original_scheduler
+        if stock_denoiser is not None:
+            setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", stock_denoiser)
         if hook is not None:
             hook.remove()
     seconds = time.perf_counter() - start
@@ -308,6 +311,23 @@ def run_batch(
         run.trajectory = trajectory
         run.sigmas = [float(x) for x in scheduler.sigmas]
     return run
+
+
+_COMPILE_MODES = {"inductor": "default", "inductor-cudagraphs": "reduce-overhead"}
+
+
+def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
+    """generation.compile: put a torch.compile'd denoiser (built once per loaded pipeline and mode) in the pipeline
+    for this call; returns the eager one to put back, or None. The compiled module wraps the same module, so the
+    session's step hook and the sink processors run inside it (dynamo breaks the graph where they touch Python)."""
+    if setting == "none":
+        return None
+    eager = loaded.denoiser
+    cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
+    if setting not in cache:
+        cache[setting] = torch.compile(eager, mode=_COMPILE_MODES[setting])
+    setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", cache[setting])
+    return eager
 
 
 # Schedulers whose step i depends only on (model output, latents entering step i, sigmas[i], sigmas[i+1]), so

@@ -85,3 +85,18 @@ def test_reused_baseline_stands_in_bit_for_bit(tiny_loaded, runs):
     partial = ReusedBaseline(base.image, b"png", base.sink_rows, {1: base.trajectory[1]}, base.final_latents, base.sigmas)
     with pytest.raises(ValueError, match="starts at step 2"):
         generate_group(tiny_loaded, PROMPT, SEED, arms, _generation(), RECORDING, reused={"baseline": partial})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_prefix_sharing_is_bit_identical_on_the_gpu(_private_cache):
+    """The same check with the tiny SD3 on CUDA in bf16 (benchmarks/bench_sharing.py repeats it at SD3-medium scale)."""
+    from manifests import ModelSpec
+    from workers import load_pipeline
+
+    loaded = load_pipeline(ModelSpec(preset="tiny-sd3", dtype="bf16"), device="cuda")
+    arms = [arm for arm in _arms() if arm.name != "always"]
+    shared = generate_group(loaded, PROMPT, SEED, arms, _generation(), RECORDING)
+    full = generate_group(loaded, PROMPT, SEED, arms, _generation(prefix_sharing=False), RECORDING)
+    assert [r.start_step for r in shared] == [0, 2, 1]
+    for a, b in zip(shared, full):
+        _assert_same(a, b)
