@@ -212,11 +212,12 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
             reused = {name: found.reused for name, found in lookups.items() if found.reused is not None}
             results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
                                              reused=reused)
+            to_publish = _latents_to_publish(lookups, results, sweep, arm_specs)  # device → host here, not in the writer
             generated_s = time.perf_counter() - group_started
             if pending is not None:
                 settle()
             future = writer.submit(_write_group, run, scratch, shard_id, group_index, group, results, arms_by_name, sweep,
-                                   bool(loaded.random_weights), cache, lookups)
+                                   bool(loaded.random_weights), cache, lookups, to_publish)
             pending = (future, group_index, first, generated_s)
         if pending is not None:
             settle()
@@ -267,20 +268,27 @@ def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -
     return out
 
 
-def _publish_baseline(cache: BaselineCache, lookup: _Lookup, result, png: bytes, sink_parquet: bytes, sweep, arm_specs,
-                      producer: dict) -> None:
-    """Publish a baseline generated here, with the latents this sweep's prefix arms start from."""
+def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
+    """Per baseline generated here (a cache miss): its serialised latents and which steps they hold, made on the
+    GPU's thread (a copy from the writer thread would queue behind the next group's kernels)."""
     import workers
     from workers.baseline_identity import latents_to_bytes
 
-    steps = workers.latents_needed(arm_specs, sweep.generation, result.sigmas)
-    latents = latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas)
-    cache.publish(lookup.key, lookup.identity, image_png=png, sink_steps_parquet=sink_parquet, latents=latents,
-                  latent_steps=steps, producer=producer)
+    out = {}
+    for result in results:
+        lookup = lookups.get(result.arm)
+        if lookup is None or lookup.reused is not None:
+            continue
+        steps = workers.latents_needed(arm_specs, sweep.generation, result.sigmas)
+        out[result.arm] = (latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas), steps)
+    for result in results:  # the trajectory is no longer needed: free it before the next group
+        result.trajectory = None
+    return out
 
 
 def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, group: list[dict], results, arms_by_name, sweep,
-                 random_weights: bool, cache: BaselineCache | None = None, lookups: dict | None = None) -> float:
+                 random_weights: bool, cache: BaselineCache | None = None, lookups: dict | None = None,
+                 to_publish: dict | None = None) -> float:
     """Write one generated group: images, then its sink-step part, then its units part (which marks it finished).
 
     Baselines generated here are published to the baseline cache (when on) before the group counts as finished.
@@ -293,10 +301,11 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
         rel = Path("images") / f"arm={row['arm']}" / f"p{row['prompt_id']:05d}-s{row['seed_index']:03d}.png"
         png = result.png if result.png is not None else _png_bytes(result.image)
         lookup = lookups.get(row["arm"])
-        if cache is not None and lookup is not None and lookup.reused is None:
-            _publish_baseline(cache, lookup, result, png, _parquet_bytes(result.sink_rows), sweep,
-                              [arms_by_name[r["arm"]] for r in group],
-                              {"run": str(run.root), "unit_id": row["unit_id"], "shard_id": shard_id})
+        if cache is not None and to_publish and row["arm"] in to_publish:
+            latents, steps = to_publish[row["arm"]]
+            cache.publish(lookup.key, lookup.identity, image_png=png, sink_steps_parquet=_parquet_bytes(result.sink_rows),
+                          latents=latents, latent_steps=steps,
+                          producer={"run": str(run.root), "unit_id": row["unit_id"], "shard_id": shard_id})
         faults.maybe_die_during_write(run.root / rel)
         atomic_write_bytes(run.root / rel, png)
         arm = arms_by_name[row["arm"]]
