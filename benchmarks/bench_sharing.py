@@ -234,7 +234,12 @@ def compile_section(loaded, res, steps, groups):
     for mode in ("none", "inductor"):
         gen = GenerationSpec(steps=steps, guidance=7.0, height=res, width=res, compile=mode)
         t0 = time.perf_counter()
-        images[mode] = [np.asarray(r.image).astype(np.int16) for r in generate_group(loaded, PROMPTS[1], 11, arms, gen, rec)]
+        try:
+            first_results = generate_group(loaded, PROMPTS[1], 11, arms, gen, rec)
+        except Exception as error:  # noqa: BLE001 — a compile failure is a result to report, not a crash
+            print(f"  compile={mode}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
+            return dict(rows=rows, error=f"{type(error).__name__}: {error}"[:2000])
+        images[mode] = [np.asarray(r.image).astype(np.int16) for r in first_results]
         sync(loaded.device)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()

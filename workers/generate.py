@@ -296,7 +296,9 @@ def run_batch(
         loaded.session.context = None
         pipe.scheduler = original_scheduler
         if stock_denoiser is not None:
-            setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", stock_denoiser)
+            eager, processors = stock_denoiser
+            eager.set_attn_processor(processors)
+            setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", eager)
         if hook is not None:
             hook.remove()
     seconds = time.perf_counter() - start
@@ -316,18 +318,33 @@ def run_batch(
 _COMPILE_MODES = {"inductor": "default", "inductor-cudagraphs": "reduce-overhead"}
 
 
+class _OutsideGraph:
+    """An attention processor run outside torch.compile's graph: its Python state (run context, records) and its
+    own Triton kernels are not traced (inductor cannot recompile them); the rest of each block is compiled."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    @torch._dynamo.disable
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
 def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
     """generation.compile: put a torch.compile'd denoiser (built once per loaded pipeline and mode) in the pipeline
-    for this call; returns the eager one to put back, or None. The compiled module wraps the same module, so the
-    session's step hook and the sink processors run inside it (dynamo breaks the graph where they touch Python)."""
+    for this call, with its attention processors wrapped by _OutsideGraph; returns what to restore, or None."""
     if setting == "none":
         return None
     eager = loaded.denoiser
     cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
     if setting not in cache:
-        cache[setting] = torch.compile(eager, mode=_COMPILE_MODES[setting])
-    setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", cache[setting])
-    return eager
+        wrapped = {name: _OutsideGraph(proc) for name, proc in eager.attn_processors.items()}
+        cache[setting] = (torch.compile(eager, mode=_COMPILE_MODES[setting]), wrapped)
+    compiled, wrapped = cache[setting]
+    processors = dict(eager.attn_processors)
+    eager.set_attn_processor(dict(wrapped))
+    setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", compiled)
+    return eager, processors
 
 
 # Schedulers whose step i depends only on (model output, latents entering step i, sigmas[i], sigmas[i+1]), so
