@@ -135,8 +135,8 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
                 pixels.setdefault(key, {})[mode] = np.asarray(PIL.Image.open(png))
         predicted = plan_costs([build_manifest(p)[0] for p in paths])
         rows.append(dict(mode=mode, images=units, seconds=seconds, images_per_hour=units / seconds * 3600,
-                         predicted_seconds=sum(c.seconds_with for c in predicted),
-                         predicted_images_generated=sum(c.images_generated for c in predicted)))
+                         predicted_seconds=sum(c.seconds_without if mode == "off" else c.seconds_with for c in predicted),
+                         predicted_images_generated=units if mode == "off" else sum(c.images_generated for c in predicted)))
     os.environ.pop("SINKSCOPE_BASELINE_CACHE", None)
     same = all(np.array_equal(v["off"], v["on"]) for v in pixels.values() if len(v) == 2)
     shutil.rmtree(work, ignore_errors=True)

@@ -103,11 +103,12 @@ class GenerationSpec(_Strict):
         "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash. "
         "Baselines always run alone (batch 1).",
     )
-    compile: Literal["none", "inductor", "inductor-cudagraphs"] = Field(
+    compile: Literal["none", "inductor"] = Field(
         "none",
-        description="torch.compile the denoiser for every arm of the run (inductor: mode default; inductor-cudagraphs: "
-        "mode reduce-overhead). Opt-in: fused kernels round differently from stock, so images differ from "
-        "compile: none within the dtype's tolerance; part of the config hash and of the baseline cache key",
+        description="inductor: torch.compile the denoiser (attention processors stay eager) for every arm of the run, "
+        "≈1.2× the images per hour on an H200 (benchmarks/RESULTS.md). Opt-in: fused kernels round differently from "
+        "stock, so images differ from compile: none within the dtype's tolerance; part of the config hash and of the "
+        "baseline cache key",
     )
     prefix_sharing: bool = Field(
         True,

@@ -27,6 +27,7 @@ H200_SD3_STEP_S = 0.0518  # stock step, 4096 image + 333 text tokens, CFG batch 
 RECORDING_OVERHEAD = 1.08  # paper configuration ≈ 1.077× stock (RESULTS.md, same table)
 H200_VAE_1024_S = 0.09
 REFERENCE_TOKENS = 4096 + 333
+COMPILE_SPEEDUP = 4.22 / 3.52  # generation.compile: inductor, s per 3-arm group eager / compiled (RESULTS.md, issue 13)
 CPU_TINY_STEP_S = 0.03
 CPU_TINY_DECODE_S = 0.05
 GPU_LABEL = "H200 GPU"
@@ -46,6 +47,8 @@ def step_and_decode_seconds(sweep: Sweep) -> tuple[float, float, str]:
     else:
         scale = geometry.total_tokens(height, width) / REFERENCE_TOKENS * geometry.num_layers / 24
     step = H200_SD3_STEP_S * RECORDING_OVERHEAD * scale
+    if sweep.generation.compile == "inductor":
+        step /= COMPILE_SPEEDUP
     return step, H200_VAE_1024_S * (height * width) / 1024**2, GPU_LABEL
 
 

@@ -315,7 +315,7 @@ def run_batch(
     return run
 
 
-_COMPILE_MODES = {"inductor": "default", "inductor-cudagraphs": "reduce-overhead"}
+_COMPILE_MODES = {"inductor": "default"}
 
 
 class _OutsideGraph:
