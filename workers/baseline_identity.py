@@ -69,6 +69,8 @@ def _folder_stamp(folder: Path) -> tuple:
 
 
 def model_weights_identity(model: ModelSpec) -> dict:
+    if model.path is not None:  # a folder can change under the same spec: re-stat it (hashes are memoised on the stats)
+        return _weights_identity(model)
     return json.loads(_model_weights_identity_json(model.model_dump_json()))
 
 

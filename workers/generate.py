@@ -27,6 +27,7 @@ Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-sepa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class ArmResult:
     trajectory: dict | None = None  # baseline only: step -> latents entering that step (device tensors)
     final_latents: object = None  # baseline only: latents after the last step, before decoding
     sigmas: list[float] | None = None  # baseline only: the scheduler's sigmas of the run
+    same_as: str | None = None  # a further baseline arm of the group: the arm whose (identical) result it is
 
 
 @dataclass
@@ -450,6 +452,10 @@ def generate_group(
     results: dict[str, ArmResult] = {}
     baseline: ArmResult | None = None
     for arm in (a for a in arms if a.intervention is None):
+        if baseline is not None and arm.name not in reused:
+            # a second baseline arm is the same batch-1 computation: its result, not a second run
+            results[arm.name] = dataclasses.replace(baseline, arm=arm.name, seconds=0.0, same_as=baseline.arm)
+            continue
         if arm.name in reused:
             r = reused[arm.name]
             results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, trajectory=r.trajectory,

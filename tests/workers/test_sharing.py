@@ -100,3 +100,11 @@ def test_prefix_sharing_is_bit_identical_on_the_gpu(_private_cache):
     assert [r.start_step for r in shared] == [0, 2, 1]
     for a, b in zip(shared, full):
         _assert_same(a, b)
+
+
+def test_a_second_baseline_arm_is_the_first_ones_result(tiny_loaded):
+    gen = GenerationSpec(steps=2, guidance=5.0, height=64, width=64)
+    both = generate_group(tiny_loaded, PROMPT, SEED, [ArmSpec(name="baseline"), ArmSpec(name="twin")], gen, RECORDING)
+    alone = generate_group(tiny_loaded, PROMPT, SEED, [ArmSpec(name="twin")], gen, RECORDING)
+    assert both[1].same_as == "baseline" and both[1].seconds == 0.0 and alone[0].same_as is None
+    _assert_same(both[1], alone[0])
