@@ -102,6 +102,7 @@ def test_prefix_sharing_is_bit_identical_on_the_gpu(_private_cache):
         _assert_same(a, b)
 
 
+@pytest.mark.slow
 def test_a_second_baseline_arm_is_the_first_ones_result(tiny_loaded):
     gen = GenerationSpec(steps=2, guidance=5.0, height=64, width=64)
     both = generate_group(tiny_loaded, PROMPT, SEED, [ArmSpec(name="baseline"), ArmSpec(name="twin")], gen, RECORDING)
