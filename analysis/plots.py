@@ -16,7 +16,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ._io import SINK_STEPS_SCHEMA, read_table
 from .tables import display_name
 
 if TYPE_CHECKING:
@@ -82,23 +81,14 @@ DYNAMICS = (("max_mass", "max incoming mass"), ("entropy", "attention entropy (n
 
 
 def _arm_sink_steps(run: "RunData", arm: str, cols: list[str]) -> pa.Table:
-    """The given sink-step columns of one arm's finished units: from the loaded frame if ``load_run``
-    kept it, else straight from the part files (only these columns), so large runs need not load it."""
-    if len(run.sink_steps):
-        table = pa.Table.from_pandas(run.sink_steps[cols], preserve_index=False)
-    else:
-        table = read_table(run.run_dir / "tables" / "sink_steps", SINK_STEPS_SCHEMA, columns=cols)
-    table = table.filter(pc.equal(table["arm"], arm))
-    if len(run.units):
-        table = table.filter(pc.is_in(table["unit_id"], value_set=pa.array(run.units["unit_id"])))
-    return table
+    """The given sink-step columns of one arm's finished units, queried lazily (only these columns and rows)."""
+    return run.sink_steps.arrow(cols, arm=arm)
 
 
 def sink_step_means(run: "RunData", arm: str | None = None) -> pd.DataFrame:
     """Per (unit, layer, step): sink statistics averaged over heads and CFG branches.
 
-    Read with pyarrow straight from the part files (only the needed columns), so it also
-    works when ``load_run(..., sink_steps=False)`` skipped the large table.
+    Only the needed columns of one arm are read from the lazy sink-step relation.
     """
     table = _arm_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "step", "layer", *[c for c, _ in DYNAMICS]])
     agg = table.group_by(["unit_id", "layer", "step"]).aggregate([(c, "mean") for c, _ in DYNAMICS])

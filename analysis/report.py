@@ -56,7 +56,7 @@ def write_summary(
     seed: int | None = None,
 ) -> Path:
     """Paired Δ vs baseline for every metric and arm → ``report/summary.{md,parquet,tex}``."""
-    run = load_run(run_dir, sink_steps=False)
+    run = load_run(run_dir)
     n_resamples, seed = bootstrap_settings(run, n_resamples, seed)
     table = paired_table(run, metrics, level=level, n_resamples=n_resamples, seed=seed)
     out = run.run_dir / "report"
@@ -152,7 +152,7 @@ def build_report(
     from .stats import delta_delta_table, dose_table, tag_table
     from .tables import format_delta_delta, format_dose, format_set_metrics, format_tags
 
-    run = load_run(run_dir, sink_steps=False)
+    run = load_run(run_dir)
     n_resamples, seed = bootstrap_settings(run, n_resamples, seed)
     root = run.run_dir / "report"
     tdir, fdir = root / "tables", root / "figures"

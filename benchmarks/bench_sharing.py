@@ -102,6 +102,7 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
 
     import PIL.Image
 
+    import jobs.run_shard as run_shard_module
     from jobs.run_shard import run_shard
     from orchestrate.create import build_manifest, create_run
     from orchestrate.estimate import plan_costs
@@ -123,10 +124,12 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
         seconds, units = 0.0, 0
         for p in paths:
             run, manifest, _ = create_run(p, str(folder / "runs"))
+            run_shard_module._PIPELINES.clear()  # run_shard's per-process pipeline: the one already loaded here
+            run_shard_module._PIPELINES[manifest.sweep.model.model_dump_json()] = loaded
             sync(loaded.device)
             t0 = time.perf_counter()
             for shard in manifest.shard_ids:
-                run_shard(run.root, shard, loaded_pipeline=loaded)
+                run_shard(run.root, shard)
             sync(loaded.device)
             seconds += time.perf_counter() - t0
             units += manifest.num_units

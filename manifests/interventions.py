@@ -26,7 +26,7 @@ Semantics (per attention call = one layer at one denoising step, per batch eleme
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,12 +42,12 @@ ValueOp = Literal["none", "zero", "mean", "noise", "lerp"]
 class StepWindow(BaseModel):
     """Active steps, either by trajectory fraction or by sigma. Both bounds of one kind must be given."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     start: float | None = Field(None, ge=0.0, le=1.0, description="first active fraction of the trajectory (inclusive)")
     end: float | None = Field(None, ge=0.0, le=1.0, description="end fraction (exclusive; 1.0 = through the last step)")
-    sigma_min: float | None = Field(None, ge=0.0)
-    sigma_max: float | None = Field(None, ge=0.0)
+    sigma_min: float | None = Field(None, ge=0.0, le=1e6)
+    sigma_max: float | None = Field(None, ge=0.0, le=1e6)
     legacy_paper_gating: bool = Field(
         False,
         description="reproduce run_early_phase.py's gating: step i uses the state set after step i-1 "
@@ -97,11 +97,13 @@ class StepWindow(BaseModel):
 class Intervention(BaseModel):
     """One member of the sink-intervention family (see the module docstring for the exact semantics)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     selection: Selection = "topk"
-    k: int = Field(1, ge=1, description="keys per head (union modes: k·heads keys in all)")
-    indices: list[int] | None = Field(None, description="key indices for selection=static")
+    k: int = Field(1, ge=1, le=1_000_000, description="keys per head (union modes: k·heads keys in all)")
+    indices: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
+        None, max_length=100_000, description="key indices for selection=static"
+    )
     key_order: Literal["image_text", "text_image"] = Field(
         "image_text",
         description="index space of `indices`: diffusers' joint order [image | text], or the paper M3 order [text | image]",
@@ -112,17 +114,21 @@ class Intervention(BaseModel):
     cfg_branch: Branch = "both"
     layers: list[int | str] = Field(
         default_factory=lambda: [12],
-        min_length=1,
+        min_length=1, max_length=1000,
         description="block indices, or glob patterns on attention-module names (e.g. 'mid_block.*.attn2')",
     )
     step_window: StepWindow | None = None
     score_op: ScoreOp = "remove"
-    bias: float | None = Field(None, description="additive logit bias for score_op=bias (e.g. -1e4, -65000)")
-    eta: float | None = Field(None, ge=0.0, description="probability scale for score_op=prob_scale")
+    bias: float | None = Field(
+        None, ge=-1e9, le=1e9, description="additive logit bias for score_op=bias (finite, e.g. -1e4, -65000)"
+    )
+    eta: float | None = Field(None, ge=0.0, le=1e3, description="probability scale for score_op=prob_scale")
     value_op: ValueOp = "none"
-    sigma: float = Field(0.1, gt=0.0, description="noise std for value_op=noise")
+    sigma: float = Field(0.1, gt=0.0, le=1e6, description="noise std for value_op=noise")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="lerp weight for value_op=lerp")
-    random_seed_offset: int = Field(0, description="extra offset mixed into the seed of random selections")
+    random_seed_offset: int = Field(
+        0, ge=-(2**62), le=2**62, description="extra offset mixed into the seed of random selections"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "Intervention":
@@ -136,11 +142,36 @@ class Intervention(BaseModel):
             raise ValueError("score_op=prob_scale needs `eta` (0 removes, 1 is a no-op)")
         if self.score_op == "none" and self.value_op == "none":
             raise ValueError("score_op and value_op are both 'none': use `intervention: null` for a baseline arm")
+        self._no_contradictions()
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"duplicate layer indices in {self.layers}")
         if any(isinstance(layer, int) and layer < 0 for layer in self.layers):
             raise ValueError(f"layer indices must be ≥ 0, got {self.layers}")
         return self
+
+    def _no_contradictions(self) -> None:
+        """A field that the chosen operation ignores is a mistake (e.g. `bias` on a remove arm): say which two disagree.
+        A field counts as given when it differs from its default, so a full dump of a valid intervention stays valid."""
+        random = ("random", "random_union", "modality_random")
+        # (field, its default, the fields that decide whether it is used: field -> values under which it is)
+        rules = [
+            ("bias", None, {"score_op": ("bias",)}),
+            ("eta", None, {"score_op": ("prob_scale",)}),
+            ("sigma", 0.1, {"value_op": ("noise",)}),
+            ("alpha", 0.5, {"value_op": ("lerp",)}),
+            ("key_order", "image_text", {"selection": ("static",)}),
+            ("random_seed_offset", 0, {"selection": random, "value_op": ("noise",)}),
+        ]
+        for field, default, used_when in rules:
+            value = getattr(self, field)
+            if value == default or any(getattr(self, op) in values for op, values in used_when.items()):
+                continue
+            current = ", ".join(f"{op}={getattr(self, op)!r}" for op in used_when)
+            wanted = " or ".join(f"{op}={v}" for op, values in used_when.items() for v in values)
+            raise ValueError(
+                f"`{field}` ({value!r}) contradicts {current}: {field} is used only with {wanted}; "
+                f"remove {field} (or set it to {'null' if default is None else default!r}) or change {' / '.join(used_when)}"
+            )
 
     @property
     def keys_per_head(self) -> int:
@@ -195,4 +226,8 @@ def resolve_preset(name: str) -> Intervention:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown intervention preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        from manifests.suggest import closest_key
+
+        hint = closest_key(str(name), sorted(PRESETS))
+        meant = f"; did you mean {hint!r}?" if hint else ""
+        raise ValueError(f"unknown intervention preset {name!r}{meant} (known presets: {', '.join(sorted(PRESETS))})") from None

@@ -1,8 +1,8 @@
 """Per-step sink records → a pyarrow Table with a fixed schema (one row per step × layer × head × branch).
 
-The columns are the worker half of docs/design.md "Sink record"; jobs prepends unit_id, prompt_id,
-seed_index and arm. The schema is explicit so that a column that is all-null in one file (e.g. entropy
-when not requested) never makes the dataset unreadable.
+The columns are `jobs.runformat.SINK_STEP_RECORD_SCHEMA` (docs/design.md "Sink record"); jobs prepends the
+unit key. The schema is explicit so that a column that is all-null in one file (e.g. entropy when not
+requested) never makes the dataset unreadable.
 
 `layer` is an integer id that is stable for a given architecture: the block index for modules that integer
 layers address (SD3 `transformer_blocks.{i}.attn`, SDXL's i-th `attn2`, Flux's i-th block, PixArt's
@@ -16,28 +16,8 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from jobs.runformat import SINK_STEP_RECORD_SCHEMA as SINK_STEP_SCHEMA  # the run format owns the schema
 from workers.session import CallRecord
-
-SINK_STEP_SCHEMA = pa.schema(
-    [
-        pa.field("step", pa.int32(), nullable=False),
-        pa.field("timestep", pa.float32(), nullable=False),
-        pa.field("sigma", pa.float32(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("head", pa.int32(), nullable=False),
-        pa.field("branch", pa.string(), nullable=False),
-        pa.field("topk_idx", pa.list_(pa.int32())),
-        pa.field("topk_modality", pa.list_(pa.string())),
-        pa.field("topk_mass", pa.list_(pa.float32())),
-        pa.field("max_mass", pa.float32()),
-        pa.field("entropy", pa.float32()),
-        pa.field("top5_conc", pa.float32()),
-        pa.field("intervened", pa.bool_(), nullable=False),
-        pa.field("selected_idx", pa.list_(pa.int32())),
-        pa.field("removed_mass_after", pa.float32()),
-        pa.field("layer_name", pa.string(), nullable=False),
-    ]
-)
 
 
 def key_modality(index: int, num_image: int, num_clip: int, t5_valid: tuple[bool, ...] | None) -> str:

@@ -18,20 +18,20 @@ SHIFT = {"base": 0.0, "noop": 0.0, "sink_k1": -0.010, "rand_k1": -0.002, "sink_k
 
 def _write_scores(run_dir, metric="clip_t", seed=0):
     """A 'unit' metric table with known values (no model involved)."""
-    run = load_run(run_dir, sink_steps=False)
+    run = load_run(run_dir)
     rng = np.random.default_rng(seed)
     prompt_level = {p: rng.normal(0.30, 0.03) for p in run.units["prompt_id"].unique()}
     u = run.units
     values = [prompt_level[p] + SHIFT[a] + rng.normal(0, 0.004) for p, a in zip(u["prompt_id"], u["arm"])]
     rows = pd.DataFrame(
         {
-            "unit_id": u["unit_id"], "prompt_id": u["prompt_id"], "seed_index": u["seed_index"], "arm": u["arm"],
+            "unit_id": u["unit_id"], "shard_id": u["shard_id"], "prompt_id": u["prompt_id"], "seed_index": u["seed_index"], "arm": u["arm"],
             "metric": metric, "value": values, "random_weights": False, "backbone": "fixed-data",
         }
     )  # fmt: skip
     write_parquet_atomic(rows, run_dir / "tables" / "metrics" / f"metric={metric}" / "part-shard-00000.parquet",
                          METRICS_SCHEMA)  # fmt: skip
-    return load_run(run_dir, sink_steps=False)
+    return load_run(run_dir)
 
 
 @pytest.fixture
@@ -64,7 +64,10 @@ arms:
 - {name: other_layer, intervention: {preset: paper.m2_random, k: 1, layers: [6]}}
 """
     )
-    pytest.importorskip("manifests.schema")
+    from jobs.frozen_sweep import resolve
+    from manifests import parse_sweep
+
+    sweep = resolve(parse_sweep({"name": "t", "model": {"preset": "sd3-medium-random"}, "prompts": {"set": "geneval"}, **sweep}))
     pairs = {(c.sink, c.control) for c in design.contrasts(sweep)}
     assert pairs == {("top_k1", "random_k1"), ("top_k10", "random_k10")}  # layer-6 control does not match
     assert design.arm_k(sweep)["top_k10"] == 10

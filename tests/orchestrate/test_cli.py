@@ -9,7 +9,7 @@ from orchestrate.cli import app
 from tests.conftest import run_cli
 
 runner = CliRunner()
-COMMANDS = ["plan", "submit", "verify", "status", "resume", "cancel", "logs", "analyze", "report", "demo"]
+COMMANDS = ["plan", "submit", "verify", "status", "resume", "cancel", "logs", "compact", "analyze", "report", "demo"]
 MALFORMED = Path(__file__).parents[1] / "manifests" / "malformed"
 
 
@@ -44,7 +44,7 @@ def test_status_of_a_folder_that_is_not_a_run(tmp_path):
 def test_executor_override_is_validated(tmp_path, sweep_factory):
     result = runner.invoke(app, ["submit", str(sweep_factory()), "-e", "slurm", "-o", "time=soon"])
     assert result.exit_code == 2
-    assert "executor.time" in " ".join(result.output.split())
+    assert "--executor-opt time='soon': Input should be a valid integer" in " ".join(result.output.split())
 
 
 @pytest.mark.slow
@@ -59,7 +59,8 @@ def test_demo_end_to_end(tmp_path):
     assert len(data.units) == 4 * 2 * 3
     assert set(data.units.arm) == {"baseline", "sink_k1", "random_k1"}
     assert data.units.random_weights.all()
-    assert len(data.sink_steps) > 0
+    assert len(data.sink_steps) == 4 * 2 * 3 * 4 * 2 * 4 * 2  # units × steps × layers × heads × branches
+    assert not list((run_dir / "tables" / "sink_steps").glob("part-*.parquet"))  # analyze compacted the parts
     summary = (run_dir / "report" / "summary.md").read_text()
     assert "RANDOM WEIGHTS" in summary and "sink_k1" in summary
     assert str(run_dir / "tables") in out and str(run_dir / "images") in out
