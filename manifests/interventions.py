@@ -225,6 +225,16 @@ class Intervention(BaseModel):
         """Keys removed from each head (the budget to compare against an equal-budget random control)."""
         return len(self.indices or []) if self.selection == "static" else self.k
 
+    def first_active_step(self, num_steps: int, sigmas: list[float] | None = None) -> int:
+        """The first step at which this intervention can act (0 without a window). Before it, an arm computes
+        exactly what the baseline computes, which prefix sharing (workers.generate) relies on. A window that
+        names no step gives num_steps - 1: the arm still runs (and decodes) its last step itself. A prompt-side
+        edit changes the text keys from step 0, so such an arm shares no prefix."""
+        if self.step_window is None or self.prompt is not None:
+            return 0
+        active = self.step_window.active_steps(num_steps, sigmas)
+        return min(active) if active else num_steps - 1
+
 
 def _preset(**kw) -> Intervention:
     return Intervention(**kw)

@@ -84,7 +84,8 @@ class RunContext:
     image_size: tuple[int, int] | None = None  # (height, width) of the generated image
     frames: int = 1  # latent frames of a video model (image keys are frames × rows × cols)
     max_chunk_bytes: int = 64 << 20
-    step: int = -1
+    step: int = -1  # the current step (absolute: a run that starts at step s counts from s)
+    start_step: int = 0  # > 0: the pipeline runs only steps start_step.. (prefix sharing, workers.generate._run_from)
     timestep: float = math.nan
     sigma: float = math.nan
     num_text_tokens: int | None = None  # text tokens of the current denoiser call (Flux single blocks need it)
@@ -153,15 +154,16 @@ class SinkSession:
         scheduler = self.pipe.scheduler
         ctx.step += 1
         step = ctx.step
-        if step >= len(scheduler.timesteps):
+        local = step - ctx.start_step  # index into the timesteps this call iterates over (a prefix run's are cut)
+        if local >= len(scheduler.timesteps):
             raise RuntimeError(
-                f"transformer call {step + 1} exceeds the scheduler's {len(scheduler.timesteps)} timesteps "
+                f"transformer call {local + 1} exceeds the scheduler's {len(scheduler.timesteps)} timesteps "
                 "(extra transformer calls per step, e.g. skip-layer guidance or Flux true CFG, are not supported)"
             )
-        expected = float(scheduler.timesteps[step])
+        expected = float(scheduler.timesteps[local])
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         # reading a device tensor waits for the GPU: check it once per run there, every step on the CPU
-        if timestep is not None and (timestep.device.type == "cpu" or step == 0):
+        if timestep is not None and (timestep.device.type == "cpu" or local == 0):
             got = float(timestep.flatten()[0]) * self.timestep_scale
             # the pipeline may cast t to the model dtype first (Flux: bf16), so allow that rounding
             tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
@@ -174,8 +176,8 @@ class SinkSession:
         ctx.num_text_tokens = None if context is None else int(context.shape[1])
         ctx.timestep = expected
         ctx.sigma = float(scheduler.sigmas[step])
-        if step == 0:
-            num_steps = len(scheduler.timesteps)
+        if local == 0:
+            num_steps = len(scheduler.timesteps) + ctx.start_step
             sigmas = [float(s) for s in scheduler.sigmas[:num_steps]]
             ctx.active_steps = [
                 None
