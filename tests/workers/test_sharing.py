@@ -109,3 +109,18 @@ def test_a_second_baseline_arm_is_the_first_ones_result(tiny_loaded):
     alone = generate_group(tiny_loaded, PROMPT, SEED, [ArmSpec(name="twin")], gen, RECORDING)
     assert both[1].same_as == "baseline" and both[1].seconds == 0.0 and alone[0].same_as is None
     _assert_same(both[1], alone[0])
+
+
+def test_a_prompt_edit_arm_shares_no_prefix_and_keeps_its_own_encoding(tiny_loaded):
+    """A late step window with a prompt-side edit: the edit changes the text keys from step 0, so the arm runs
+    from step 0 with its own encoding (same pixels with and without prefix sharing)."""
+    late_edit = {"preset": "fixed.m1", "layers": [1], "step_window": {"start": 0.5, "end": 1.0},
+                 "prompt": {"pad_token": ","}}
+    arms = [ArmSpec(name="baseline"), ArmSpec.model_validate({"name": "late_edit", "intervention": late_edit})]
+    assert start_step(arms[1], 4, None) == 0
+    assert latents_needed(arms, _generation(), None) == []
+    shared = generate_group(tiny_loaded, PROMPT, SEED, arms, _generation(), RECORDING)
+    full = generate_group(tiny_loaded, PROMPT, SEED, arms, _generation(prefix_sharing=False), RECORDING)
+    for a, b in zip(shared, full):
+        _assert_same(a, b)
+    assert not torch.equal(_pixels(shared[0].image), _pixels(shared[1].image))
