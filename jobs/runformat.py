@@ -165,6 +165,19 @@ SINK_STEP_RECORD_SCHEMA = pa.schema(
         pa.field("selected_idx", pa.list_(pa.int32())),
         pa.field("removed_mass_after", pa.float32()),
         pa.field("layer_name", pa.string(), nullable=False),
+        # atlas columns (issue 12): the top-1 key (filled when `mass` is recorded) and where it sits
+        # (manifests.keys: region label, image frame / row / col, or text segment / position / token), and the
+        # sink-to-random key-importance ratios (stat `ratio`: top-1 mass over the mean / median key mass)
+        pa.field("sink_idx", pa.int32()),
+        pa.field("sink_region", pa.string()),
+        pa.field("sink_frame", pa.int32()),
+        pa.field("sink_row", pa.int32()),
+        pa.field("sink_col", pa.int32()),
+        pa.field("sink_segment", pa.string()),
+        pa.field("sink_position", pa.int32()),
+        pa.field("sink_token", pa.string()),
+        pa.field("sink_ratio", pa.float32()),
+        pa.field("sink_ratio_median", pa.float32()),
     ]
 )
 

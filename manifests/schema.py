@@ -203,7 +203,11 @@ class RecordingSpec(_Strict):
         description="block indices, or glob patterns on attention-module names, to record (empty: none)",
     )
     topk: int = Field(5, ge=1, le=64)
-    stats: list[Literal["mass", "entropy", "top5"]] = Field(default_factory=lambda: ["mass", "entropy", "top5"])
+    stats: list[Literal["mass", "entropy", "top5", "ratio"]] = Field(
+        default_factory=lambda: ["mass", "entropy", "top5"],
+        description="mass: top-k keys and masses (and the top-1 sink's identity and region); entropy; top5: top-5 "
+        "concentration; ratio: sink-to-random key-importance ratios (top-1 mass over the mean and the median key mass)",
+    )
     branches: list[Literal["cond", "uncond"]] = Field(default_factory=lambda: ["cond", "uncond"])
     mass_queries: Literal["image", "all"] = "image"
     top5_query_stride: int = Field(
@@ -437,7 +441,7 @@ class Sweep(_Strict):
                 raise ValueError(f"recording.topk: {self.recording.topk} is larger than the {n_keys} keys of the model at {height}×{width}")
             for i, arm in enumerate(self.arms):
                 iv = arm.intervention
-                if iv is None:
+                if iv is None or not iv.acts_on_attention:
                     continue
                 where = f"arms[{i}] ({arm.name}).intervention"
                 for layer in iv.layers:
@@ -452,6 +456,14 @@ class Sweep(_Strict):
                     )
                 if iv.indices and max(iv.indices) >= n_keys:
                     raise ValueError(f"{where}.indices: index {max(iv.indices)} ≥ the {n_keys} keys of the model at {height}×{width}")
+        for i, arm in enumerate(self.arms):
+            edit = arm.intervention.prompt if arm.intervention is not None else None
+            if edit is not None and edit.max_length and geo is not None and geo.clip_tokens and edit.applies_to("clip"):
+                if edit.max_length > geo.clip_tokens:
+                    raise ValueError(
+                        f"arms[{i}] ({arm.name}).intervention.prompt.max_length: {edit.max_length} > CLIP's {geo.clip_tokens} "
+                        "positions; limit the edit to T5 with `encoders: [t5]`"
+                    )
         return self
 
     def _check_patterns(self, geo: Geometry) -> None:

@@ -841,13 +841,39 @@ def analyze(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
-    """Assemble tables and figures of an analysed run into report/report.md."""
+def report(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    statistics: Optional[str] = typer.Option(
+        None, "--statistics", help="statistics preset: project (default) or paper (docs/analysis.md §6)"
+    ),
+) -> None:
+    """Assemble tables and figures of an analysed run into report/report.md and report/report.html."""
     import analysis
+    from analysis.stats import PRESETS
 
+    if statistics is not None and statistics not in PRESETS:
+        _fail(f"--statistics: unknown preset {statistics!r}; expected one of {', '.join(PRESETS)}")
     run, _ = _load_run(run_dir)
-    path = analysis.build_report(run.root)
+    path = analysis.build_report(run.root, statistics=statistics)
     console.print(f"report: [bold]{path}[/bold]")
+
+
+@app.command()
+def atlas(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories, one per model (same prompts), shown side by side"),
+    out: Path = typer.Option(Path("atlas"), "--out", "-o", help="folder for atlas.md, atlas.png/.pdf and atlas.csv"),
+    arm: Optional[str] = typer.Option(None, help="arm to map (default: each run's baseline arm)"),
+) -> None:
+    """Sink atlas across models: layer × step heat maps of the sink-to-random ratio and of the number of distinct
+    top-1 sinks, top-1 region shares per layer and image-sink maps (record the stats mass and ratio)."""
+    import analysis.atlas
+
+    roots = [_load_run(d)[0].root for d in run_dirs]
+    try:
+        path = analysis.atlas.write_atlas(roots, out, arm=arm)
+    except ValueError as error:
+        _fail(str(error))
+    console.print(f"atlas: [bold]{path}[/bold]")
 
 
 @app.command()
@@ -866,7 +892,7 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
         _print_summary(run, list_all=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
     analyze(run.root, metric=[], executor=None, executor_opt=[], accept_sweep_drift=False, compact_first=True)  # plain call: every option
-    report(run.root)
+    report(run.root, statistics=None)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
     console.print(f"report:      {run.root / 'report'}")

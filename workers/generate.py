@@ -36,7 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from manifests.interventions import PromptEdit
+from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
+from workers import prompt_side
 from workers.loading import LoadedPipeline
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
@@ -82,6 +85,13 @@ class EncodedPrompt:
     t5_uncond: tuple[bool, ...] | None
     height: int
     width: int
+    text_cond: tuple[TextKey, ...] = ()  # the denoiser's text keys [CLIP | T5] as encoded (prompt edits included)
+    text_uncond: tuple[TextKey, ...] = ()
+
+    @property
+    def num_clip(self) -> int:
+        """CLIP text keys of this encoding (77 unless a prompt edit changed CLIP's length)."""
+        return sum(1 for key in self.text_cond if key.segment == "clip")
 
 
 @dataclass
@@ -145,14 +155,6 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) 
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
 
-def _t5_valid_from_tokenizer(tokenizer, text: str, max_sequence_length: int) -> tuple[bool, ...] | None:
-    """Which T5 slots hold real tokens (the tokenizer's attention mask); None when T5 is absent."""
-    if tokenizer is None:
-        return None
-    mask = tokenizer(text, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True).attention_mask
-    return tuple(bool(x) for x in mask)
-
-
 def resolution(loaded: LoadedPipeline, generation: GenerationSpec) -> tuple[int, int]:
     geo = loaded.geometry
     height = generation.height or geo.default_resolution
@@ -163,16 +165,21 @@ def resolution(loaded: LoadedPipeline, generation: GenerationSpec) -> tuple[int,
     return height, width
 
 
-def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpec) -> EncodedPrompt:
-    """Run the text encoders once for a group (family-specific), with CFG negatives when the family uses them."""
+def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpec, edit: PromptEdit | None = None) -> EncodedPrompt:
+    """Run the text encoders once for a group (family-specific), with CFG negatives when the family uses them.
+
+    `edit`: an arm's prompt-side change (workers.prompt_side), applied to the conditional and unconditional prompt.
+    """
     pipe, family = loaded.pipe, loaded.family
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
     msl = generation.max_sequence_length
+    if edit is not None and edit.max_length and edit.applies_to("t5"):
+        msl = edit.max_length  # also the length of SD3's zero T5 slots when T5 is absent
     device = pipe._execution_device
     use_cfg = generation.guidance > 1.0 and family != "flux"  # diffusers runs CFG only above 1; its batch is [uncond, cond]
-    with torch.no_grad():
+    with torch.no_grad(), prompt_side.capture(pipe, family, prompt, edit) as log:
         if family == "sd3":
             pe, npe, pooled, npooled = pipe.encode_prompt(
                 prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
@@ -180,8 +187,7 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             )
             embeds = dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
             extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl)
-            t5 = getattr(pipe, "tokenizer_3", None) if getattr(pipe, "text_encoder_3", None) is not None else None
-            t5_cond, t5_uncond = _t5_valid_from_tokenizer(t5, prompt, msl), _t5_valid_from_tokenizer(t5, "", msl)
+            t5_cond = t5_uncond = () if getattr(pipe, "text_encoder_3", None) is not None else None  # set from the log below
         elif family == "sdxl":
             pe, npe, pooled, npooled = pipe.encode_prompt(
                 prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=use_cfg,
@@ -195,7 +201,7 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=msl)
             embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
             extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl)
-            t5_cond, t5_uncond = _t5_valid_from_tokenizer(pipe.tokenizer_2, prompt, msl), None
+            t5_cond, t5_uncond = (), None  # set from the log below
         elif family == "pixart":
             pe, mask, npe, nmask = pipe.encode_prompt(
                 prompt, do_classifier_free_guidance=use_cfg, negative_prompt="", num_images_per_prompt=1, device=device,
@@ -211,22 +217,39 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             t5_uncond = None if nmask is None else tuple(bool(x) for x in nmask[0].tolist())
         else:
             raise ValueError(f"unknown family {family!r}")
-    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width)
+    zero = {"clip": loaded.geometry.clip_tokens, "t5": msl}
+    text_cond = prompt_side.text_keys(pipe, family, log, 0, zero)
+    text_uncond = prompt_side.text_keys(pipe, family, log, 1, {**zero, "clip": sum(k.segment == "clip" for k in text_cond)}) if use_cfg else ()
+    if t5_cond is not None:  # which T5 slots hold real tokens, as encoded (an edit may change length or padding)
+        t5_cond = tuple(k.kind != "padding" for k in text_cond if k.segment == "t5")
+        t5_uncond = tuple(k.kind != "padding" for k in text_uncond if k.segment == "t5") if use_cfg else t5_uncond
+    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
 
 
 def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
     """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A]."""
-    cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond) for arm in arms]
+    cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond, encoded.text_cond) for arm in arms]
     if not encoded.use_cfg:
         return cond
-    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond) for arm in arms] + cond
+    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+
+
+def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
+    return None if arm.intervention is None else arm.intervention.prompt
 
 
 def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
-    """Consecutive chunks of at most `arms_per_batch` arms, in the given order (a pure function of the arm list)."""
+    """Consecutive chunks of at most `arms_per_batch` arms with the same prompt edit (they share one encoding),
+    in the given order (a pure function of the arm list)."""
     if arms_per_batch < 1:
         raise ValueError(f"arms_per_batch must be ≥ 1, got {arms_per_batch}")
-    return [arms[i : i + arms_per_batch] for i in range(0, len(arms), arms_per_batch)]
+    out: list[list[ArmSpec]] = []
+    for arm in arms:
+        if out and len(out[-1]) < arms_per_batch and prompt_edit(out[-1][0]) == prompt_edit(arm):
+            out[-1].append(arm)
+        else:
+            out.append([arm])
+    return out
 
 
 def _repeat(value, n: int):
@@ -263,7 +286,8 @@ def run_batch(
     if sinks:
         ctx = RunContext(
             elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
-            num_clip_tokens=loaded.geometry.clip_tokens, probe=probe, start_step=start_step, step=start_step - 1,
+            num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
+            start_step=start_step, step=start_step - 1,
         )
     outputs: list[torch.Tensor] = []
     hook = None
@@ -447,7 +471,8 @@ def generate_group(
     if unknown:
         raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
-    encoded = encode_prompt(loaded, prompt, generation)
+    encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
+    encoded = encodings[None]
     latents = initial_latents(loaded, seed, encoded.height, encoded.width)
     results: dict[str, ArmResult] = {}
     baseline: ArmResult | None = None
@@ -478,8 +503,11 @@ def generate_group(
     for step, chunk in group_plan(arms, generation, starts):
         if chunk[0].intervention is None:
             continue  # baselines: above
+        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
+        if edit not in encodings:
+            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
         source = baseline.trajectory[step] if step else latents
-        run = run_batch(loaded, encoded, chunk, seed, source, generation, recording, start_step=step)
+        run = run_batch(loaded, encodings[edit], chunk, seed, source, generation, recording, start_step=step)
         prefix_rows = baseline.sink_rows.filter(pc.less(baseline.sink_rows.column("step"), step)) if step else None
         for arm, image in zip(chunk, run.images):
             rows = records_to_table([r for r in run.context.records if r.arm == arm.name])

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from manifests.interventions import Intervention
+from manifests.keys import TextKey
 from manifests.schema import RecordingSpec
 
 
@@ -33,6 +34,7 @@ class ElementPlan:
     intervention: Intervention | None
     unit_seed: int  # the group seed: random draws depend on it, never on the batch position
     t5_valid: tuple[bool, ...] | None = None  # per T5 slot, True for a real token; None: T5 absent (all padding)
+    text_keys: tuple[TextKey, ...] = ()  # the element's text keys in canonical order [CLIP | T5] (what the encoders saw)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class CallRecord:
     top5: torch.Tensor | None  # [H]
     selected: torch.Tensor | None  # [H, n]
     removed_mass_after: torch.Tensor | None  # [H]
+    sink_ratio: torch.Tensor | None = None  # [H] top-1 mass / mean mass of the layer's keys (a random key's expectation)
+    sink_ratio_median: torch.Tensor | None = None  # [H] top-1 mass / median key mass (a typical key)
+    text_keys: tuple[TextKey, ...] = ()
+    image_size: tuple[int, int] | None = None  # generated (height, width): lays the image keys out on their grid
+    frames: int = 1
 
 
 @dataclass
@@ -74,6 +81,8 @@ class RunContext:
     elements: list[ElementPlan]
     recording: RecordingSpec | None
     num_clip_tokens: int = 77
+    image_size: tuple[int, int] | None = None  # (height, width) of the generated image
+    frames: int = 1  # latent frames of a video model (image keys are frames × rows × cols)
     max_chunk_bytes: int = 64 << 20
     step: int = -1  # the current step (absolute: a run that starts at step s counts from s)
     start_step: int = 0  # > 0: the pipeline runs only steps start_step.. (prefix sharing, workers.generate._run_from)
@@ -88,7 +97,7 @@ class RunContext:
         """The element's intervention if it acts at this layer, branch and step, else None."""
         plan = self.elements[element]
         iv = plan.intervention
-        if iv is None or (iv.cfg_branch != "both" and iv.cfg_branch != plan.branch):
+        if iv is None or not iv.acts_on_attention or (iv.cfg_branch != "both" and iv.cfg_branch != plan.branch):
             return None
         if not layer_matches(iv.layers, layer_name, block_index):
             return None

@@ -55,7 +55,7 @@ def test_resolve_threads():
 
 def test_bad_threads_override_names_the_key(tmp_path):
     proc = run_cli("submit", str(tiny_sweep(tmp_path)), "-e", "local", "-o", "threads_per_worker=-2", check=False)
-    assert proc.returncode != 0 and "executor.threads_per_worker" in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "--executor-opt threads_per_worker=-2" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
