@@ -102,8 +102,11 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
 
     import PIL.Image
 
-    import jobs.run_shard as run_shard_module
+    import importlib
+
     from jobs.run_shard import run_shard
+
+    run_shard_module = importlib.import_module("jobs.run_shard")  # the module (jobs/__init__ exports the function)
     from orchestrate.create import build_manifest, create_run
     from orchestrate.estimate import plan_costs
 
