@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.runformat import atomic_write_bytes
+from manifests.schema import sinkscope_cache_root
+
 ENV_VAR = "SINKSCOPE_BASELINE_CACHE"
 DEFAULT_FOLDER = "baselines"  # under $SINKSCOPE_CACHE
 FORMAT_VERSION = 1
@@ -53,8 +56,7 @@ def resolve_root(setting: str) -> Path | None:
     if value == "off":
         return None
     if value == "auto":
-        base = os.environ.get("SINKSCOPE_CACHE") or "~/.cache/sinkscope"
-        return Path(base).expanduser().resolve() / DEFAULT_FOLDER
+        return sinkscope_cache_root().resolve() / DEFAULT_FOLDER
     return Path(value).expanduser().resolve()
 
 
@@ -125,33 +127,8 @@ class BaselineCache:
             archive.writestr("meta.json", json.dumps(meta, indent=1, sort_keys=True, default=str))
             for name, data in members.items():
                 archive.writestr(name, data)
-        _atomic_publish(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
         return path
 
     def entries(self) -> list[Path]:
         return sorted((self.root / "entries").glob("*/*.zip"))
-
-
-def _atomic_publish(path: Path, data: bytes) -> None:
-    """Temp name unique per host and process in the target folder, fsync, rename, fsync the folder.
-
-    jobs.rundir.atomic_write_bytes names its temp file by pid alone, which two hosts sharing the folder can
-    both have; here the host name is part of it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some file systems do not open folders; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

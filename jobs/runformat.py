@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -255,16 +256,32 @@ def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{id(path):x}"
+    # host and pid: unique also among hosts that share the folder (a cluster's shared storage)
+    tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{id(path):x}"
     try:
         with open(tmp, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (best effort: some file systems cannot open a folder; the rename is atomic anyway)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

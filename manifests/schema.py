@@ -6,6 +6,7 @@ live in `Sweep._cross_checks`, so every mistake is reported before anything runs
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 import unicodedata
@@ -224,6 +225,13 @@ class RecordingSpec(_Strict):
         if any(isinstance(x, int) and x < 0 for x in v):
             raise ValueError(f"layer indices must be ≥ 0, got {v}")
         return sorted(x for x in v if isinstance(x, int)) + [x for x in v if isinstance(x, str)]
+
+
+def sinkscope_cache_root() -> Path:
+    """Where sinkscope keeps what it builds once for many runs (tokenizer files, the baseline cache):
+    `$SINKSCOPE_CACHE`, else ~/.cache/sinkscope."""
+    env = os.environ.get("SINKSCOPE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sinkscope"
 
 
 class CacheSpec(_Strict):

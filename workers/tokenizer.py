@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from manifests.schema import sinkscope_cache_root
+
 # OpenAI CLIP: 256 byte symbols, 256 byte symbols + "</w>", 48894 merges, 2 specials = 49408.
 _NUM_MERGES = 49152 - 256 - 2
 START_TOKEN = "<|startoftext|>"
@@ -23,9 +25,8 @@ _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_m
 
 
 def cache_root() -> Path:
-    """`$SINKSCOPE_CACHE`, else ~/.cache/sinkscope."""
-    env = os.environ.get("SINKSCOPE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "sinkscope"
+    """`$SINKSCOPE_CACHE`, else ~/.cache/sinkscope (the rule is manifests.schema.sinkscope_cache_root)."""
+    return sinkscope_cache_root()
 
 
 def shipped_bpe_file() -> Path:
