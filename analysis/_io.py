@@ -90,7 +90,9 @@ def _read_with_duckdb(duckdb, datasets: list[DatasetFiles], schema: pa.Schema, n
                 where = f" WHERE shard_id NOT IN ({', '.join(map(str, sorted(exclude)))})" if exclude else ""
                 selects.append(f"SELECT {cols} FROM read_parquet({listed}, hive_partitioning=false){where}")
     try:
-        table = duckdb.connect().sql(" UNION ALL ".join(selects)).to_arrow_table()
+        con = duckdb.connect()
+        con.execute("SET enable_progress_bar = false")
+        table = con.sql(" UNION ALL ".join(selects)).to_arrow_table()
         return table.cast(pa.schema([schema.field(n) for n in names]))
     except (duckdb.Error, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
         damaged = next(filter(None, map(_damaged_part, datasets)), None)

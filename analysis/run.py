@@ -134,6 +134,7 @@ class SinkSteps:
             import duckdb
 
             con = duckdb.connect()
+            con.execute("SET enable_progress_bar = false")  # notebooks and logs get results, not progress bars
             selects = []
             for d in self.datasets:
                 if d.parts:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import faults
+from jobs.baseline_cache import BaselineCache, identity_key, resolve_root
 from jobs import runformat as rf
 from jobs.frozen_sweep import load_resolved_sweep
 from jobs.rundir import RunDir, node_name
@@ -115,6 +116,9 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
     import workers
 
     arms_by_name = {arm.name: arm for arm in sweep.arms}
+    cache_root = resolve_root(sweep.cache.baselines)
+    cache = BaselineCache(cache_root) if cache_root is not None else None
+    log.info("baseline cache: %s", cache_root or "off")
     finished = 0
     loaded = None
     # Images and tables of a group are encoded and written by one background thread while the GPU generates the
@@ -154,12 +158,16 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
                 loaded = _pipeline_for(sweep.model)
             arm_specs = [arms_by_name[row["arm"]] for row in group]
             group_started = time.perf_counter()
-            results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording)
+            lookups = _cache_lookup(cache, loaded, sweep, first, arm_specs) if cache is not None else {}
+            reused = {name: found.reused for name, found in lookups.items() if found.reused is not None}
+            results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
+                                             reused=reused)
+            to_publish = _latents_to_publish(lookups, results, sweep, arm_specs)  # device → host here, not in the writer
             generated_s = time.perf_counter() - group_started
             if pending is not None:
                 settle()
             future = writer.submit(_write_group, run, scratch, shard_id, group_index, group, results, arms_by_name, sweep,
-                                   bool(loaded.random_weights))
+                                   bool(loaded.random_weights), cache, lookups, to_publish)
             pending = (future, group_index, first, generated_s)
         if pending is not None:
             settle()
@@ -168,15 +176,86 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
     return _finalise(run, shard_id, sorted(groups), loaded, started)
 
 
+class _Lookup:
+    """One baseline arm's cache key and, on a hit, what stands in for generating it."""
+
+    def __init__(self, key: str, identity: dict, reused=None, entry_path: Path | None = None):
+        self.key, self.identity, self.reused, self.entry_path = key, identity, reused, entry_path
+
+
+def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -> dict[str, _Lookup]:
+    """Look up every baseline arm of a group; a hit must also hold the latents the group's prefix arms start from."""
+    import PIL.Image
+
+    import workers
+    from workers.baseline_identity import baseline_identity, latents_from_bytes
+
+    out = {}
+    for arm in arm_specs:
+        if arm.intervention is not None:
+            continue
+        identity = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
+        key = identity_key(identity)
+        entry = cache.get(key)
+        out[arm.name] = _Lookup(key, identity)
+        if entry is None:
+            continue
+        trajectory, final, sigmas = latents_from_bytes(entry.latents)
+        needed = workers.latents_needed(arm_specs, sweep.generation, sigmas)
+        if not set(needed) <= set(trajectory):
+            log.info("baseline %s: cache entry %s lacks the latents of steps %s, regenerating", arm.name, entry.path,
+                     sorted(set(needed) - set(trajectory)))
+            continue
+        image = PIL.Image.open(io.BytesIO(entry.image_png))
+        image.load()
+        device = {"device": loaded.device}
+        out[arm.name].reused = workers.ReusedBaseline(
+            image=image, png=entry.image_png, sink_rows=pq.read_table(io.BytesIO(entry.sink_steps_parquet)),
+            trajectory={step: t.to(**device) for step, t in trajectory.items()}, final_latents=final.to(**device), sigmas=sigmas,
+        )
+        out[arm.name].entry_path = entry.path
+        log.info("baseline %s of prompt %d seed %d reused from %s", arm.name, first["prompt_id"], first["seed_index"], entry.path)
+    return out
+
+
+def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
+    """Per baseline generated here (a cache miss): its serialised latents and which steps they hold, made on the
+    GPU's thread (a copy from the writer thread would queue behind the next group's kernels)."""
+    import workers
+    from workers.baseline_identity import latents_to_bytes
+
+    out = {}
+    for result in results:
+        lookup = lookups.get(result.arm)
+        if lookup is None or lookup.reused is not None:
+            continue
+        steps = workers.latents_needed(arm_specs, sweep.generation, result.sigmas)
+        out[result.arm] = (latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas), steps)
+    for result in results:  # the trajectory is no longer needed: free it before the next group
+        result.trajectory = None
+    return out
+
+
 def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, group: list[dict], results, arms_by_name, sweep,
-                 random_weights: bool) -> float:
-    """Write one generated group: images, then its sink-step part, then its units part (which marks it finished)."""
+                 random_weights: bool, cache: BaselineCache | None = None, lookups: dict | None = None,
+                 to_publish: dict | None = None) -> float:
+    """Write one generated group: images, then its sink-step part, then its units part (which marks it finished).
+
+    Baselines generated here are published to the baseline cache (when on) before the group counts as finished.
+    """
     began = time.perf_counter()
+    lookups = lookups or {}
     unit_rows, sink_tables = [], []
     for row, result in zip(group, results):
         assert result.arm == row["arm"], (result.arm, row["arm"])
         rel = rf.image_relpath(row["arm"], row["prompt_id"], row["seed_index"])
-        png = _png_bytes(result.image)
+        png = result.png if result.png is not None else _png_bytes(result.image)
+        lookup = lookups.get(row["arm"])
+        if cache is not None and to_publish and row["arm"] in to_publish:
+            latents, steps = to_publish[row["arm"]]
+            cache.publish(lookup.key, lookup.identity, image_png=png, sink_steps_parquet=rf.parquet_bytes(result.sink_rows),
+                          latents=latents, latent_steps=steps,
+                          producer={"run": str(run.root), "unit_id": row["unit_id"], "shard_id": shard_id})
         faults.maybe_die_during_write(run.root / rel)
         rf.atomic_write_bytes(run.root / rel, png)
         arm = arms_by_name[row["arm"]]
@@ -201,6 +280,8 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
                 "model": sweep.model.label,
                 "random_weights": random_weights,
                 "seconds": float(result.seconds),
+                "reused_from": _reused_from(lookup, result, group),
+                "start_step": int(result.start_step),
             }
         )
         sink_tables.append(_with_unit_key(result.sink_rows, row, shard_id))
@@ -209,6 +290,15 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
     # the units file is written last: it is what marks the group finished
     rf.atomic_write_parquet(scratch / units_name, pa.Table.from_pylist(unit_rows, schema=rf.UNITS_SCHEMA))
     return time.perf_counter() - began
+
+
+def _reused_from(lookup, result, group: list[dict]) -> str | None:
+    """Provenance of a unit not generated by its own pipeline call: a cache entry, or the group's unit it equals."""
+    if lookup is not None and lookup.entry_path is not None:
+        return str(lookup.entry_path)
+    if result.same_as is not None:
+        return next(f"unit:{row['unit_id']}" for row in group if row["arm"] == result.same_as)
+    return None
 
 
 def _with_unit_key(table: pa.Table, row: dict, shard_id: int) -> pa.Table:

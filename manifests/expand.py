@@ -71,7 +71,7 @@ class Manifest:
 def config_hash(sweep: Sweep, prompts: list[Prompt]) -> str:
     """Hash of what determines the results: everything but where and how the jobs run."""
     # arm_grid: its arms are in `arms` already (a grid and the same arms written out are one experiment)
-    content = sweep.model_dump(mode="json", exclude={"executor", "output_root", "description", "analysis", "arm_grid"})
+    content = sweep.model_dump(mode="json", exclude={"executor", "output_root", "description", "analysis", "arm_grid", "cache"})
     content["prompts"] = [[p.prompt_id, p.text] for p in prompts]
     blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()

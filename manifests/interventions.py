@@ -22,6 +22,11 @@ Semantics (per attention call = one layer at one denoising step, per batch eleme
 - *step_window*: the 0-based denoising steps at which the intervention is active, as a fraction of the
   trajectory (step i of N is active iff start ≤ i/N < end, with end = 1 meaning "through the last step"),
   or a sigma range. Exactly the named steps: the paper's off-by-one gating is a preset quirk, not a default.
+- *prompt* (`PromptEdit`, optional): a prompt-side change to what the text encoders see, applied to the
+  tokenizer output of the conditional and the unconditional prompt alike: fill the padding slots with a chosen
+  token or string (comma padding), keep at most n padding slots (0 drops them), or change the encoders'
+  maximum length. It composes with the attention ops above; with score_op = value_op = none the arm is
+  prompt-side only. Same seed and same initial noise as every other arm of its group.
 """
 
 from __future__ import annotations
@@ -94,6 +99,42 @@ class StepWindow(BaseModel):
         return [i for i in range(num_steps) if lo <= sigmas[i] <= hi]
 
 
+class PromptEdit(BaseModel):
+    """A prompt-side change: the token ids the text encoders get (tokenizers' `max_length` calls only).
+
+    Padding slots are the positions after the prompt's last real token (attention mask 0). The unconditional
+    prompt gets the same treatment, with the same length as the conditional one so the CFG batch stays
+    rectangular. The attention is untouched unless the intervention also sets an attention op.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pad_token: str | None = Field(None, min_length=1, description="fill the padding slots with this vocabulary token (e.g. ',')")
+    pad_text: str | None = Field(
+        None, min_length=1, description="fill the padding slots with the tokens this string tokenizes to (no specials), repeated"
+    )
+    padding_slots: int | None = Field(
+        None, ge=0, description="keep at most this many padding slots after the conditional prompt's tokens (0: no padding)"
+    )
+    max_length: int | None = Field(None, ge=1, description="the text encoders' maximum length in tokens (truncate / pad to it)")
+    encoders: tuple[Literal["clip", "t5"], ...] = Field(
+        ("clip", "t5"), min_length=1, description="text encoders the edit applies to (clip: CLIP-L/G of SD3/SDXL/Flux; t5: T5)"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> "PromptEdit":
+        if self.pad_token is not None and self.pad_text is not None:
+            raise ValueError("give pad_token (one vocabulary token) or pad_text (a string), not both")
+        if self.pad_token is None and self.pad_text is None and self.padding_slots is None and self.max_length is None:
+            raise ValueError("a prompt edit needs pad_token, pad_text, padding_slots or max_length")
+        if len(set(self.encoders)) != len(self.encoders):
+            raise ValueError(f"duplicate encoders in {list(self.encoders)}")
+        return self
+
+    def applies_to(self, segment: str) -> bool:
+        return segment in self.encoders
+
+
 class Intervention(BaseModel):
     """One member of the sink-intervention family (see the module docstring for the exact semantics)."""
 
@@ -129,6 +170,7 @@ class Intervention(BaseModel):
     random_seed_offset: int = Field(
         0, ge=-(2**62), le=2**62, description="extra offset mixed into the seed of random selections"
     )
+    prompt: PromptEdit | None = Field(None, description="prompt-side edit of the text encoders' input (see PromptEdit)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Intervention":
@@ -140,8 +182,8 @@ class Intervention(BaseModel):
             raise ValueError("score_op=bias needs `bias` (the value added to the selected keys' logits)")
         if self.score_op == "prob_scale" and self.eta is None:
             raise ValueError("score_op=prob_scale needs `eta` (0 removes, 1 is a no-op)")
-        if self.score_op == "none" and self.value_op == "none":
-            raise ValueError("score_op and value_op are both 'none': use `intervention: null` for a baseline arm")
+        if self.score_op == "none" and self.value_op == "none" and self.prompt is None:
+            raise ValueError("score_op and value_op are both 'none' and there is no prompt edit: use `intervention: null` for a baseline arm")
         self._no_contradictions()
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"duplicate layer indices in {self.layers}")
@@ -174,9 +216,24 @@ class Intervention(BaseModel):
             )
 
     @property
+    def acts_on_attention(self) -> bool:
+        """False for a prompt-side-only arm (score_op = value_op = none): its layers, selection and window are unused."""
+        return self.score_op != "none" or self.value_op != "none"
+
+    @property
     def keys_per_head(self) -> int:
         """Keys removed from each head (the budget to compare against an equal-budget random control)."""
         return len(self.indices or []) if self.selection == "static" else self.k
+
+    def first_active_step(self, num_steps: int, sigmas: list[float] | None = None) -> int:
+        """The first step at which this intervention can act (0 without a window). Before it, an arm computes
+        exactly what the baseline computes, which prefix sharing (workers.generate) relies on. A window that
+        names no step gives num_steps - 1: the arm still runs (and decodes) its last step itself. A prompt-side
+        edit changes the text keys from step 0, so such an arm shares no prefix."""
+        if self.step_window is None or self.prompt is not None:
+            return 0
+        active = self.step_window.active_steps(num_steps, sigmas)
+        return min(active) if active else num_steps - 1
 
 
 def _preset(**kw) -> Intervention:
@@ -209,6 +266,9 @@ PRESETS: dict[str, Intervention] = {
     "fixed.m2": _preset(selection="union_topk", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="remove"),
     "fixed.random": _preset(selection="random", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
     "fixed.modality_random": _preset(selection="modality_random", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
+    # Prompt-side only (the positional-encoding study's fix for FLUX's padding sink, and its controls).
+    "prompt.comma_padding": _preset(score_op="none", prompt=PromptEdit(pad_token=",")),
+    "prompt.drop_padding": _preset(score_op="none", prompt=PromptEdit(padding_slots=0)),
 }
 
 

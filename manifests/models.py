@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Geometry:
-    family: str  # sd3 | sdxl | flux | pixart
+    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ)
     num_layers: int  # attention blocks addressable by integer index
     heads: int
     patch_size: int = 2
@@ -86,6 +86,9 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     # PixArt-Σ: integer layer i = transformer_blocks.{i}.attn2 (cross-attention to T5)
     "tiny-pixart": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=300, default_resolution=64, random_weights=True,
                             modules=pixart_modules(2)),
+    # PixArt-α (PixArtAlphaPipeline): the same transformer blocks, 120 T5 tokens
+    "tiny-pixart-alpha": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=120, default_resolution=64, random_weights=True,
+                                  modules=pixart_modules(2)),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
 }
@@ -103,6 +106,8 @@ HUB_GEOMETRY: dict[str, Geometry] = {
                                                   modules=flux_modules(19, 38)),
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=300,
                                                                 modules=pixart_modules(28)),
+    "PixArt-alpha/PixArt-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=120,
+                                                 modules=pixart_modules(28)),
 }
 
 

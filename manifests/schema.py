@@ -171,7 +171,21 @@ class GenerationSpec(_Strict):
     arms_per_batch: int = Field(
         1, ge=1, le=64,
         description="arms of one (prompt, seed) group run in one batched forward (1: one after another). "
-        "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash.",
+        "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash. "
+        "Baselines always run alone (batch 1).",
+    )
+    compile: Literal["none", "inductor"] = Field(
+        "none",
+        description="inductor: torch.compile the denoiser (attention processors stay eager) for every arm of the run, "
+        "≈1.2× the images per hour on an H200 (benchmarks/RESULTS.md). Opt-in: fused kernels round differently from "
+        "stock, so images differ from compile: none within the dtype's tolerance; part of the config hash and of the "
+        "baseline cache key",
+    )
+    prefix_sharing: bool = Field(
+        True,
+        description="an arm whose intervention starts at step s > 0 runs only steps s.. from the group baseline's latents "
+        "entering step s (single-step schedulers: the default flow-matching Euler); bit-identical to running it from step 0 "
+        "at arms_per_batch 1. Part of the config hash (with arms_per_batch > 1 it decides which arms share a batch)",
     )
     torch_threads: int = Field(
         1, ge=1, le=256,
@@ -189,7 +203,11 @@ class RecordingSpec(_Strict):
         description="block indices, or glob patterns on attention-module names, to record (empty: none)",
     )
     topk: int = Field(5, ge=1, le=64)
-    stats: list[Literal["mass", "entropy", "top5"]] = Field(default_factory=lambda: ["mass", "entropy", "top5"])
+    stats: list[Literal["mass", "entropy", "top5", "ratio"]] = Field(
+        default_factory=lambda: ["mass", "entropy", "top5"],
+        description="mass: top-k keys and masses (and the top-1 sink's identity and region); entropy; top5: top-5 "
+        "concentration; ratio: sink-to-random key-importance ratios (top-1 mass over the mean and the median key mass)",
+    )
     branches: list[Literal["cond", "uncond"]] = Field(default_factory=lambda: ["cond", "uncond"])
     mass_queries: Literal["image", "all"] = "image"
     top5_query_stride: int = Field(
@@ -206,6 +224,18 @@ class RecordingSpec(_Strict):
         if any(isinstance(x, int) and x < 0 for x in v):
             raise ValueError(f"layer indices must be ≥ 0, got {v}")
         return sorted(x for x in v if isinstance(x, int)) + [x for x in v if isinstance(x, str)]
+
+
+class CacheSpec(_Strict):
+    """Reuse of generated baselines across runs (jobs.baseline_cache). Not part of the config hash: a reused
+    baseline is bit-identical to the one the run would generate."""
+
+    baselines: str = Field(
+        "auto",
+        description="auto: $SINKSCOPE_CACHE/baselines (default ~/.cache/sinkscope/baselines); off: generate every "
+        "baseline; or a folder (shared storage on a cluster). The environment variable SINKSCOPE_BASELINE_CACHE "
+        "(off | a folder) overrides it",
+    )
 
 
 class ShardingSpec(_Strict):
@@ -374,6 +404,7 @@ class Sweep(_Strict):
         return data
     recording: RecordingSpec = RecordingSpec()
     sharding: ShardingSpec = ShardingSpec()
+    cache: CacheSpec = CacheSpec()
     executor: ExecutorConfig = LocalExecutorConfig()
     analysis: AnalysisSpec = AnalysisSpec()
     output_root: SingleLine = Field(
@@ -410,7 +441,7 @@ class Sweep(_Strict):
                 raise ValueError(f"recording.topk: {self.recording.topk} is larger than the {n_keys} keys of the model at {height}×{width}")
             for i, arm in enumerate(self.arms):
                 iv = arm.intervention
-                if iv is None:
+                if iv is None or not iv.acts_on_attention:
                     continue
                 where = f"arms[{i}] ({arm.name}).intervention"
                 for layer in iv.layers:
@@ -425,6 +456,14 @@ class Sweep(_Strict):
                     )
                 if iv.indices and max(iv.indices) >= n_keys:
                     raise ValueError(f"{where}.indices: index {max(iv.indices)} ≥ the {n_keys} keys of the model at {height}×{width}")
+        for i, arm in enumerate(self.arms):
+            edit = arm.intervention.prompt if arm.intervention is not None else None
+            if edit is not None and edit.max_length and geo is not None and geo.clip_tokens and edit.applies_to("clip"):
+                if edit.max_length > geo.clip_tokens:
+                    raise ValueError(
+                        f"arms[{i}] ({arm.name}).intervention.prompt.max_length: {edit.max_length} > CLIP's {geo.clip_tokens} "
+                        "positions; limit the edit to T5 with `encoders: [t5]`"
+                    )
         return self
 
     def _check_patterns(self, geo: Geometry) -> None:

@@ -333,27 +333,40 @@ def _scheduler_states(run: RunDir, task: str = "generate") -> dict[int, str]:
 
 @app.command()
 def plan(
-    sweeps: list[Path] = typer.Argument(..., help="sweep files to check and expand (each one is a run)"),
+    sweeps: list[Path] = typer.Argument(..., help="sweep files (each one is a run) or folders of them (e.g. manifests/paper/)"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     output_root: Optional[Path] = typer.Option(None, help="check this output_root instead of the sweep's"),
+    summary: bool = typer.Option(False, "--summary", help="only the table of sweeps and the totals, not each sweep's arms"),
 ) -> None:
-    """Validate sweeps and print their units, shards and an estimate of GPU time. Runs and writes nothing.
+    """Validate sweeps and print their units, shards and GPU time with and without sharing. Runs and writes nothing.
 
     Every file is checked (syntax, keys, values, the model folder, the prompt file, that the output root is
-    writable); exits 2 if any of them is invalid, after reporting all of them.
+    writable); exits 2 if any of them is invalid, after reporting all of them. With several sweeps (or a folder),
+    a table of them and the total follows, baselines shared across the sweeps in the order given (one baseline
+    cache for all of them).
     """
-    invalid = 0
+    paths: list[Path] = []
     for path in sweeps:
+        paths += sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    if not paths:
+        _print_error(f"no sweep files in {', '.join(map(str, sweeps))}")
+        raise typer.Exit(2)
+    invalid, manifests = 0, []
+    for path in paths:
         try:
-            manifest = _planned_manifest(path, set_, output_root)
+            manifests.append(_planned_manifest(path, set_, output_root))
         except SweepError as e:
             _print_error(str(e))
             invalid += 1
-            continue
-        _print_plan(manifest)
+    costs = estimate.plan_costs(manifests)
+    if not summary or len(manifests) == 1:
+        for manifest, cost in zip(manifests, costs):
+            _print_plan(manifest, cost)
+    if len(manifests) > 1:
+        _plan_many(costs)
     if invalid:
-        if len(sweeps) > 1:
-            _print_error(f"{invalid} of {len(sweeps)} sweep files are invalid")
+        if len(paths) > 1:
+            _print_error(f"{invalid} of {len(paths)} sweep files are invalid")
         raise typer.Exit(2)
 
 
@@ -370,15 +383,18 @@ def _planned_manifest(path: Path, overrides: list[str], output_root: Optional[Pa
     return expand(sweep, prompts)
 
 
-def _print_plan(manifest) -> None:
+def _print_plan(manifest, cost) -> None:
     s = manifest.sweep
     height, width = s.resolution()
     table = Table(title=f"{s.name} ({manifest.config_hash[:8]})")
     table.add_column("arm")
     table.add_column("intervention")
+    table.add_column("prefix steps shared", justify="right")
+    starts = estimate.arm_start_steps(s)
     for arm in s.arms:
         iv = arm.intervention
-        table.add_row(arm.name, "baseline (none)" if iv is None else iv.model_dump_json(exclude_defaults=True))
+        table.add_row(arm.name, "baseline (none)" if iv is None else iv.model_dump_json(exclude_defaults=True),
+                      "" if iv is None else str(starts.get(arm.name, 0)))
     console.print(table)
     geometry = s.model.geometry()
     console.print(
@@ -390,6 +406,29 @@ def _print_plan(manifest) -> None:
         f"in [bold]{len(manifest.shard_ids)}[/bold] shards ({s.sharding.prompts_per_shard} prompts per shard)"
     )
     console.print(estimate.describe(s, manifest.num_units))
+    console.print(estimate.describe_sharing(cost) + " (a baseline cache shared with other runs saves more)")
+
+
+def _plan_many(costs) -> None:
+    table = Table(title=f"{len(costs)} sweeps, one baseline cache (in this order)")
+    for name in ("sweep", "images", "baselines", "reused", "prefix steps", "without sharing", "with sharing"):
+        table.add_column(name, justify="left" if name == "sweep" else "right")
+    for c in costs:
+        table.add_row(c.name, str(c.units), str(c.baseline_units), str(c.baseline_units - c.baselines_generated),
+                      str(c.prefix_steps_saved), estimate.hours_or_minutes(c.seconds_without, c.where),
+                      estimate.hours_or_minutes(c.seconds_with, c.where))
+    console.print(table)
+    for where in sorted({c.where for c in costs}):
+        part = [c for c in costs if c.where == where]
+        without, with_ = sum(c.seconds_without for c in part), sum(c.seconds_with for c in part)
+        units, generated = sum(c.units for c in part), sum(c.images_generated for c in part)
+        baselines = sum(c.baseline_units for c in part)
+        console.print(
+            f"total on {where}: {units} images, {baselines} of them baselines ({baselines - sum(c.baselines_generated for c in part)} "
+            f"reused) → {generated} generated, {sum(c.prefix_steps_saved for c in part)} steps taken from baselines; "
+            f"[bold]≈{estimate.hours_or_minutes(without, where)} without sharing, ≈{estimate.hours_or_minutes(with_, where)} with "
+            f"({with_ / without:.0%})[/bold]"
+        )
 
 
 @app.command()
@@ -802,13 +841,39 @@ def analyze(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
-    """Assemble tables and figures of an analysed run into report/report.md."""
+def report(
+    run_dir: Path = typer.Argument(..., help="run directory"),
+    statistics: Optional[str] = typer.Option(
+        None, "--statistics", help="statistics preset: project (default) or paper (docs/analysis.md §6)"
+    ),
+) -> None:
+    """Assemble tables and figures of an analysed run into report/report.md and report/report.html."""
     import analysis
+    from analysis.stats import PRESETS
 
+    if statistics is not None and statistics not in PRESETS:
+        _fail(f"--statistics: unknown preset {statistics!r}; expected one of {', '.join(PRESETS)}")
     run, _ = _load_run(run_dir)
-    path = analysis.build_report(run.root)
+    path = analysis.build_report(run.root, statistics=statistics)
     console.print(f"report: [bold]{path}[/bold]")
+
+
+@app.command()
+def atlas(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories, one per model (same prompts), shown side by side"),
+    out: Path = typer.Option(Path("atlas"), "--out", "-o", help="folder for atlas.md, atlas.png/.pdf and atlas.csv"),
+    arm: Optional[str] = typer.Option(None, help="arm to map (default: each run's baseline arm)"),
+) -> None:
+    """Sink atlas across models: layer × step heat maps of the sink-to-random ratio and of the number of distinct
+    top-1 sinks, top-1 region shares per layer and image-sink maps (record the stats mass and ratio)."""
+    import analysis.atlas
+
+    roots = [_load_run(d)[0].root for d in run_dirs]
+    try:
+        path = analysis.atlas.write_atlas(roots, out, arm=arm)
+    except ValueError as error:
+        _fail(str(error))
+    console.print(f"atlas: [bold]{path}[/bold]")
 
 
 @app.command()
@@ -827,7 +892,7 @@ def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run
         _print_summary(run, list_all=True)
         _fail("some shards did not finish; see `orchestrate status` and `orchestrate logs`", code=1)
     analyze(run.root, metric=[], executor=None, executor_opt=[], accept_sweep_drift=False, compact_first=True)  # plain call: every option
-    report(run.root)
+    report(run.root, statistics=None)
     console.print(f"images:      {run.images_dir}")
     console.print(f"tables:      {run.tables_dir}  (load with analysis.load_run('{run.root}'))")
     console.print(f"report:      {run.root / 'report'}")

@@ -132,11 +132,12 @@ def _fill_per_shard(run: RunDir, statuses: list[ShardStatus], task: str) -> None
     total = dict(zip(groups["shard_id"].to_pylist(), groups["group_index_count_distinct"].to_pylist()))
     scratch_root = run.tables_dir / rf.SCRATCH
     scratch = set(os.listdir(scratch_root)) if scratch_root.is_dir() else set()
+    done_dir = str(run.marker_dir("done", task))
     for s in statuses:
         s.groups_total = int(total.get(s.shard_id, 0))
         if s.state in ("done", "corrupt"):
             s.groups_done = s.groups_total
-            marker = run.read_marker("done", s.shard_id, task) or {}
+            marker = read_marker_file(os.path.join(done_dir, rf.marker_name(s.shard_id))) or {}
             if marker.get("finished") and marker.get("started"):
                 s.elapsed_s = marker["finished"] - marker["started"]
         else:
@@ -171,7 +172,9 @@ def _throughput(run: RunDir, statuses: list[ShardStatus], summary: TaskSummary, 
     if not done:
         return
     sample = random.Random(0).sample(done, min(THROUGHPUT_SAMPLE, len(done)))
-    markers = [m for m in (run.read_marker("done", s, task) for s in sample) if m and m.get("finished") and m.get("started")]
+    done_dir = str(run.marker_dir("done", task))
+    markers = [m for m in (read_marker_file(os.path.join(done_dir, rf.marker_name(s))) for s in sample)
+               if m and m.get("finished") and m.get("started")]
     if not markers:
         return
     summary.mean_shard_s = sum(m["finished"] - m["started"] for m in markers) / len(markers)

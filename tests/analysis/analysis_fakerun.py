@@ -132,12 +132,13 @@ def _sink_rows(uid, shard, p, s, arm, spec, rng):
                 for branch in ("cond", "uncond"):
                     mass = rng.uniform(0.01, 0.1, 3)
                     mods = [MODALITIES[int(i)] for i in rng.integers(0, len(MODALITIES), 3)]
+                    idx = [_key_index(m, spec, rng) for m in mods]
                     rows.append(
                         {
                             "unit_id": uid, "shard_id": shard, "prompt_id": p, "seed_index": s, "arm": arm, "step": step,
                             "timestep": 1000.0 * (1 - step / spec.steps), "sigma": 1 - step / spec.steps,
                             "layer": layer, "head": head, "branch": branch,
-                            "topk_idx": [int(i) for i in rng.integers(0, 100, 3)], "topk_modality": mods,
+                            "topk_idx": idx, "topk_modality": mods,
                             "topk_mass": sorted(mass.tolist(), reverse=True),
                             "max_mass": float(mass.max()) * (1 + layer / 10), "entropy": float(rng.uniform(4, 7)),
                             "top5_conc": float(rng.uniform(0.1, 0.45)), "intervened": arm.startswith(("sink", "rand")),
@@ -145,3 +146,13 @@ def _sink_rows(uid, shard, p, s, arm, spec, rng):
                         }
                     )  # fmt: skip
     return rows
+
+
+def _key_index(modality: str, spec: FakeRunSpec, rng) -> int:
+    """A key index in the joint order [image (size/16)² | CLIP 77 | T5 256] that has the given modality."""
+    n_image = (spec.size // 16) ** 2
+    if modality == "image":
+        return int(rng.integers(0, n_image))
+    if modality == "clip":
+        return n_image + int(rng.integers(0, 77))
+    return n_image + 77 + int(rng.integers(0, 256))

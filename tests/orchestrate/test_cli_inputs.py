@@ -118,8 +118,10 @@ def test_submit_several_sweeps_one_run_each_with_a_truthful_exit_code(tmp_path):
     assert "2 runs: 1 submitted cleanly, 1 with errors" in _flat(proc.stdout)
     frozen = yaml.safe_load((runs[1] / "sweep.yaml").read_text())
     assert frozen["generation"]["steps"] == 1  # the override is part of the run
-    status = run_cli("status", str(runs[0]), str(runs[1]), check=False)
-    assert "1 failed" in _flat(status.stdout) and "1 done" in _flat(status.stdout)
+    status = runner.invoke(app, ["status", str(runs[0]), str(runs[1])])
+    assert status.exit_code == 0, status.output
+    out = _flat(status.output)
+    assert "shards: 1 total: 1 failed" in out and "shards: 1 total: 1 done" in out  # one summary per run
 
 
 def test_a_run_path_slurm_would_interpret_is_refused_before_it_exists(tmp_path):
