@@ -160,6 +160,7 @@ def test_two_workers_one_sigkilled_exits_nonzero_then_resume_matches_one_worker(
     assert "SIGKILL" in run.read_marker("failed", 1)["error"]
     assert run.done_shards() == {0, 2}
     resumed = run_cli("resume", str(run.root))
-    assert "resuming 1 shard(s) on local" in resumed.stdout, resumed.stdout
+    assert "resuming on local (executor recorded at submission)" in resumed.stdout, resumed.stdout
+    assert "skipping 2 shard(s)" in resumed.stdout, resumed.stdout  # only the lost shard runs again
     assert run.done_shards() == {0, 1, 2} and not run.failed_shards()
     assert _pixels(run) == _pixels(reference)
