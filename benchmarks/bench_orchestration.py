@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +41,6 @@ from orchestrate.create import create_run  # noqa: E402
 
 ARMS = ["baseline"] + [f"sink_k{k}" for k in range(1, 6)] + [f"random_k{k}" for k in range(1, 6)]  # 11 arms
 ERRORS = ["RuntimeError: CUDA out of memory", "OSError: [Errno 122] Disk quota exceeded", "ValueError: NaN in latents"]
-
-
-@dataclass
-class FakeResult:
-    """What `workers.generate_group` returns per arm, as far as `_write_group` reads it."""
-
-    arm: str
-    image: object
-    sink_rows: pa.Table
-    seconds: float
 
 
 def write_sweep(folder: Path, shards: int, steps: int, layers: int, n_arms: int = len(ARMS)) -> Path:
@@ -92,7 +81,7 @@ def record_template(steps: int, layers: int, heads: int, seed: int) -> pa.Table:
     topk[rng.random(n) < 0.6, 0] = 0  # a dominant sink key
     mass = np.sort(rng.uniform(0.01, 0.5, (n, 5)).astype(np.float32), axis=1)[:, ::-1]
     modality = np.where(topk < 64, "image", "clip")
-    return pa.table({
+    columns = {
         "step": pa.array(grid[:, 0], pa.int32()), "timestep": pa.array(1000 * (1 - grid[:, 0] / steps), pa.float32()),
         "sigma": pa.array(1 - grid[:, 0] / steps, pa.float32()), "layer": pa.array(grid[:, 1], pa.int32()),
         "head": pa.array(grid[:, 2], pa.int32()), "branch": pa.array(np.where(grid[:, 3] == 0, "cond", "uncond")),
@@ -101,12 +90,17 @@ def record_template(steps: int, layers: int, heads: int, seed: int) -> pa.Table:
         "top5_conc": pa.array(mass.sum(1)), "intervened": pa.array(np.zeros(n, bool)),
         "selected_idx": pa.nulls(n, pa.list_(pa.int32())), "removed_mass_after": pa.nulls(n, pa.float32()),
         "layer_name": pa.array([f"transformer_blocks.{i}.attn" for i in grid[:, 1]]),
-    }, schema=rf.SINK_STEP_RECORD_SCHEMA)
+    }
+    for f in rf.SINK_STEP_RECORD_SCHEMA:  # columns this benchmark does not model (e.g. the atlas's sink_*): null
+        columns.setdefault(f.name, pa.nulls(n, f.type))
+    return pa.table(columns, schema=rf.SINK_STEP_RECORD_SCHEMA)
 
 
 def _write_shards(args: tuple) -> int:
     """Write done shards [a, b) through `_write_group` + `_finalise` (one process of the pool)."""
     from PIL import Image
+
+    from workers.generate import ArmResult  # the workers' own result type (imports torch)
 
     root, shard_ids, steps, layers, heads = args
     run = RunDir(root)
@@ -122,7 +116,7 @@ def _write_shards(args: tuple) -> int:
         rows = sorted(by_shard[shard], key=lambda r: ARMS.index(r["arm"]))
         scratch = run.scratch_dir(shard)
         scratch.mkdir(parents=True, exist_ok=True)
-        results = [FakeResult(r["arm"], image, templates[(shard + i) % 4], 0.01) for i, r in enumerate(rows)]
+        results = [ArmResult(r["arm"], image, templates[(shard + i) % 4], 0.01) for i, r in enumerate(rows)]
         started = time.time() - 30
         _write_group(run, scratch, shard, 0, rows, results, arms_by_name, sweep, True)
         marker = _finalise(run, shard, [0], None, started)

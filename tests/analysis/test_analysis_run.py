@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import RunDirError, baseline_arm, load_run
-from analysis._io import METRICS_SCHEMA, UNITS_SCHEMA, write_parquet_atomic
+from analysis._io import METRICS_SCHEMA, SINK_STEPS_SCHEMA, UNITS_SCHEMA, write_parquet_atomic
 from jobs.frozen_sweep import SweepDriftError
 
 
@@ -43,7 +43,7 @@ def test_missing_tables_give_empty_frames_with_columns(fake_run):
             part.unlink()
     run = load_run(run_dir)
     assert run.units.empty and "image_path" in run.units.columns
-    assert len(run.sink_steps) == 0 and run.sink_steps.df().columns.tolist()[-1] == "layer_name"
+    assert len(run.sink_steps) == 0 and run.sink_steps.df().columns.tolist() == SINK_STEPS_SCHEMA.names
     assert run.metrics.empty and "backbone" in run.metrics.columns
     assert not run.random_weights
 
