@@ -35,6 +35,11 @@ class Geometry:
         return self.image_tokens(height, width) + self.text_tokens()
 
 
+# The toy preset: trained weights shipped in the package (workers/toy), SD3's architecture at toy scale, trained on
+# synthetic shapes. Everything made with it carries this note, as random-weight output carries "random weights".
+TOY_NOTE = "toy model trained on synthetic shapes: not SD3"
+MODEL_NOTES: dict[str, str] = {"toy-sd3": TOY_NOTE}
+
 # Random-weight presets, built offline: the tiny ones (workers.tiny) for tests and demos, and real-scale ones
 # (workers.scale_presets) for cost measurement only: their images are noise. Then the real models the paper uses.
 PRESET_GEOMETRY: dict[str, Geometry] = {
@@ -49,6 +54,8 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     "tiny-pixart": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=300, default_resolution=64, random_weights=True),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True),
+    # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
+    "toy-sd3": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64),
 }
 # presets whose cost is that of the real model (for estimates and docs); the others are tiny
 REAL_SCALE_PRESETS = frozenset({"sd3-medium-random"})
