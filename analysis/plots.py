@@ -50,10 +50,23 @@ def _figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _save(fig: "Figure", out_dir: Path, stem: str, random: bool) -> Saved:
+def weights_stamp(run: "RunData") -> str | None:
+    """What every figure of `run` must say about its weights: RANDOM_NOTE, a model's own note
+    (manifests.models.MODEL_NOTES, e.g. the toy model's), or nothing."""
+    from manifests.models import MODEL_NOTES
+
+    if run.random_weights:
+        return RANDOM_NOTE
+    notes = [MODEL_NOTES[m] for m in sorted(set(run.units["model"].dropna()) & set(MODEL_NOTES))]
+    return "; ".join(notes) or None
+
+
+def _save(fig: "Figure", out_dir: Path, stem: str, random: bool | str | None) -> Saved:
+    """Save PNG + PDF; `random` stamps the figure: True → RANDOM_NOTE, a string → that note."""
     if random:
+        note = RANDOM_NOTE if random is True else str(random)
         title = fig.get_suptitle()
-        fig.suptitle(f"{title}\n{RANDOM_NOTE}" if title else RANDOM_NOTE, fontsize=10, color="#B00020")
+        fig.suptitle(f"{title}\n{note}" if title else note, fontsize=10, color="#B00020")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
@@ -134,7 +147,7 @@ def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arm: str | None = None,
         axes[0].legend(fontsize=7, ncol=1 + len(layers) // 8)
     n_units = df["unit_id"].nunique()
     fig.suptitle(f"Sink dynamics, arm '{arm}' (n = {n_units} images; bands: 95% CI of the mean)", fontsize=10)
-    return _save(fig, out_dir, stem, run.random_weights)
+    return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 # ----------------------------------------------------------------------------- modality
@@ -171,11 +184,11 @@ def plot_modality_fractions(run: "RunData", out_dir: Path, *, arm: str | None = 
     if mods:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"Top-1 sink modality per layer, arm '{arm or run.baseline}'", fontsize=10)
-    return _save(fig, out_dir, stem, run.random_weights)
+    return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 # ----------------------------------------------------------------------------- forest / dose
-def plot_forest(table: pd.DataFrame, out_dir: Path, *, random: bool, stem: str = "forest_delta_delta") -> Saved:
+def plot_forest(table: pd.DataFrame, out_dir: Path, *, random: bool | str | None, stem: str = "forest_delta_delta") -> Saved:
     """ΔΔ (sink − control) with 95% CI per contrast, one panel per metric, ordered by k.
     ``table`` is :func:`analysis.stats.delta_delta_table` (or a paired table: Δ per arm)."""
     is_dd = "sink" in table.columns
@@ -240,7 +253,7 @@ def plot_dose_response(run: "RunData", paired: pd.DataFrame, dd: pd.DataFrame, o
         ax.set_ylabel(display_name(metric))
         ax.legend(fontsize=7)
     fig.suptitle("Dose–response over k (95% bootstrap CI)", fontsize=10)
-    return _save(fig, out_dir, stem, run.random_weights)
+    return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 def _series_label(s) -> str:
@@ -317,7 +330,7 @@ def plot_qualitative(run: "RunData", sink: str, control: str | None, out_dir: Pa
                 ax.set_ylabel(f"p{pid}: {prompt[:28]}", fontsize=6)
     if not rows:
         axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center", transform=axes[0, 0].transAxes)
-    return _save(fig, out_dir, stem or f"qualitative_{sink}", run.random_weights)
+    return _save(fig, out_dir, stem or f"qualitative_{sink}", weights_stamp(run))
 
 
 def _colors(n: int) -> list:

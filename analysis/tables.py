@@ -15,6 +15,7 @@ DISPLAY_NAMES = {
     "imagereward": "ImageReward",
     "hpsv2": "HPS v2",
     "fid_shift": "FID",
+    "toy_geneval": "toy-GenEval",
 }
 
 

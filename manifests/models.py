@@ -38,7 +38,11 @@ class Geometry:
 # The toy preset: trained weights shipped in the package (workers/toy), SD3's architecture at toy scale, trained on
 # synthetic shapes. Everything made with it carries this note, as random-weight output carries "random weights".
 TOY_NOTE = "toy model trained on synthetic shapes: not SD3"
-MODEL_NOTES: dict[str, str] = {"toy-sd3": TOY_NOTE}
+MODEL_NOTES: dict[str, str] = {
+    "toy-sd3": TOY_NOTE,
+    # positive control (workers.toy.controls): the same weights with one key made to take most of the attention mass
+    "toy-sd3-planted": TOY_NOTE + "; positive control with a planted sink (block 3, CLIP start token)",
+}
 
 # Random-weight presets, built offline: the tiny ones (workers.tiny) for tests and demos, and real-scale ones
 # (workers.scale_presets) for cost measurement only: their images are noise. Then the real models the paper uses.
@@ -56,6 +60,7 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True),
     # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
     "toy-sd3": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64),
+    "toy-sd3-planted": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64),
 }
 # presets whose cost is that of the real model (for estimates and docs); the others are tiny
 REAL_SCALE_PRESETS = frozenset({"sd3-medium-random"})

@@ -35,7 +35,7 @@ console = Console()
 
 
 def default_sweep() -> Path:
-    """The embedded default: a demo sweep on the tiny random SD3, runnable on any CPU."""
+    """The embedded default: a demo sweep on the toy model (toy-sd3, trained on synthetic shapes), runnable on any CPU."""
     return Path(str(resources.files("manifests").joinpath("examples", "demo.yaml")))
 
 
@@ -185,7 +185,7 @@ def plan(sweep: Path = typer.Argument(..., help="sweep.yaml to check and expand"
 
 @app.command()
 def submit(
-    sweep: Optional[Path] = typer.Argument(None, help="sweep.yaml (default: the embedded demo sweep on tiny-sd3)"),
+    sweep: Optional[Path] = typer.Argument(None, help="sweep.yaml (default: the embedded demo sweep on toy-sd3)"),
     executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
     executor_opt: list[str] = typer.Option([], "--executor-opt", "-o", help="override one executor field, KEY=VALUE (repeatable)"),
     output_root: Optional[Path] = typer.Option(None, help="override output_root"),
@@ -422,9 +422,14 @@ def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
 
 @app.command()
 def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run directory goes")) -> None:
-    """The whole pipeline on the embedded default (tiny random SD3, local executor): submit, analyze, report."""
+    """The whole pipeline on the embedded default (toy-sd3: toy model trained on synthetic shapes, local executor):
+    submit, analyze (LPIPS, toy-GenEval), report."""
+    from manifests.models import MODEL_NOTES
+
     run, manifest, _ = create_run(default_sweep(), str(output_root))
-    console.print(f"run [bold]{run.root}[/bold] (tiny-sd3: random weights, numbers mean nothing)")
+    model = manifest.sweep.model
+    note = MODEL_NOTES.get(model.label) or ("random weights, numbers mean nothing" if model.geometry().random_weights else "")
+    console.print(f"run [bold]{run.root}[/bold] ({model.label}{': ' + note if note else ''})")
     _dispatch(run, make_executor(manifest.sweep.executor), manifest.shard_ids)
     statuses = shard_statuses(run)
     if any(s.state != "done" for s in statuses):

@@ -2,24 +2,27 @@
 
 Measured on one H100 (docs/performance-notes.md): SD3-medium transformer step at 1024² with CFG
 54.5 ms, VAE decode 91 ms. Cost is scaled linearly with the number of tokens (attention is a minor
-share at 1024²); the tiny random models run on a CPU at about 30 ms per step.
+share at 1024²); the tiny random models run on a CPU at about 30 ms per step, the toy model (397 keys) at about 0.27 s.
 """
 
 from __future__ import annotations
 
 from manifests import Sweep
-from manifests.models import REAL_SCALE_PRESETS
+from manifests.models import MODEL_NOTES, REAL_SCALE_PRESETS
 
 H100_SD3_STEP_S = 0.0545  # 4096 image + 333 text tokens, batch 2
 H100_VAE_1024_S = 0.091
 REFERENCE_TOKENS = 4096 + 333
 CPU_TINY_STEP_S = 0.03
+CPU_TOY_STEP_S = 0.27  # toy-sd3, 64², CFG: 45 CPU-s for 17 images × 10 steps (benchmarks/RESULTS.md, toy model)
 
 
 def seconds_per_image(sweep: Sweep) -> tuple[float, str]:
     geometry = sweep.model.geometry()
     height, width = sweep.resolution()
     steps = sweep.generation.steps
+    if sweep.model.preset in MODEL_NOTES:  # the toy presets (trained, CPU-sized)
+        return steps * CPU_TOY_STEP_S + 0.1, "CPU (toy model)"
     if geometry is not None and geometry.random_weights and sweep.model.preset not in REAL_SCALE_PRESETS:
         return steps * CPU_TINY_STEP_S + 0.05, "CPU (tiny random model)"
     tokens = geometry.total_tokens(height, width) if geometry else REFERENCE_TOKENS

@@ -98,7 +98,7 @@ def compute_metrics(
             units = run.units[run.units["shard_id"] == sid]
             path = _part_path(run_dir, metric, sid)
             targets = _targets(metric, units, base)
-            if not force and _part_is_current(path, targets["unit_id"], metric, rw, units_part_path(run_dir, sid)):
+            if not force and _part_is_current(path, targets["unit_id"], metric, units_part_path(run_dir, sid)):
                 log.info("%s shard %05d: up to date", name, sid)
                 continue
             log.info("%s shard %05d: scoring %d units", name, sid, len(targets))
@@ -123,7 +123,7 @@ def _targets(metric: Metric, units: pd.DataFrame, base: str) -> pd.DataFrame:
     return units.sort_values(["prompt_id", "seed_index", "arm"]).reset_index(drop=True)
 
 
-def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, rw: bool, units_part: Path | None) -> bool:
+def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, units_part: Path | None) -> bool:
     if not path.exists():
         return False
     try:
@@ -133,7 +133,7 @@ def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, rw: bool, 
         return False
     if set(done["unit_id"]) != set(unit_ids) or len(done) != len(unit_ids):
         return False
-    if not (done["backbone"] == metric.backbone).all() or not (done["random_weights"] == rw).all():
+    if not (done["backbone"] == metric.backbone).all() or not (done["random_weights"] == metric.random_weights).all():
         return False
     if units_part is not None and units_part.stat().st_mtime > path.stat().st_mtime:
         return False
