@@ -185,12 +185,15 @@ _TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transf
 def _build_preset(name: str, device: str, dtype: torch.dtype):
     """(pipe on `device` in `dtype`, family) of a preset: random weights, or the shipped toy model."""
     from workers.scale_presets import SCALE_PRESETS, build_scale_pipeline, scale_family
+    from workers.toy.controls import PLANTED_PRESET, plant_sink
     from workers.toy.model import TOY_PRESET, load_toy_pipeline
 
     if name in SCALE_PRESETS:  # billions of parameters: created where they will run, in their dtype
         return build_scale_pipeline(name, device, dtype), scale_family(name)
-    if name == TOY_PRESET:  # trained, shipped with the package: fp32 on the CPU, 15 MB
+    if name in (TOY_PRESET, PLANTED_PRESET):  # trained, shipped with the package: fp32 on the CPU, 15 MB
         pipe, family = load_toy_pipeline(), "sd3"
+        if name == PLANTED_PRESET:  # positive control: hooks that plant a known sink (workers.toy.controls)
+            plant_sink(pipe.transformer)
     else:
         from workers.tiny import build_tiny_pipeline, tiny_family
 
