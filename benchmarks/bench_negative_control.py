@@ -29,15 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.metrics.toy_geneval import score_image  # noqa: E402
 from analysis.stats import describe_differences  # noqa: E402
 from manifests.prompts import load_bundled  # noqa: E402
-from manifests.schema import ArmSpec, GenerationSpec, ModelSpec, RecordingSpec  # noqa: E402
+from manifests.schema import ArmSpec, GenerationSpec, ModelSpec, RecordingSpec, SeedSpec  # noqa: E402
 
 
 def generate(preset: str, prompt_ids: list[int], seeds: int, experiments: int, layers: list[int], steps: int,
-             guidance: float, arms_per_batch: int = 1) -> tuple[list[dict], float]:
+             guidance: float, arms_per_batch: int = 1, device: str = "cpu",
+             shared_seed: bool = False) -> tuple[list[dict], float]:
     """One row per unit: baseline image and 2 × experiments random-arm images (as float arrays) + toy-GenEval."""
     from workers import generate_group, load_pipeline
 
-    loaded = load_pipeline(ModelSpec(preset=preset), device="cpu")
+    loaded = load_pipeline(ModelSpec(preset=preset), device=device)
     arms = [ArmSpec(name="baseline")] + [
         ArmSpec(name=f"random_{i}", intervention={"preset": "fixed.random", "k": 1, "layers": layers, "random_seed_offset": i})
         for i in range(2 * experiments)
@@ -46,12 +47,14 @@ def generate(preset: str, prompt_ids: list[int], seeds: int, experiments: int, l
     prompts = load_bundled("toy-geneval")
     began = time.perf_counter()
     units = []
+    rule = SeedSpec(base=42)  # the sweeps' seed rule: every (prompt, seed index) its own group seed
     for pid in prompt_ids:
         for s in range(seeds):
-            results = generate_group(loaded, prompts[pid].text, 1000 + s, arms, generation, RecordingSpec())
+            seed = rule.seed(0 if shared_seed else pid, s)
+            results = generate_group(loaded, prompts[pid].text, seed, arms, generation, RecordingSpec())
             images = {r.arm: np.asarray(r.image, dtype=np.float64) / 255.0 for r in results}
             geneval = {r.arm: score_image(r.image, prompts[pid].text) for r in results}
-            units.append({"prompt_id": pid, "seed": 1000 + s, "images": images, "toy_geneval": geneval})
+            units.append({"prompt_id": pid, "seed": seed, "images": images, "toy_geneval": geneval})
     return units, time.perf_counter() - began
 
 
@@ -95,15 +98,19 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--arms-per-batch", type=int, default=9, help="arms per pipeline call (generation.arms_per_batch)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shared-seed", action="store_true",
+                    help="give every prompt the same group seed (breaks the seed rule: random draws are then shared "
+                         "across prompts and the units are not independent; shows what that does to the rate)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     units, seconds = generate(args.preset, args.prompt_ids, args.seeds, args.experiments, args.layers, args.steps, args.guidance,
-                              args.arms_per_batch)
+                              args.arms_per_batch, args.device, args.shared_seed)
     result = {
         "preset": args.preset, "units": len(units), "experiments": args.experiments, "alpha": args.alpha,
-        "layers": args.layers, "steps": args.steps, "guidance": args.guidance, "arms_per_batch": args.arms_per_batch,
+        "shared_seed": args.shared_seed, "layers": args.layers, "steps": args.steps, "guidance": args.guidance, "arms_per_batch": args.arms_per_batch,
         "images": len(units) * (1 + 2 * args.experiments), "generation_seconds": round(seconds, 1),
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "device": args.device, "machine": f"{platform.machine()} {platform.processor()}".strip(),
         "false_positive_rate": null_experiments(units, args.experiments, args.alpha),
     }
     print(json.dumps(result, indent=1))

@@ -53,15 +53,17 @@ def test_demo_end_to_end(tmp_path):
 
     proc = run_cli("demo", "--output-root", str(tmp_path))
     out = " ".join(proc.stdout.split())
-    assert "random weights" in out
+    assert "toy model trained on synthetic shapes: not SD3" in out
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     data = analysis.load_run(run_dir)
-    assert len(data.units) == 4 * 2 * 3
+    assert len(data.units) == 6 * 1 * 3
     assert set(data.units.arm) == {"baseline", "sink_k1", "random_k1"}
-    assert data.units.random_weights.all()
+    assert set(data.units.model) == {"toy-sd3"} and not data.units.random_weights.any()  # trained, not random
+    assert set(data.metrics.metric) == {"lpips", "toy_geneval"}
     assert len(data.sink_steps) > 0
     summary = (run_dir / "report" / "summary.md").read_text()
-    assert "RANDOM WEIGHTS" in summary and "sink_k1" in summary
+    assert "RANDOM WEIGHTS" in summary  # LPIPS's backbone is random in the offline demo, and says so
+    assert "not SD3" in summary and "sink_k1" in summary and "toy-GenEval" in summary
     assert str(run_dir / "tables") in out and str(run_dir / "images") in out
 
 
