@@ -10,6 +10,7 @@ from analysis.metrics.toy_geneval import detect, score_image
 from workers.toy import scenes
 
 
+@pytest.mark.slow
 def test_accuracy_on_the_generators_renders_is_at_least_99_percent_in_every_category():
     batch = scenes.generate(seed=2024, count=300)  # 50 of each category
     correct = {tag: [] for tag in scenes.CATEGORIES}
