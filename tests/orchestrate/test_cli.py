@@ -68,8 +68,8 @@ def test_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_verify_passes_on_the_demo_sweep():
-    demo = Path(__file__).parents[2] / "manifests" / "examples" / "demo.yaml"
+def test_verify_passes_on_the_tiny_sd3_example():
+    demo = Path(__file__).parents[2] / "manifests" / "examples" / "sd3_tiny.yaml"
     proc = run_cli("verify", str(demo), "--prompts", "1")
     out = " ".join(proc.stdout.split())
     assert "all 11 checks passed" in out
