@@ -11,8 +11,8 @@ interventions:
   ``eta``, ``bias``, ``alpha``, ``sigma``). For ``k``, a sink arm's dose value is its ΔΔ when it has
   exactly one control at that k, else its Δ vs baseline.
 
-Presets and defaults are resolved through ``manifests`` when it is importable, so
-``{preset: paper.m2, k: 5}`` and the spelled-out dict compare equal.
+The sweep is the run's resolved sweep (``RunData.sweep``: every preset expanded, every default filled), so
+``{preset: paper.m2, k: 5}`` and the spelled-out dict compare equal without parsing anything here.
 """
 
 from __future__ import annotations
@@ -52,25 +52,8 @@ class DoseSeries:
 
 
 def normalised_interventions(sweep: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
-    """Arm → full intervention dict (defaults filled when manifests is importable), None for baselines."""
-    arms = sweep.get("arms") or []
-    try:
-        from manifests.schema import ArmSpec  # type: ignore[import-not-found]
-    except Exception:  # manifests absent or changed: fall back to the dicts as written
-        ArmSpec = None
-    out: dict[str, dict[str, Any] | None] = {}
-    for arm in arms:
-        spec = arm.get("intervention")
-        if spec is not None and ArmSpec is not None:
-            try:
-                parsed = ArmSpec.model_validate({"name": arm["name"], "intervention": spec}).intervention
-                spec = parsed.model_dump(mode="json") if parsed is not None else None
-            except Exception:
-                pass
-        if isinstance(spec, str):
-            spec = {"preset": spec}
-        out[arm["name"]] = dict(spec) if isinstance(spec, dict) else None
-    return out
+    """Arm → its resolved intervention (every field present), None for baselines."""
+    return {arm["name"]: (None if arm["intervention"] is None else dict(arm["intervention"])) for arm in sweep["arms"]}
 
 
 def _key(spec: dict[str, Any], drop: set[str]) -> str:

@@ -16,7 +16,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ._io import SINK_STEPS_SCHEMA, read_table
 from .tables import display_name
 
 if TYPE_CHECKING:
@@ -78,7 +77,8 @@ def _save(fig: "Figure", out_dir: Path, stem: str, random: bool | str | None) ->
 
 
 def _t_band(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-    from scipy import stats as sps
+    """(mean, low, high): the t-interval of the mean (analysis.stats.t_interval); (m, m, m) for one value."""
+    from .stats import t_interval
 
     v = values[~np.isnan(values)]
     if v.size == 0:
@@ -86,74 +86,74 @@ def _t_band(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float,
     mean = float(v.mean())
     if v.size < 2:
         return (mean, mean, mean)
-    half = float(sps.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return (mean, mean - half, mean + half)
+    return (mean, *t_interval(v, confidence))
 
 
 # ----------------------------------------------------------------------------- sink dynamics
 DYNAMICS = (("max_mass", "max incoming mass"), ("entropy", "attention entropy (nats)"), ("top5_conc", "top-5 concentration"))
 
 
-def _arm_sink_steps(run: "RunData", arm: str, cols: list[str]) -> pa.Table:
-    """The given sink-step columns of one arm's finished units: from the loaded frame if ``load_run``
-    kept it, else straight from the part files (only these columns), so large runs need not load it."""
-    if len(run.sink_steps):
-        table = pa.Table.from_pandas(run.sink_steps[cols], preserve_index=False)
-    else:
-        table = read_table(run.run_dir / "tables" / "sink_steps", SINK_STEPS_SCHEMA, columns=cols)
-    table = table.filter(pc.equal(table["arm"], arm))
-    if len(run.units):
-        table = table.filter(pc.is_in(table["unit_id"], value_set=pa.array(run.units["unit_id"])))
-    return table
+def read_sink_steps(run: "RunData", arm: str, cols: list[str]) -> pa.Table:
+    """The given sink-step columns of one arm's finished units, queried lazily (only these columns and rows).
+    The one place the figures read sink records (analysis.spatial too)."""
+    return run.sink_steps.arrow(cols, arm=arm)
 
 
 def sink_step_means(run: "RunData", arm: str | None = None) -> pd.DataFrame:
     """Per (unit, layer, step): sink statistics averaged over heads and CFG branches.
 
-    Read with pyarrow straight from the part files (only the needed columns), so it also
-    works when ``load_run(..., sink_steps=False)`` skipped the large table.
+    Only the needed columns of one arm are read from the lazy sink-step relation.
     """
-    table = _arm_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "step", "layer", *[c for c, _ in DYNAMICS]])
+    table = read_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "step", "layer", *[c for c, _ in DYNAMICS]])
     agg = table.group_by(["unit_id", "layer", "step"]).aggregate([(c, "mean") for c, _ in DYNAMICS])
     df = agg.to_pandas().rename(columns={f"{c}_mean": c for c, _ in DYNAMICS})
     return df.sort_values(["layer", "step", "unit_id"]).reset_index(drop=True)
 
 
-def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arm: str | None = None, stem: str = "sink_dynamics") -> Saved:
-    """max_mass, entropy and top-5 concentration vs step, one line per layer, 95% t-bands across
-    units (each unit first averaged over heads and CFG branches)."""
+def recorded_arms(run: "RunData") -> list[str]:
+    """Arms (sweep order) with finished units; the figures draw one row or panel per arm."""
+    present = set(run.units["arm"])
+    return [a for a in run.arms if a in present]
+
+
+def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arms: list[str] | None = None,
+                       stem: str = "sink_dynamics") -> Saved:  # fmt: skip
+    """max_mass, entropy and top-5 concentration vs step, one row per arm (default: every arm), one line
+    per layer, 95% t-bands across units (each unit first averaged over heads and CFG branches);
+    rows share their y axes so arms compare at a glance."""
     from matplotlib.ticker import MaxNLocator
 
-    arm = arm or run.baseline
-    df = sink_step_means(run, arm)
-    fig = _figure(12, 3.4)
-    axes = fig.subplots(1, 3)
-    if df.empty:
-        for ax in axes:
-            ax.text(0.5, 0.5, "no sink records", ha="center", va="center", transform=ax.transAxes)
-    layers = sorted(df["layer"].unique())
-    cmap = _colors(len(layers))
-    for ax, (col, label) in zip(axes, DYNAMICS):
-        for color, layer in zip(cmap, layers):
-            sub = df[df["layer"] == layer]
-            steps = sorted(sub["step"].unique())
-            stats = np.array([_t_band(sub.loc[sub["step"] == s, col].to_numpy(dtype=float)) for s in steps])
-            ax.plot(steps, stats[:, 0], color=color, label=f"layer {layer}", lw=1.5)
-            ax.fill_between(steps, stats[:, 1], stats[:, 2], color=color, alpha=0.2, lw=0)
+    arms = arms or recorded_arms(run) or [run.baseline]
+    fig = _figure(12, 2.6 * len(arms) + 0.6)
+    axes = np.atleast_2d(fig.subplots(len(arms), 3, sharex=True, sharey="col", squeeze=False))
+    for r, arm in enumerate(arms):
+        df = sink_step_means(run, arm)
+        if df.empty:
+            for ax in axes[r]:
+                ax.text(0.5, 0.5, "no sink records", ha="center", va="center", transform=ax.transAxes)
+        layers = sorted(df["layer"].unique())
+        cmap = _colors(len(layers))
+        for ax, (col, label) in zip(axes[r], DYNAMICS):
+            for color, layer in zip(cmap, layers):
+                sub = df[df["layer"] == layer]
+                steps = sorted(sub["step"].unique())
+                stats = np.array([_t_band(sub.loc[sub["step"] == s, col].to_numpy(dtype=float)) for s in steps])
+                ax.plot(steps, stats[:, 0], color=color, label=f"layer {layer}", lw=1.5)
+                ax.fill_between(steps, stats[:, 1], stats[:, 2], color=color, alpha=0.2, lw=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{arm}: {label} (n = {df['unit_id'].nunique()} images)", fontsize=8)
+        if layers and r == 0:
+            axes[r, 0].legend(fontsize=7, ncol=1 + len(layers) // 8)
+    for ax in axes[-1]:
         ax.set_xlabel("denoising step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(label, fontsize=10)
-    if layers:
-        axes[0].legend(fontsize=7, ncol=1 + len(layers) // 8)
-    n_units = df["unit_id"].nunique()
-    fig.suptitle(f"Sink dynamics, arm '{arm}' (n = {n_units} images; bands: 95% CI of the mean)", fontsize=10)
+    fig.suptitle("Sink dynamics per arm (bands: 95% t-interval of the mean over images)", fontsize=10)
     return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 # ----------------------------------------------------------------------------- modality
 def modality_fractions(run: "RunData", arm: str | None = None) -> pd.DataFrame:
     """Per layer: fraction of (step, head, branch, unit) records whose top-1 key has each modality."""
-    table = _arm_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "layer", "topk_modality"])
+    table = read_sink_steps(run, arm or run.baseline, ["unit_id", "arm", "layer", "topk_modality"])
     table = table.filter(pc.greater(pc.list_value_length(table["topk_modality"]), 0))
     top1 = pc.list_element(table["topk_modality"], 0)
     counts = pa.table({"layer": table["layer"], "modality": top1}).group_by(["layer", "modality"]).aggregate(
@@ -166,24 +166,33 @@ def modality_fractions(run: "RunData", arm: str | None = None) -> pd.DataFrame:
     return df.sort_values(["layer", "modality"]).reset_index(drop=True)
 
 
-def plot_modality_fractions(run: "RunData", out_dir: Path, *, arm: str | None = None, stem: str = "sink_modality") -> Saved:
-    """Stacked bars: which modality the top-1 sink key belongs to, per layer."""
-    df = modality_fractions(run, arm)
-    layers = sorted(df["layer"].unique())
-    fig = _figure(max(4.0, 0.35 * len(layers) + 2), 3.4)
-    ax = fig.subplots()
-    bottom = np.zeros(len(layers))
-    mods = [m for m in MODALITY_COLORS if m in set(df["modality"])] + sorted(set(df["modality"]) - set(MODALITY_COLORS))
-    for mod in mods:
-        frac = np.array([df.loc[(df["layer"] == l) & (df["modality"] == mod), "fraction"].sum() for l in layers])
-        ax.bar([str(l) for l in layers], frac, bottom=bottom, label=mod, color=MODALITY_COLORS.get(mod))
-        bottom += frac
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of top-1 sinks")
-    ax.set_ylim(0, 1)
+def plot_modality_fractions(run: "RunData", out_dir: Path, *, arms: list[str] | None = None,
+                            stem: str = "sink_modality") -> Saved:  # fmt: skip
+    """Stacked bars, one panel per arm (default: every arm): which modality the top-1 sink key belongs to, per layer."""
+    arms = arms or recorded_arms(run) or [run.baseline]
+    frames = {arm: modality_fractions(run, arm) for arm in arms}
+    n_layers = max([df["layer"].nunique() for df in frames.values()] + [1])
+    fig = _figure(max(4.0, 0.35 * n_layers + 2) * min(len(arms), 3), 3.0 * -(-len(arms) // 3) + 0.4)
+    axes = np.atleast_1d(fig.subplots(-(-len(arms) // 3), min(len(arms), 3), squeeze=False)).ravel()
+    all_mods = set().union(*[set(df["modality"]) for df in frames.values()])
+    mods = [m for m in MODALITY_COLORS if m in all_mods] + sorted(all_mods - set(MODALITY_COLORS))
+    for ax, arm in zip(axes, arms):
+        df = frames[arm]
+        layers = sorted(df["layer"].unique())
+        bottom = np.zeros(len(layers))
+        for mod in mods:
+            frac = np.array([df.loc[(df["layer"] == l) & (df["modality"] == mod), "fraction"].sum() for l in layers])
+            ax.bar([str(l) for l in layers], frac, bottom=bottom, label=mod, color=MODALITY_COLORS.get(mod))
+            bottom += frac
+        ax.set_xlabel("layer")
+        ax.set_ylabel("fraction of top-1 sinks")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"arm '{arm}'", fontsize=9)
+    for ax in axes[len(arms):]:
+        ax.set_visible(False)
     if mods:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"Top-1 sink modality per layer, arm '{arm or run.baseline}'", fontsize=10)
+        axes[min(len(arms), 3) - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("Top-1 sink modality per layer and arm", fontsize=10)
     return _save(fig, out_dir, stem, weights_stamp(run))
 
 
@@ -294,43 +303,131 @@ def choose_qualitative_rows(run: "RunData", sink: str, n: int = 5) -> list[int]:
     return score["prompt_id"].head(n).astype(int).tolist()
 
 
+def _scores(run: "RunData", arm: str) -> dict[int, str]:
+    """prompt_id → "LPIPS 2.13e-06 · ΔCLIP-T −0.0123" for seed_index 0 of ``arm`` (3 significant digits)."""
+    from .stats import metric_kind, paired_values
+    from .tables import fmt_value
+
+    parts: dict[int, list[str]] = {}
+    for metric in sorted(run.metrics["metric"].unique()):
+        pair = metric_kind(run.metrics, metric, run.baseline) == "pair"
+        v = paired_values(run.units, run.metrics, metric, arm, run.baseline)
+        v = v[v["seed_index"] == 0]
+        for pid, value in zip(v["prompt_id"], v["value_arm"] if pair else v["delta"]):
+            if not np.isnan(value):
+                parts.setdefault(int(pid), []).append(f"{'' if pair else 'Δ'}{display_name(metric)} {fmt_value(value)}")
+    return {pid: "\n".join(p) for pid, p in parts.items()}
+
+
+def difference_map(image: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """Per-pixel |image − baseline| averaged over RGB, in 0–255 units."""
+    return np.abs(image.astype(np.float64) - baseline.astype(np.float64)).mean(axis=-1)
+
+
 def plot_qualitative(run: "RunData", sink: str, control: str | None, out_dir: Path, *, n: int = 5,
                      stem: str | None = None) -> Saved:  # fmt: skip
-    """Panel: baseline | sink-removed | random-removed, rows chosen by :data:`QUALITATIVE_RULE`."""
-    from .stats import paired_values
+    """Panel: baseline | sink removed | its difference map | control | its difference map, rows chosen
+    by :data:`QUALITATIVE_RULE`; metric values of seed 0 under each intervened image; the full prompt
+    (wrapped) at the left of each row. Difference maps share one colour scale per row."""
+    import textwrap
 
     rows = choose_qualitative_rows(run, sink, n)
-    cols = [run.baseline, sink] + ([control] if control else [])
-    titles = ["baseline", f"sink removed ({sink})"] + ([f"control ({control})"] if control else [])
-    lp = {}
-    if (run.metrics["metric"] == "lpips").any():
-        for arm in cols[1:]:
-            v = paired_values(run.units, run.metrics, "lpips", arm, run.baseline)
-            lp[arm] = v[v["seed_index"] == 0].set_index("prompt_id")["value_arm"]
-    fig = _figure(2.2 * len(cols), 2.3 * max(1, len(rows)) + 0.4)
-    axes = np.atleast_2d(fig.subplots(max(1, len(rows)), len(cols), squeeze=False))
+    arms = [sink] + ([control] if control else [])
+    titles = {sink: f"sink removed ({sink})", **({control: f"control ({control})"} if control else {})}
+    scores = {arm: _scores(run, arm) for arm in arms}
+    ncols = 1 + 2 * len(arms)
+    fig = _figure(1.9 * ncols + 1.6, 2.1 * max(1, len(rows)) + 0.6)
+    axes = np.atleast_2d(fig.subplots(max(1, len(rows)), ncols, squeeze=False))
     by_key = run.units.set_index(["prompt_id", "seed_index", "arm"])
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     for r, pid in enumerate(rows):
-        for c, arm in enumerate(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
+        images = {}
+        for arm in [run.baseline, *arms]:
             try:
-                unit_id = by_key.loc[(pid, 0, arm), "unit_id"]
+                images[arm] = np.asarray(run.image(by_key.loc[(pid, 0, arm), "unit_id"]))
             except KeyError:
-                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
+                images[arm] = None
+        base = images[run.baseline]
+        diffs = {a: difference_map(images[a], base) for a in arms if images[a] is not None and base is not None}
+        vmax = max([float(d.max()) for d in diffs.values()] + [1.0])
+        panels = [(run.baseline, "image")] + [(a, kind) for a in arms for kind in ("image", "diff")]
+        for c, (arm, kind) in enumerate(panels):
+            ax = axes[r, c]
+            if images[arm] is None:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, fontsize=7)
                 continue
-            ax.imshow(np.asarray(run.image(unit_id)))
-            label = titles[c] if r == 0 else ""
-            if arm in lp and pid in lp[arm].index:
-                label = (label + "\n" if label else "") + f"LPIPS {lp[arm].loc[pid]:.3f}"
-            ax.set_title(label, fontsize=7)
-            if c == 0:
-                prompt = str(by_key.loc[(pid, 0, arm), "prompt"] or "")
-                ax.set_ylabel(f"p{pid}: {prompt[:28]}", fontsize=6)
+            if kind == "image":
+                ax.imshow(images[arm])
+                head = "baseline" if arm == run.baseline else titles[arm]
+                label = (head + "\n" if r == 0 else "") + (scores[arm].get(pid, "") if arm != run.baseline else "")
+            else:
+                im = ax.imshow(diffs[arm], cmap="magma", vmin=0, vmax=vmax)
+                label = ("|image − baseline|\n" if r == 0 else "") + f"mean {diffs[arm].mean():.3g}, max {diffs[arm].max():.3g}"
+                if arm == arms[-1]:
+                    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            ax.set_title(label, fontsize=6.5)
+        prompt = str(by_key.loc[(pid, 0, run.baseline), "prompt"]) if (pid, 0, run.baseline) in by_key.index else ""
+        axes[r, 0].set_ylabel(textwrap.fill(f"p{pid}: {prompt}", 26), fontsize=6.5, rotation=0, ha="right", va="center")
     if not rows:
         axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center", transform=axes[0, 0].transAxes)
+    fig.suptitle("Qualitative: seed 0; difference maps in 0–255 units, one colour scale per row", fontsize=9)
     return _save(fig, out_dir, stem or f"qualitative_{sink}", weights_stamp(run))
+
+
+# ----------------------------------------------------------------------------- spatial sink maps
+def plot_sink_heatmaps(maps, out_dir: Path, *, random: bool, stem: str = "sink_map_grid") -> Saved:
+    """One heat map per (layer, step window): share of top-k key slots on each patch (rows × cols),
+    averaged over prompts (``analysis.spatial.SinkMaps``); one colour scale for all panels."""
+    layers = sorted(maps.modality["layer"].unique())
+    nw = len(maps.windows)
+    fig = _figure(2.0 * nw + 1.0, 1.9 * max(1, len(layers)) + 0.6)
+    axes = np.atleast_2d(fig.subplots(max(1, len(layers)), nw, squeeze=False))
+    vmax = max(float(maps.image["share"].max()) if len(maps.image) else 0.0, 1e-9)
+    im = None
+    for r, layer in enumerate(layers):
+        for c, window in enumerate(maps.windows):
+            ax = axes[r, c]
+            im = ax.imshow(maps.grid(layer, window), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+            image_share = maps.modality.query("layer == @layer and window == @window and modality == 'image'")["share"].sum()
+            ax.set_title(f"layer {layer}, {window}\nimage keys {image_share:.0%} of slots", fontsize=7)
+            ax.set_xticks(range(maps.cols)) if maps.cols <= 16 else None
+            ax.set_yticks(range(maps.rows)) if maps.rows <= 16 else None
+            ax.tick_params(labelsize=5)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("patch row", fontsize=7)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("patch column", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02, label="share of top-k slots")
+    fig.suptitle(f"Top-k sink keys on the {maps.rows}×{maps.cols} patch grid (row × column), arm '{maps.arm}', "
+                 f"mean over {maps.n_prompts} prompts", fontsize=9)  # fmt: skip
+    return _save(fig, out_dir, stem, random)
+
+
+def plot_sink_overlay(maps, image, out_dir: Path, *, random: bool, stem: str = "sink_map_overlay") -> Saved:
+    """Per layer, the heat map (mean over step windows) laid over an image of the run."""
+    layers = sorted(maps.modality["layer"].unique())
+    fig = _figure(2.3 * max(1, len(layers)) + 0.8, 2.8)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(layers))))
+    picture = np.asarray(image)
+    h, w = picture.shape[:2]
+    grids = {layer: np.mean([maps.grid(layer, win) for win in maps.windows], axis=0) for layer in layers}
+    vmax = max([float(g.max()) for g in grids.values()] + [1e-9])
+    im = None
+    for ax, layer in zip(axes, layers):
+        ax.imshow(picture)
+        im = ax.imshow(grids[layer], cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, extent=(0, w, h, 0),
+                       interpolation="nearest")  # fmt: skip
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02, label="share of top-k slots")
+    fig.suptitle(f"Top-k sink keys over the image, arm '{maps.arm}' (mean over step windows and {maps.n_prompts} prompts)",
+                 fontsize=9)  # fmt: skip
+    return _save(fig, out_dir, stem, random)
 
 
 def _colors(n: int) -> list:

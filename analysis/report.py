@@ -1,24 +1,32 @@
-"""Reports of a run: ``report/summary.md`` (paired Δ table) and ``report/report.md`` (everything)."""
+"""Reports of a run: ``report/summary.md`` (paired Δ table) and ``report/report.{md,html}`` (everything).
+
+The report is written as Markdown first; ``report.html`` is that Markdown rendered by markdown-it-py,
+so both always say the same thing (links, tables and code included).
+"""
 
 from __future__ import annotations
 
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ._io import write_text_atomic
 from .run import RunData, load_run
-from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_table
-from .tables import display_name, format_paired, save_table, to_markdown
+from .stats import StatsSettings, paired_table, resolve_settings
+from .tables import FAMILY_WORDS, display_name, format_paired, save_table, to_markdown
 
 
-def bootstrap_settings(run: RunData, n_resamples: int | None, seed: int | None) -> tuple[int, int]:
-    """Explicit arguments, else the sweep's ``analysis.bootstrap_resamples``/``bootstrap_seed``,
-    else 10,000 resamples and seed 0."""
+def report_settings(run: RunData, statistics: str | StatsSettings | None = None, **overrides) -> StatsSettings:
+    """The statistics of a report: ``statistics`` (preset name or settings, default "project"). The project
+    preset takes ``n_resamples``/``seed`` from the sweep's ``analysis.bootstrap_resamples``/``bootstrap_seed``
+    (the paper preset keeps the paper's 1,000 and 42); explicit ``overrides`` win."""
     section = run.sweep.get("analysis") or {}
-    n = n_resamples if n_resamples is not None else section.get("bootstrap_resamples", DEFAULT_RESAMPLES)
-    s = seed if seed is not None else section.get("bootstrap_seed", DEFAULT_SEED)
-    return int(n), int(s)
+    base = resolve_settings(statistics)
+    if base.name == "project":
+        base = resolve_settings(base, n_resamples=section.get("bootstrap_resamples"), seed=section.get("bootstrap_seed"))
+    return resolve_settings(base, **overrides)
 
 
 def random_weight_notes(run: RunData) -> list[str]:
@@ -57,162 +65,302 @@ def banner_markdown(run: RunData) -> str:
     return f"> **{banner_heading(run)}**\n{body}\n\n"
 
 
+def statistics_markdown(s: StatsSettings) -> str:
+    """The declared statistics of a report, choice by choice (docs/analysis.md §6 explains each)."""
+    unit = "prompt (seeds averaged first)" if s.level == "prompt" else "(prompt, seed) pair — seeds treated as independent"
+    return (
+        f"Statistics: preset **{s.name}** (docs/analysis.md §6). Unit resampled and tested: {unit}. "
+        f"Intervals: {s.interval_label}; none below n = {s.min_n} (\"too few\"). "
+        f"Decision test: paired t (two-sided for Δ vs baseline; for ΔΔ and k-dose one-sided in the direction "
+        f"expected if sinks matter{', two-sided for distances such as LPIPS' if s.distance_test == 'two-sided' else ''}); "
+        f"verdicts use the Holm-adjusted p of the declared family at α = {s.alpha} "
+        f"({FAMILY_WORDS[('paired', s.holm_family)]} / {FAMILY_WORDS[('delta_delta', s.holm_family)]}), and need the "
+        f"interval to exclude 0. Wilcoxon signed-rank: zeros dropped, no continuity correction, exact null "
+        f"distribution for ≤ 50 distinct |Δ|, else the tie-corrected normal approximation. std and d_z use "
+        f"ddof = {s.ddof}. Every other p-value column is unadjusted and says its side.\n\n"
+    )
+
+
 def write_summary(
     run_dir: str | Path,
     *,
     metrics: list[str] | None = None,
-    level: str = "prompt",
-    n_resamples: int | None = None,
-    seed: int | None = None,
+    statistics: str | StatsSettings | None = None,
+    **overrides,
 ) -> Path:
-    """Paired Δ vs baseline for every metric and arm → ``report/summary.{md,parquet,tex}``."""
-    run = load_run(run_dir, sink_steps=False)
-    n_resamples, seed = bootstrap_settings(run, n_resamples, seed)
-    table = paired_table(run, metrics, level=level, n_resamples=n_resamples, seed=seed)
+    """Paired Δ vs baseline for every metric and arm → ``report/summary.{md,parquet,tex}``.
+    ``overrides``: any :class:`~analysis.stats.StatsSettings` field (level, n_resamples, seed, ...)."""
+    run = load_run(run_dir)
+    s = report_settings(run, statistics, **overrides)
+    table = paired_table(run, metrics, settings=s)
     out = run.run_dir / "report"
     save_table(table, format_paired(table), out, "summary", caption="Paired differences vs baseline")
     text = [f"# Summary: {run.run_dir.name}\n\n", banner_markdown(run)]
     text.append(
         f"Baseline arm: `{run.baseline}`. Δ = arm − baseline per (prompt, seed) pair "
-        f"(LPIPS: distance to the paired baseline image); "
-        + ("pairs averaged per prompt first, n = prompts. " if level == "prompt" else "n = pairs. ")
-        + f"95% CI: percentile bootstrap of the mean, {n_resamples:,} resamples, seed {seed}. "
-        "p-values two-sided; Holm within each metric.\n\n"
+        "(LPIPS: distance to the paired baseline image).\n\n" + statistics_markdown(s)
     )
     if table.empty:
-        text.append("_No metric values yet: run the metrics first (`compute_metrics`)._\n")
+        text.append(f"_No metric values yet: run `{_cmd('analyze', run.run_dir)}`._\n")
     else:
         text.append(to_markdown(format_paired(table)))
     return write_text_atomic("".join(text), out / "summary.md")
 
 
+# ----------------------------------------------------------------------------- completeness
+def _cmd(command: str, run_dir: Path, *args: str) -> str:
+    return " ".join(["orchestrate", command, shlex.quote(str(run_dir)), *args])
+
+
+@dataclass
+class Completeness:
+    """What a report leaves out and the commands that complete it."""
+
+    expected_shards: list[int]
+    done_shards: list[int]
+    failed: dict[int, str]  # shard → first line of its error
+    unfinished: list[int]  # neither done nor failed (never started, running, interrupted, left without marker)
+    excluded_units: int
+    excluded_prompts: list[int]
+    unscored: dict[str, int]  # metric → finished units without a value
+    commands: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.unfinished and not any(self.unscored.values())
+
+
+def completeness(run: RunData) -> Completeness:
+    """Compare the run's manifest with its done markers and metric tables."""
+    from jobs.rundir import RunDir
+
+    from .stats import metric_kind
+
+    manifest = run.manifest
+    done = sorted(run.done_shards) if run.done_shards is not None else sorted(run.units["shard_id"].dropna().astype(int).unique())
+    markers = RunDir(run.run_dir)
+    marked = sorted(markers.failed_shards())
+    if manifest is not None:
+        expected = sorted(manifest["shard_id"].astype(int).unique())
+    else:  # hand-made run without a manifest: the shards something was written for
+        expected = sorted(set(done) | set(run.unfinished_shards) | set(marked))
+    failed = {}
+    for shard in marked:
+        if shard in expected and shard not in done:
+            record = markers.read_marker("failed", shard) or {}
+            error = str(record.get("error", "")).strip().splitlines()
+            failed[shard] = error[0] if error else "(no message)"
+    unfinished = [s for s in expected if s not in done and s not in failed]
+    missing = [s for s in expected if s not in done]
+    excluded = manifest[manifest["shard_id"].isin(missing)] if manifest is not None else run.units.iloc[0:0]
+    wanted = list((run.sweep.get("analysis") or {}).get("metrics") or [])
+    names = list(dict.fromkeys([*wanted, *run.metrics["metric"].unique()]))
+    unscored = {}
+    for metric in names:
+        if metric == "fid_shift":
+            continue
+        pool = run.units if metric_kind(run.metrics, metric, run.baseline) == "unit" else run.units[run.units["arm"] != run.baseline]
+        have = set(run.metrics.loc[run.metrics["metric"] == metric, "unit_id"])
+        unscored[metric] = int((~pool["unit_id"].isin(have)).sum())
+    commands = []
+    if missing:
+        commands.append(_cmd("resume", run.run_dir))
+    todo = [m for m, n in unscored.items() if n] if not missing else names
+    if missing or todo:  # `analyze` computes the sweep's metrics by default; others are named
+        extra = [f"--metric {m}" for m in todo if m not in wanted]
+        commands.append(_cmd("analyze", run.run_dir, *([f"--metric {m}" for m in todo] if extra else [])))
+        commands.append(_cmd("report", run.run_dir))
+    return Completeness(expected, done, failed, unfinished, len(excluded),
+                        sorted(excluded["prompt_id"].astype(int).unique()) if len(excluded) else [], unscored, commands)  # fmt: skip
+
+
+def completeness_markdown(c: Completeness) -> str:
+    if c.complete:
+        return f"All {len(c.expected_shards)} shards finished and every finished image has every metric.\n\n"
+    lines = [f"**Incomplete run.** {len(c.done_shards)} of {len(c.expected_shards)} shards finished."]
+    if c.failed:
+        lines.append("Failed shards: " + "; ".join(f"{s} (`{msg[:160]}`)" for s, msg in c.failed.items()) + ".")
+    if c.unfinished:
+        lines.append(f"Shards not finished (never started, running or interrupted): {', '.join(map(str, c.unfinished))}.")
+    if c.excluded_units:
+        prompts = ", ".join(map(str, c.excluded_prompts[:20])) + (" …" if len(c.excluded_prompts) > 20 else "")
+        lines.append(f"They hold {c.excluded_units} images ({len(c.excluded_prompts)} prompts: {prompts}), "
+                     "which no table or figure below includes.")  # fmt: skip
+    for metric, n in c.unscored.items():
+        if n:
+            lines.append(f"{n} finished images have no {display_name(metric)} value; the statistics leave them out.")
+    body = " ".join(lines)
+    commands = "\n".join(c.commands)
+    return f"{body}\n\nTo complete it:\n\n```\n{commands}\n```\n\n"
+
+
+# ----------------------------------------------------------------------------- headline
+def headline_words(row: pd.Series, control: bool) -> str:
+    """A table row's verdict in words."""
+    metric = display_name(row["metric"])
+    verdict = str(row["verdict"])
+    if not verdict.startswith("yes"):
+        return verdict
+    direction = "lowers" if row["mean"] < 0 else "raises"
+    if control:
+        return f"yes: removing the sinks {direction} {metric} more than removing random keys"
+    return f"yes: this arm {direction} {metric}"
+
+
+def headline_tables(paired: pd.DataFrame, dd: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """metric → its headline display table: ΔΔ of every sink/control contrast, else Δ of every arm."""
+    from .tables import _ci, _family, _n, fmt_num, fmt_p, interval_header
+
+    out = {}
+    for metric in dict.fromkeys([*dd.get("metric", pd.Series(dtype=str)), *paired.get("metric", pd.Series(dtype=str))]):
+        sub = dd[dd["metric"] == metric] if len(dd) else dd
+        is_dd = len(sub) > 0
+        if not is_dd:
+            sub = paired[paired["metric"] == metric]
+        label = {"contrast": [f"{s} − {c}" for s, c in zip(sub["sink"], sub["control"])]} if is_dd else {"arm": list(sub["arm"])}
+        out[metric] = pd.DataFrame(
+            {
+                **label, "n": _n(sub), ("ΔΔ" if is_dd else "Δ"): [fmt_num(v) for v in sub["mean"]],
+                interval_header(sub): _ci(sub),
+                f"p ({_family(sub, 'delta_delta' if is_dd else 'paired')})": [fmt_p(p) for p in sub["p_adj"]],
+                "verdict": [headline_words(r, is_dd) for _, r in sub.iterrows()],
+            }
+        )  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------- full report
 class _Doc:
-    """Blocks rendered both as Markdown and as a small self-contained HTML page."""
+    """Markdown blocks of the report (HTML is rendered from the finished Markdown)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.md: list[str] = []
-        self.html: list[str] = []
 
     def heading(self, text: str, level: int = 2) -> None:
         self.md.append(f"{'#' * level} {text}\n\n")
-        self.html.append(f"<h{level}>{_esc(text)}</h{level}>\n")
 
     def para(self, text: str) -> None:
-        self.md.append(text + "\n\n")
-        self.html.append(f"<p>{_esc(text)}</p>\n")
+        self.md.append(text.rstrip("\n") + "\n\n")
 
-    def banner(self, notes: list[str], heading: str = "RANDOM WEIGHTS — NOT RESULTS.") -> None:
-        if not notes:
-            return
-        self.md.append(f"> **{heading}**\n" + "\n".join(f"> - {n}" for n in notes) + "\n\n")
-        items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
-        self.html.append(f'<div class="banner"><b>{_esc(heading)}</b><ul>{items}</ul></div>\n')
-
-    def table(self, display: pd.DataFrame, files: dict[str, Path] | None = None, root: Path | None = None) -> None:
+    def table(self, display: pd.DataFrame, files: dict[str, Path] | None = None) -> None:
         self.md.append(to_markdown(display))
-        self.html.append(display.to_html(index=False, border=0, classes="t", na_rep="—"))
-        if files and root:
-            links = ", ".join(f"[{k}]({p.relative_to(root).as_posix()})" for k, p in files.items())
+        if files:
+            links = ", ".join(f"[{k}]({p.relative_to(self.root).as_posix()})" for k, p in files.items())
             self.md.append(f"\n_Files: {links}_\n\n")
         else:
             self.md.append("\n")
 
-    def figure(self, png: Path | None, root: Path, caption: str) -> None:
+    def figure(self, png: Path | None, caption: str) -> None:
         if png is None:
             return
-        rel = png.relative_to(root).as_posix()
-        pdf = png.with_suffix(".pdf").relative_to(root).as_posix()
+        rel = png.relative_to(self.root).as_posix()
+        pdf = png.with_suffix(".pdf").relative_to(self.root).as_posix()
         self.md.append(f"![{caption}]({rel})\n\n_{caption}_ ([PDF]({pdf}))\n\n")
-        self.html.append(f'<figure><img src="{rel}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>\n')
 
-
-def _esc(text: str) -> str:
-    import html
-
-    return html.escape(str(text))
+    def text(self) -> str:
+        return "".join(self.md)
 
 
 _CSS = (
-    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-    ".banner{background:#fde8e8;border:2px solid #B00020;padding:.5em 1em;margin:1em 0}"
-    "table.t{border-collapse:collapse;font-size:13px;margin:1em 0}table.t td,table.t th{padding:2px 8px;"
-    "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    "body{font-family:sans-serif;max-width:1250px;margin:2em auto;padding:0 1em;line-height:1.4}"
+    "blockquote{background:#fde8e8;border-left:6px solid #B00020;margin:1em 0;padding:.3em 1em}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{padding:2px 8px;"
+    "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}img{max-width:100%}"
+    "pre{background:#f4f4f4;padding:.6em;overflow-x:auto}code{background:#f4f4f4}"
 )
+
+
+def render_html(markdown: str, title: str) -> str:
+    """A self-contained HTML page of the report's Markdown (markdown-it-py, CommonMark + tables)."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n{body}</body></html>\n")  # fmt: skip
 
 
 def build_report(
     run_dir: str | Path,
     *,
     metrics: list[str] | None = None,
-    level: str = "prompt",
-    n_resamples: int | None = None,
-    seed: int | None = None,
+    statistics: str | StatsSettings | None = None,
     qualitative_rows: int = 5,
     html: bool = True,
+    **overrides,
 ) -> Path:
     """Every table and figure of a run → ``report/report.md`` (and ``report/report.html``).
 
-    Tables go to ``report/tables/<name>.{parquet,md,tex}``, figures to
-    ``report/figures/<name>.{png,pdf}``. Works on partly analysed runs: sections without data
-    say so instead of failing.
+    ``statistics``: a preset ("project", "paper") or settings; ``overrides``: any
+    :class:`~analysis.stats.StatsSettings` field. Tables go to ``report/tables/<name>.{parquet,md,tex}``,
+    figures to ``report/figures/<name>.{png,pdf}``. Works on partly finished runs: it names what is
+    missing and the commands that complete it.
     """
     from . import plots
     from .design import contrasts
+    from .spatial import sink_maps
     from .stats import delta_delta_table, dose_table, tag_table
     from .tables import format_delta_delta, format_dose, format_set_metrics, format_tags
 
-    run = load_run(run_dir, sink_steps=False)
-    n_resamples, seed = bootstrap_settings(run, n_resamples, seed)
+    run = load_run(run_dir)
+    s = report_settings(run, statistics, **overrides)
     root = run.run_dir / "report"
     tdir, fdir = root / "tables", root / "figures"
-    kw = {"level": level, "n_resamples": n_resamples, "seed": seed}
-    paired = paired_table(run, metrics, **kw)
-    dd = delta_delta_table(run, metrics, **kw)
-    dose = dose_table(run, metrics, **kw)
-    tags = tag_table(run, metrics, **kw)
+    paired = paired_table(run, metrics, settings=s)
+    dd = delta_delta_table(run, metrics, settings=s)
+    dose = dose_table(run, metrics, settings=s)
+    tags = tag_table(run, metrics, settings=s)
+    state = completeness(run)
 
-    doc = _Doc()
+    doc = _Doc(root)
     doc.heading(f"Report: {run.run_dir.name}", 1)
-    doc.banner(random_weight_notes(run), banner_heading(run))
+    doc.md.append(banner_markdown(run))
     models = ", ".join(sorted(run.units["model"].dropna().unique())) or "unknown"
     doc.para(
         f"Model: {models}. Baseline arm: `{run.baseline}`. Units: {len(run.units)} images "
         f"({run.units['prompt_id'].nunique()} prompts × {run.units['seed_index'].nunique()} seeds × "
-        f"{run.units['arm'].nunique()} arms) from {len(run.units['shard_id'].unique())} finished shards"
-        + (f"; shards {run.unfinished_shards} unfinished and left out" if run.unfinished_shards else "")
-        + ". "
-        + ("Pairs are averaged per prompt before testing (n = prompts). " if level == "prompt" else "n = pairs. ")
-        + f"CIs: percentile bootstrap of the mean, {n_resamples:,} resamples, seed {seed}. "
-        "Definitions: docs/analysis.md."
+        f"{run.units['arm'].nunique()} arms) from {len(state.done_shards)} of {len(state.expected_shards)} shards."
     )
+    doc.para(completeness_markdown(state))
+
+    doc.heading("Headline: does removing the sinks matter more than removing random keys?")
+    heads = headline_tables(paired, dd)
+    if not heads:
+        doc.para(f"No per-image metric values yet: run `{_cmd('analyze', run.run_dir)}`.")
+    for metric, table in heads.items():
+        doc.heading(display_name(metric) + (" (random weights)" if paired.loc[paired["metric"] == metric, "random_weights"].any() else ""), 3)
+        doc.table(table)
+    doc.para(statistics_markdown(s))
 
     doc.heading("Paired differences vs baseline (Δ)")
     if paired.empty:
-        doc.para("No per-image metric values yet (run compute_metrics).")
+        doc.para("No per-image metric values yet.")
     else:
-        doc.table(format_paired(paired), save_table(paired, format_paired(paired), tdir, "paired"), root)
+        doc.table(format_paired(paired), save_table(paired, format_paired(paired), tdir, "paired"))
 
     pairs = contrasts(run.sweep)
-    doc.heading("Sink vs control (ΔΔ)")
+    doc.heading("Sink vs control (ΔΔ), all columns")
     if dd.empty:
         doc.para("No sink/control contrast in this sweep (or no metric values): ΔΔ needs a top-k arm and a random "
                  "arm that are identical otherwise.")  # fmt: skip
         if not paired.empty:
-            doc.figure(plots.plot_forest(paired, fdir, random=plots.weights_stamp(run), stem="forest_delta").png, root,
-                       "Δ per arm with 95% CI")  # fmt: skip
+            doc.figure(plots.plot_forest(paired, fdir, random=plots.weights_stamp(run), stem="forest_delta").png,
+                       f"Δ per arm, {s.interval_label}")  # fmt: skip
     else:
-        doc.table(format_delta_delta(dd), save_table(dd, format_delta_delta(dd), tdir, "delta_delta"), root)
-        doc.figure(plots.plot_forest(dd, fdir, random=plots.weights_stamp(run)).png, root,
-                   "ΔΔ = (sink − baseline) − (control − baseline), 95% bootstrap CI, per metric and k")  # fmt: skip
+        doc.para("Δ sink, Δ control and ΔΔ are averaged over the same complete pairs, so Δ sink − Δ control = ΔΔ.")
+        doc.table(format_delta_delta(dd), save_table(dd, format_delta_delta(dd), tdir, "delta_delta"))
+        doc.figure(plots.plot_forest(dd, fdir, random=plots.weights_stamp(run)).png,
+                   f"ΔΔ = (sink − baseline) − (control − baseline) per metric and k, {s.interval_label}")  # fmt: skip
 
     doc.heading("Dose–response")
     if dose.empty:
         doc.para("No dose series (arms that differ only in k, η, bias, α or σ).")
     else:
-        doc.table(format_dose(dose), save_table(dose, format_dose(dose), tdir, "dose"), root)
+        doc.table(format_dose(dose), save_table(dose, format_dose(dose), tdir, "dose"))
         if (dose["field"] == "k").any():
-            doc.figure(plots.plot_dose_response(run, paired, dd, fdir).png, root, "Δ and ΔΔ against k")
+            doc.figure(plots.plot_dose_response(run, paired, dd, fdir).png, "Δ and ΔΔ against k")
 
     doc.heading("FID-shift")
     sm = run.set_metrics
@@ -221,41 +369,83 @@ def build_report(
     else:
         doc.para("FID between each arm's images and the paired baseline images. Small sets bias FID upwards: "
                  "read values against the calibration rows (baseline vs baseline), not against published FIDs.")  # fmt: skip
-        doc.table(format_set_metrics(sm), save_table(sm, format_set_metrics(sm), tdir, "set_metrics"), root)
+        doc.table(format_set_metrics(sm), save_table(sm, format_set_metrics(sm), tdir, "set_metrics"))
 
     doc.heading("Per GenEval tag")
     if tags.empty:
         doc.para("No per-image metric values yet.")
     else:
-        doc.table(format_tags(tags), save_table(tags, format_tags(tags), tdir, "per_tag"), root)
+        doc.table(format_tags(tags), save_table(tags, format_tags(tags), tdir, "per_tag"))
 
-    doc.heading("Sink dynamics")
-    has_steps = any((run.run_dir / "tables" / "sink_steps").glob("**/*.parquet"))
+    has_steps = len(run.sink_steps) > 0
+    doc.heading("Where the sinks are")
+    maps = sink_maps(run) if has_steps else None
+    if maps is None:
+        doc.para("No top-k sink records in this run (recording.layers was empty, or `mass` was not recorded).")
+    else:
+        _spatial_section(doc, run, maps, fdir, qualitative_rows)
+
+    doc.heading("Sink dynamics and modality, every arm")
     if not has_steps:
         doc.para("No sink records in this run (recording.layers was empty).")
     else:
-        doc.figure(plots.plot_sink_dynamics(run, fdir).png, root,
-                   "Max incoming mass, entropy and top-5 concentration per step and layer (baseline arm)")  # fmt: skip
-        doc.figure(plots.plot_modality_fractions(run, fdir).png, root,
-                   "Modality of the top-1 sink key per layer (baseline arm)")  # fmt: skip
+        doc.figure(plots.plot_sink_dynamics(run, fdir).png,
+                   "Max incoming mass, entropy and top-5 concentration per step and layer, one row per arm")  # fmt: skip
+        doc.figure(plots.plot_modality_fractions(run, fdir).png, "Modality of the top-1 sink key per layer, one panel per arm")
 
     doc.heading("Qualitative panels")
-    doc.para(plots.QUALITATIVE_RULE)
-    panels = [(c.sink, c.control) for c in pairs]
-    if not panels:
-        panels = [(a, None) for a in run.arms if a != run.baseline][:2]
-    seen = set()
+    doc.para(plots.QUALITATIVE_RULE + " Columns: baseline | sink removed | |sink − baseline| | control | "
+             "|control − baseline|; under each intervened image its metric values (seed 0).")  # fmt: skip
+    panels = [(c.sink, c.control) for c in pairs] or [(a, None) for a in run.arms if a != run.baseline][:2]
     for sink, control in panels:
-        if sink in seen and control is None:
-            continue
-        seen.add(sink)
         stem = f"qualitative_{sink}" + (f"_vs_{control}" if control else "")
         saved = plots.plot_qualitative(run, sink, control, fdir, n=qualitative_rows, stem=stem)
-        doc.figure(saved.png, root, f"baseline | {sink}" + (f" | {control}" if control else ""))
+        doc.figure(saved.png, f"baseline | {sink} | difference" + (f" | {control} | difference" if control else ""))
+        rows = plots.choose_qualitative_rows(run, sink, qualitative_rows)
+        prompts = run.units.drop_duplicates("prompt_id").set_index("prompt_id")["prompt"]
+        if rows:
+            doc.table(pd.DataFrame({"row": range(1, len(rows) + 1), "prompt_id": rows,
+                                    "prompt": [str(prompts.get(p, "")) for p in rows]}))  # fmt: skip
 
-    md_path = write_text_atomic("".join(doc.md), root / "report.md")
+    text = doc.text()
+    md_path = write_text_atomic(text, root / "report.md")
     if html:
-        page = f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(run.run_dir.name)}</title>" \
-               f"<style>{_CSS}</style></head><body>{''.join(doc.html)}</body></html>\n"  # fmt: skip
-        write_text_atomic(page, root / "report.html")
+        write_text_atomic(render_html(text, run.run_dir.name), root / "report.html")
     return md_path
+
+
+def _spatial_section(doc: _Doc, run: RunData, maps, fdir: Path, qualitative_rows: int) -> None:
+    from . import plots
+    from .spatial import WINDOW_COUNT
+
+    doc.para(
+        f"Arm `{maps.arm}`, {maps.n_prompts} prompts. For each prompt, the share of all top-k key slots (every "
+        f"step of the window, head, CFG branch, seed and rank) that fall on each patch or text token; these shares "
+        f"are averaged over prompts. Step windows: the recorded steps split into {WINDOW_COUNT} consecutive runs."
+        + (" " + " ".join(f"Note: {n}." for n in maps.notes) if maps.notes else "")
+    )
+    if len(maps.image):
+        doc.figure(plots.plot_sink_heatmaps(maps, fdir, random=plots.weights_stamp(run)).png,
+                   f"Heat map of top-k keys on the {maps.rows}×{maps.cols} patch grid, per layer and step window")  # fmt: skip
+        rows = plots.choose_qualitative_rows(run, run.arms[1] if len(run.arms) > 1 else run.baseline, 1)
+        pid = rows[0] if rows else int(run.units["prompt_id"].min())
+        unit = run.units[(run.units["prompt_id"] == pid) & (run.units["arm"] == run.baseline)].sort_values("seed_index")
+        if len(unit):
+            doc.figure(plots.plot_sink_overlay(maps, run.image(unit["unit_id"].iloc[0]), fdir, random=plots.weights_stamp(run)).png,
+                       f"The same heat map (mean over windows) over the baseline image of prompt {pid}")  # fmt: skip
+    mod = maps.modality.pivot_table(index=["layer", "window"], columns="modality", values="share", fill_value=0.0)
+    mod = mod.reindex(columns=[c for c in ("image", "clip", "t5", "t5_pad") if c in mod.columns] +
+                      sorted(set(mod.columns) - {"image", "clip", "t5", "t5_pad"}))  # fmt: skip
+    order = {w: i for i, w in enumerate(maps.windows)}
+    mod = mod.reset_index().sort_values(["layer", "window"], key=lambda c: c.map(order) if c.name == "window" else c)
+    doc.para("Share of top-k slots per modality:")
+    doc.table(mod.assign(**{c: mod[c].map(lambda v: f"{v:.1%}") for c in mod.columns if c not in ("layer", "window")}))
+    if len(maps.text):
+        top = (maps.text.sort_values(["layer", "window", "share"], ascending=[True, True, False])
+               .groupby(["layer", "window"], sort=False).head(5))  # fmt: skip
+        table = top.groupby(["layer", "window"], sort=False).apply(
+            lambda g: "; ".join(f"{t} {v:.1%}" for t, v in zip(g["token"], g["share"])), include_groups=False
+        ).rename("most frequent text keys (share of all top-k slots)").reset_index()
+        table = table.sort_values(["layer", "window"], key=lambda c: c.map(order) if c.name == "window" else c)
+        doc.para("Which text tokens the top-k text keys are (token string, encoder segment and position):")
+        doc.table(table)

@@ -1,4 +1,8 @@
-"""Formatting of result tables as Markdown and LaTeX (no tabulate/jinja dependency)."""
+"""Formatting of result tables: display frames, Markdown (pandas + tabulate) and LaTeX (pandas Styler).
+
+Every display table says how its intervals were computed and which p-values are adjusted, over
+which family, and on which side: a column header never just says "p".
+"""
 
 from __future__ import annotations
 
@@ -18,79 +22,106 @@ DISPLAY_NAMES = {
     "toy_geneval": "toy-GenEval",
 }
 
+# Holm families in words, per table kind (stats.StatsSettings.holm_family and the fixed families).
+FAMILY_WORDS = {
+    ("paired", "metric"): "Holm over all arms of the metric",
+    ("paired", "k"): "Holm over the arms of the metric at the same k",
+    ("delta_delta", "metric"): "Holm over all contrasts of the metric",
+    ("delta_delta", "k"): "Holm over the contrasts of the metric at the same k",
+    ("dose", "series"): "Holm over the steps of the series",
+    ("tags", "tags"): "Holm over the tags of the (metric, arm)",
+}
+
 
 def display_name(metric: str) -> str:
     return DISPLAY_NAMES.get(metric, metric)
 
 
+def _missing(x: object) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def fmt_num(x: float, digits: int = 4) -> str:
-    """Signed fixed-point for deltas; scientific below 10^-digits so small effects never print
-    as +0.0000; '—' for missing."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    """Signed fixed-point; scientific below 10^-(digits-1) so small effects never print as +0.0000;
+    '—' for missing."""
+    if _missing(x):
         return "—"
     if x != 0 and abs(x) < 10.0 ** (-digits + 1):
         return f"{x:+.{max(1, digits - 2)}e}"
     return f"{x:+.{digits}f}"
 
 
+def fmt_value(x: float, digits: int = 3) -> str:
+    """A metric value with ``digits`` significant digits: 0.0205, 2.13e-06, 0.312 (never 0.000 for a nonzero value)."""
+    if _missing(x):
+        return "—"
+    return f"{x:.{digits}g}"
+
+
 def fmt_plain(x: float, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if _missing(x):
         return "—"
     return f"{x:.{digits}f}"
 
 
 def fmt_p(p: float) -> str:
-    """p to 4 decimals, or '<1e-4' below that (the resolution of 10,000 resamples)."""
-    if p is None or (isinstance(p, float) and math.isnan(p)):
+    """p to 4 decimals, or '<1e-4' below that."""
+    if _missing(p):
         return "—"
     return "<1e-4" if p < 1e-4 else f"{p:.4f}"
 
 
-def fmt_ci(lo: float, hi: float, digits: int = 4) -> str:
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi)):
+def fmt_ci(lo: float, hi: float, digits: int = 4, method: str = "") -> str:
+    """'[lo, hi]'; the method's note ("too few (n < 10)", "constant Δ") where there is no interval."""
+    if method.startswith("too few"):
+        return method
+    if _missing(lo) or _missing(hi):
         return "—"
     return f"[{fmt_num(lo, digits)}, {fmt_num(hi, digits)}]"
 
 
+def interval_header(table: pd.DataFrame) -> str:
+    """Interval column header naming the method, e.g. '95% t-interval' or
+    '95% percentile bootstrap (1,000 resamples of prompts, seed 42)'."""
+    if table.empty:
+        return "95% CI"
+    from .stats import interval_description
+
+    row = table.iloc[0]
+    return interval_description(str(row["interval"]), int(row["n_resamples"]), int(row["bootstrap_seed"]),
+                                float(row["confidence"]), str(row["level"]))  # fmt: skip
+
+
+def side_words(alternative: str, symbol: str = "Δ") -> str:
+    """'2-sided' or '1-sided, Δ < 0' / '1-sided, Δ > 0'."""
+    return {"two-sided": "2-sided", "less": f"1-sided, {symbol} < 0", "greater": f"1-sided, {symbol} > 0"}[alternative]
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of the (already formatted) frame."""
-    cols = [str(c) for c in df.columns]
-
-    def cell(v: object) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    safe = df.map(lambda v: str(v).replace("|", "\\|").replace("\n", " "))
+    return safe.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 _LATEX_ESCAPES = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "Δ": r"$\Delta$", "−": "-", "—": "--", "<": r"$<$", ">": r"$>$",
+    "Δ": r"$\Delta$", "−": "-", "—": "--", "<": r"$<$", ">": r"$>$", "≥": r"$\geq$", "×": r"$\times$",
 }  # fmt: skip
 
 
 def latex_escape(text: object) -> str:
+    """LaTeX-safe text, including the Unicode symbols the tables use (pandas' escape leaves those)."""
     return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
 
 
 def to_latex(df: pd.DataFrame, caption: str | None = None, label: str | None = None) -> str:
-    """A booktabs ``table`` environment of the (already formatted) frame."""
-    spec = "l" * len(df.columns)
-    out = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
-    out.append(" & ".join(latex_escape(c) for c in df.columns) + r" \\")
-    out.append(r"\midrule")
-    for row in df.itertuples(index=False):
-        out.append(" & ".join(latex_escape(v) for v in row) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        out.append(rf"\caption{{{latex_escape(caption)}}}")
-    if label:
-        out.append(rf"\label{{{label}}}")
-    out.append(r"\end{table}")
-    return "\n".join(out) + "\n"
+    """A booktabs ``table`` environment of the (already formatted) frame, through pandas' Styler."""
+    escaped = df.map(latex_escape)
+    escaped.columns = [latex_escape(c) for c in df.columns]
+    styler = escaped.style.hide(axis="index")
+    return styler.to_latex(hrules=True, caption=latex_escape(caption) if caption else None, label=label,
+                           position="t", position_float="centering", column_format="l" * len(df.columns))  # fmt: skip
 
 
 def save_table(
@@ -106,92 +137,102 @@ def save_table(
     return paths
 
 
-def format_paired(table: pd.DataFrame) -> pd.DataFrame:
-    """Display form of :func:`analysis.stats.paired_table`."""
-    return pd.DataFrame(
-        {
-            "arm": table["arm"],
-            "metric": [display_name(m) + (" (random weights)" if rw else "") for m, rw in
-                       zip(table["metric"], table["random_weights"])],
-            "n": [f"{n}" + (f" (−{k} NaN)" if k else "") for n, k in zip(table["n"], table["n_dropped"])],
-            "mean Δ": [fmt_num(v) for v in table["mean"]],
-            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
-            "t p-value": [fmt_p(p) for p in table["p_t"]],
-            "Wilcoxon p": [fmt_p(p) for p in table["p_wilcoxon"]],
-            "d_z": [fmt_plain(v, 3) for v in table["dz"]],
-            "Holm p (t)": [fmt_p(p) for p in table["p_t_holm"]],
-        }
-    )  # fmt: skip
-
-
 def _metric_labels(table: pd.DataFrame) -> list[str]:
     return [display_name(m) + (" (random weights)" if rw else "") for m, rw in zip(table["metric"], table["random_weights"])]
 
 
+def _n(table: pd.DataFrame) -> list[str]:
+    return [f"{n}" + (f" (−{k} incomplete)" if k else "") for n, k in zip(table["n"], table["n_dropped"])]
+
+
+def _ci(table: pd.DataFrame) -> list[str]:
+    return [fmt_ci(lo, hi, method=m) for lo, hi, m in zip(table["ci_low"], table["ci_high"], table["ci_method"])]
+
+
+def _family(table: pd.DataFrame, kind: str) -> str:
+    return FAMILY_WORDS[(kind, str(table["holm_family"].iloc[0]))] if len(table) else "Holm"
+
+
+def _decision(table: pd.DataFrame, kind: str, symbol: str) -> dict[str, list[str]]:
+    """The decision test's columns: its side, unadjusted p, adjusted p of the declared family (named in
+    the header, used by the verdict), the other family's adjusted p where there is one, verdict."""
+    out = {
+        "test": [f"t, {side_words(a, symbol)}" for a in table["alternative"]],
+        "p (unadjusted)": [fmt_p(p) for p in table["p_unadj"]],
+        f"p ({_family(table, kind)}; verdict)": [fmt_p(p) for p in table["p_adj"]],
+    }
+    declared = str(table["holm_family"].iloc[0]) if len(table) else ""
+    for family in ("metric", "k"):
+        if family != declared and f"p_holm_{family}" in table.columns:
+            out[f"p ({FAMILY_WORDS[(kind, family)]})"] = [fmt_p(p) for p in table[f"p_holm_{family}"]]
+    out["verdict"] = list(table["verdict"])
+    return out
+
+
+def format_paired(table: pd.DataFrame) -> pd.DataFrame:
+    """Display form of :func:`analysis.stats.paired_table`."""
+    out = {
+        "arm": table["arm"], "metric": _metric_labels(table), "n": _n(table),
+        "mean Δ": [fmt_num(v) for v in table["mean"]], interval_header(table): _ci(table),
+        "Wilcoxon p (2-sided, unadjusted)": [fmt_p(p) for p in table["p_wilcoxon_two_sided"]],
+        "d_z": [fmt_plain(v, 3) for v in table["dz"]],
+        **_decision(table, "paired", "Δ"),
+    }  # fmt: skip
+    return pd.DataFrame(out)
+
+
 def format_delta_delta(table: pd.DataFrame) -> pd.DataFrame:
-    """Display form of :func:`analysis.stats.delta_delta_table`."""
-    return pd.DataFrame(
-        {
-            "metric": _metric_labels(table),
-            "sink − control": [f"{s} − {c}" for s, c in zip(table["sink"], table["control"])],
-            "k": [("" if pd.isna(k) else str(int(k))) for k in table["k"]],
-            "n": [f"{n}" + (f" (−{k} NaN)" if k else "") for n, k in zip(table["n"], table["n_dropped"])],
-            "Δ sink": [fmt_num(v) for v in table["mean_delta_sink"]],
-            "Δ control": [fmt_num(v) for v in table["mean_delta_control"]],
-            "ΔΔ": [fmt_num(v) for v in table["mean"]],
-            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
-            "t p (2-sided)": [fmt_p(p) for p in table["p_t"]],
-            "t p (1-sided)": [fmt_p(p) + (f" ({e})" if e else "") for p, e in zip(table["p_t_expected"], table["expected"])],
-            "Wilcoxon p (1-sided)": [fmt_p(p) for p in table["p_wilcoxon_expected"]],
-            "Holm p (1-sided t)": [fmt_p(p) for p in table["p_t_expected_holm"]],
-            "sink-specific": ["yes" if s else "no" for s in table["sink_specific"]],
-        }
-    )  # fmt: skip
+    """Display form of :func:`analysis.stats.delta_delta_table` (Δ sink − Δ control = ΔΔ on the same pairs)."""
+    out = {
+        "metric": _metric_labels(table),
+        "sink − control": [f"{s} − {c}" for s, c in zip(table["sink"], table["control"])],
+        "k": [("" if pd.isna(k) else str(int(k))) for k in table["k"]],
+        "n": _n(table),
+        "Δ sink": [fmt_num(v) for v in table["mean_delta_sink"]],
+        "Δ control": [fmt_num(v) for v in table["mean_delta_control"]],
+        "ΔΔ": [fmt_num(v) for v in table["mean"]],
+        interval_header(table): _ci(table),
+        "t p (2-sided, unadjusted)": [fmt_p(p) for p in table["p_t_two_sided"]],
+        "Wilcoxon p (same side as test, unadjusted)": [
+            fmt_p(row[f"p_wilcoxon_{row['alternative'].replace('-', '_')}"]) for _, row in table.iterrows()],
+        **_decision(table, "delta_delta", "ΔΔ"),
+    }  # fmt: skip
+    return pd.DataFrame(out)
 
 
 def format_dose(table: pd.DataFrame) -> pd.DataFrame:
     """Display form of :func:`analysis.stats.dose_table`."""
-    return pd.DataFrame(
-        {
-            "metric": _metric_labels(table),
-            "trend": [f"{s}({hi}) − {s}({lo})" for s, lo, hi in zip(table["statistic"], table["arm_lo"], table["arm_hi"])],
-            "n": table["n"].astype(str),
-            "mean": [fmt_num(v) for v in table["mean"]],
-            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
-            "t p (1-sided)": [fmt_p(p) + (f" ({e})" if e else "") for p, e in zip(table["p_t_expected"], table["expected"])],
-            "t p (2-sided)": [fmt_p(p) for p in table["p_t"]],
-            "Wilcoxon p (1-sided)": [fmt_p(p) for p in table["p_wilcoxon_expected"]],
-            "significant": ["yes" if s else "no" for s in table["significant"]],
-        }
-    )  # fmt: skip
+    out = {
+        "metric": _metric_labels(table),
+        "trend": [f"{s}({hi}) − {s}({lo})" for s, lo, hi in zip(table["statistic"], table["arm_lo"], table["arm_hi"])],
+        "n": _n(table),
+        "mean": [fmt_num(v) for v in table["mean"]],
+        interval_header(table): _ci(table),
+        "t p (2-sided, unadjusted)": [fmt_p(p) for p in table["p_t_two_sided"]],
+        **_decision(table, "dose", "trend"),
+    }  # fmt: skip
+    return pd.DataFrame(out)
 
 
 def format_tags(table: pd.DataFrame) -> pd.DataFrame:
     """Display form of :func:`analysis.stats.tag_table`."""
-    return pd.DataFrame(
-        {
-            "metric": _metric_labels(table),
-            "arm": table["arm"],
-            "tag": table["tag"],
-            "n": table["n"].astype(str),
-            "mean Δ": [fmt_num(v) for v in table["mean"]],
-            "95% CI": [fmt_ci(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])],
-            "t p-value": [fmt_p(p) for p in table["p_t"]],
-            "Holm p (t)": [fmt_p(p) for p in table["p_t_holm"]],
-        }
-    )
+    out = {
+        "metric": _metric_labels(table), "arm": table["arm"], "tag": table["tag"], "n": _n(table),
+        "mean Δ": [fmt_num(v) for v in table["mean"]], interval_header(table): _ci(table),
+        **_decision(table, "tags", "Δ"),
+    }  # fmt: skip
+    return pd.DataFrame(out)
 
 
 def format_set_metrics(table: pd.DataFrame) -> pd.DataFrame:
     """Display form of the set-metric table (FID-shift and its calibration)."""
     return pd.DataFrame(
         {
-            "metric": [display_name(m) + (" (random weights)" if rw else "") for m, rw in
-                       zip(table["metric"], table["random_weights"])],
+            "metric": _metric_labels(table),
             "mode": table["mode"],
             "set": table["arm"],
             "reference": table["reference"],
             "n": table["n"].astype(str),
             "value": [fmt_plain(v, 3) for v in table["value"]],
         }
-    )  # fmt: skip
+    )

@@ -63,7 +63,7 @@ CONFIGS = {  # name: (arms_per_batch, workers, threads_per_worker override or No
 
 _STAMP = r"(?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 SHARD_START = re.compile(_STAMP + r" INFO sinkscope\.jobs: shard (?P<shard>\d+): (?P<groups>\d+) groups, (?P<units>\d+) units "
-                         r"\(pid (?P<pid>\d+), (?P<threads>\d+) torch threads\)")
+                         r"\(pid (?P<pid>\d+), (?P<threads>\d+) torch threads(?:, OMP_NUM_THREADS=(?P<omp>\S+))?\)")
 LOADED = re.compile(_STAMP + r" INFO sinkscope\.jobs: loaded .* in (?P<s>[\d.]+) s$")
 GROUP_DONE = re.compile(_STAMP + r" INFO sinkscope\.jobs: group (?P<group>\d+) \(prompt \d+, seed \d+\) finished in (?P<s>[\d.]+) s")
 
@@ -112,7 +112,7 @@ def worker_timings(run_root: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             if m := SHARD_START.match(line):
                 pid = int(m["pid"])
-                by_pid.setdefault(pid, {"pid": pid, "threads": int(m["threads"]), "load_s": None, "groups": []})
+                by_pid.setdefault(pid, {"pid": pid, "threads": int(m["threads"]), "omp": m["omp"], "load_s": None, "groups": []})
             elif (m := LOADED.match(line)) and pid is not None:
                 by_pid[pid]["load_s"] = float(m["s"])
             elif (m := GROUP_DONE.match(line)) and pid is not None:

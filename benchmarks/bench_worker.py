@@ -110,14 +110,27 @@ def step_inputs(loaded, res, device, dtype):
     )
 
 
-def ctx(iv=None, layers=(6, 12, 18), stats=("mass", "entropy", "top5"), stride=1):
+def _text_keys():
+    """SD3-medium-random's 333 text keys as a run sees them: 77 CLIP slots (BOS, 8 words, EOS, padding), 256 zero T5 slots."""
+    from manifests.keys import TextKey
+
+    clip = [TextKey("clip", 0, "<|startoftext|>", "special")] + [TextKey("clip", i, f"w{i}</w>", "content") for i in range(1, 9)]
+    clip += [TextKey("clip", 9, "<|endoftext|>", "special")] + [TextKey("clip", i, "<|endoftext|>", "padding") for i in range(10, 77)]
+    return tuple(clip + [TextKey("t5", i, None, "padding") for i in range(256)])
+
+
+def ctx(iv=None, layers=(6, 12, 18), stats=("mass", "entropy", "top5"), stride=1, mass_queries="image", res=1024):
     """A factory of fresh RunContexts: one arm (uncond + cond) with intervention `iv`, recording `layers`."""
     from manifests import RecordingSpec
     from workers.session import ElementPlan, RunContext
 
+    text = _text_keys()
+
     def make():
-        rec = RecordingSpec(layers=list(layers), stats=list(stats), top5_query_stride=stride) if layers else None
-        return RunContext([ElementPlan("a", "uncond", iv, 1), ElementPlan("a", "cond", iv, 1)], rec)
+        rec = (RecordingSpec(layers=list(layers), stats=list(stats), top5_query_stride=stride, mass_queries=mass_queries)
+               if layers else None)
+        plans = [ElementPlan("a", "uncond", iv, 1, text_keys=text), ElementPlan("a", "cond", iv, 1, text_keys=text)]
+        return RunContext(plans, rec, image_size=(res, res))
     return make
 
 
@@ -156,7 +169,22 @@ def memory_by_resolution(loaded, device, dtype, resolutions):
     return rows
 
 
-def step_table(loaded, device, dtype, iters, res, diag=False):
+def atlas_variants(n: int, res: int) -> list:
+    """The atlas measures' cost: stat `ratio` on the paper config, and the atlas recording (every layer, mass + ratio)."""
+    from manifests.interventions import PRESETS
+
+    m1, paper = PRESETS["fixed.m1"], ("mass", "entropy", "top5")
+    return [
+        ("stock diffusers processors", None, None),
+        ("paper config: record 6/12/18 (mass,entropy,top5) + fixed.m1@12", ctx(m1, res=res), None),
+        ("paper config + ratio", ctx(m1, stats=paper + ("ratio",), res=res), None),
+        ("all 24 layers, mass", ctx(layers=range(n), stats=("mass",), res=res), None),
+        ("all 24 layers, mass+ratio", ctx(layers=range(n), stats=("mass", "ratio"), res=res), None),
+        ("atlas config: all 24 layers, mass+ratio, all queries", ctx(layers=range(n), stats=("mass", "ratio"), mass_queries="all", res=res), None),
+    ]
+
+
+def step_table(loaded, device, dtype, iters, res, diag=False, atlas=False):
     from manifests.interventions import PRESETS
     from workers.recorder import records_to_table
 
@@ -165,7 +193,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
     ours = dict(tr.attn_processors)
     n = tr.config.num_layers
     m1 = PRESETS["fixed.m1"]
-    variants = [
+    variants = atlas_variants(n, res) if atlas else [
         ("stock diffusers processors", None, None),
         ("sinkscope processors, nothing active", lambda: None, None),
         ("paper config: record 6/12/18 (mass,entropy,top5) + fixed.m1@12", ctx(m1), None),
@@ -180,7 +208,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
         ("record 6/12/18 only (no intervention)", ctx(), None),
         ("fixed.m1@12 only (no recording)", ctx(m1, layers=()), None),
     ]
-    rows, outs, tables = [], {}, {}
+    rows, outs, tables, host = [], {}, {}, {}
     for name, factory, env in variants:
         tr.set_attn_processor(dict(loaded.stock_processors) if factory is None else dict(ours))
         if env is not None:
@@ -202,7 +230,9 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
                     sync(device)
                     dt = a.elapsed_time(b) if device == "cuda" else (time.perf_counter() - t0) * 1e3
                     if session.context is not None:
+                        h0 = time.perf_counter()
                         tables[name] = records_to_table(session.context.records)  # the host copy a run does at its end
+                        host.setdefault(name, []).append((time.perf_counter() - h0) * 1e3)
                     session.context = None
                     if it >= 2:
                         times.append(dt)
@@ -238,7 +268,7 @@ def step_table(loaded, device, dtype, iters, res, diag=False):
     for name, ms, gib in rows:
         diff = (outs[name] - base_out).abs().max().item()
         table.append(dict(variant=name, ms=ms, x_stock=ms / rows[0][1], peak_gib=gib, extra_mib=(gib - rows[0][2]) * 1024, max_abs_diff=diff,
-                          top5_rel_err=_top5_error(tables, name)))
+                          top5_rel_err=_top5_error(tables, name), host_table_ms=statistics.median(host[name]) if name in host else None))
     return table
 
 
@@ -334,6 +364,7 @@ def main():
     ap.add_argument("--barrier", help="DIR:N:RANK: wait for N processes before each timed variant (multi-GPU scaling)")
     ap.add_argument("--memory-res", default="", help="e.g. 512,768,1024,1280: peak memory of one step per resolution")
     ap.add_argument("--diag", action="store_true", help="host-sync sites and a kernel profile of one paper-config step")
+    ap.add_argument("--atlas", action="store_true", help="step table of the atlas measures instead (stat ratio, every layer)")
     args = ap.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -346,14 +377,16 @@ def main():
     t0 = time.perf_counter()
     loaded = build_loaded(device, dtype, args.small)
     print(f"built in {time.perf_counter() - t0:.1f}s: {loaded.geometry}", flush=True)
-    steps = [] if args.skip_steps else step_table(loaded, device, dtype, args.iters, res, args.diag)
+    steps = [] if args.skip_steps else step_table(loaded, device, dtype, args.iters, res, args.diag, args.atlas)
     from workers.processors.common import _LSE_BITWISE
 
     print(f"\n(a) transformer step, {res}², {dtype}, CFG batch 2 (median of {args.iters}); stock-lse bitwise verdicts: {list(_LSE_BITWISE.values())}")
     print(f"{'variant':66s} {'ms':>8s} {'x stock':>8s} {'peak GiB':>9s} {'+MiB':>7s} {'max|d out|':>10s}")
     for r in steps:
         err = "" if not r["top5_rel_err"] else f"  top5 vs exact: mean {r['top5_rel_err']['mean']:.1e}, max {r['top5_rel_err']['max']:.1e}"
-        print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}{err}", flush=True)
+        host = "" if r["host_table_ms"] is None else f"  host table {r['host_table_ms']:.1f} ms"
+        print(f"{r['variant']:66s} {r['ms']:8.2f} {r['x_stock']:8.3f} {r['peak_gib']:9.2f} {r['extra_mib']:7.0f} {r['max_abs_diff']:10.4g}{err}{host}",
+              flush=True)
     memory = []
     if args.memory_res:
         memory = memory_by_resolution(loaded, device, dtype, [int(x) for x in args.memory_res.split(",")])

@@ -18,7 +18,6 @@ import platform
 import shutil
 import socket
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -27,9 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import faults
-from jobs.tables import UNITS_SCHEMA, conform
-from manifests import read_sweep_file
-from jobs.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from jobs.baseline_cache import BaselineCache, identity_key, resolve_root
+from jobs import runformat as rf
+from jobs.frozen_sweep import load_resolved_sweep
+from jobs.rundir import RunDir, node_name
 
 log = logging.getLogger("sinkscope.jobs")
 
@@ -52,50 +52,16 @@ def _pipeline_for(model) -> object:
     return _PIPELINES[key]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
 def _png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-class _ShardLog:
-    """Appends this shard's log records to logs/shard-XXXXX.log for the duration of the shard."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(path)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def __enter__(self):
-        root = logging.getLogger("sinkscope")
-        root.addHandler(self.handler)
-        if root.level == logging.NOTSET or root.level > logging.INFO:
-            root.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("sinkscope").removeHandler(self.handler)
-        self.handler.close()
-
-
 def _scratch_group_ok(scratch: Path, group_index: int, run: RunDir) -> bool:
     """A finished group is reused only if its tables and every image it names are intact."""
-    units_file = scratch / f"units-g{group_index:05d}.parquet"
-    sinks_file = scratch / f"sink_steps-g{group_index:05d}.parquet"
+    units_name, sinks_name = rf.scratch_group_names(group_index)
+    units_file, sinks_file = scratch / units_name, scratch / sinks_name
     if not (units_file.is_file() and sinks_file.is_file()):
         return False
     try:
@@ -105,70 +71,56 @@ def _scratch_group_ok(scratch: Path, group_index: int, run: RunDir) -> bool:
         return False
     for rel, digest in zip(units.column("image_path").to_pylist(), units.column("image_sha256").to_pylist()):
         image = run.root / rel
-        if not image.is_file() or sha256_file(image) != digest:
+        if not image.is_file() or rf.sha256_file(image) != digest:
             return False
     return True
 
 
-def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback | None = None, loaded_pipeline=None) -> dict:
-    """Run one shard to completion (or resume it) and return its done marker.
-
-    `loaded_pipeline` lets a long-lived worker reuse a pipeline across shards of the same run.
-    """
+def run_shard(run_dir: str | Path, shard_id: int, *, progress: ProgressCallback | None = None) -> dict:
+    """Run one shard to completion (or resume it) and return its done marker."""
     run = RunDir(run_dir)
     done = run.read_marker("done", shard_id)
     if done is not None:
         return done
-    started = time.time()
-    atomic_write_json(
-        run.running_path(shard_id),
-        {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "job_id": os.environ.get("SINKSCOPE_JOB_ID")},
-    )
-    with _ShardLog(run.log_path(shard_id)):
-        try:
-            marker = _run(run, shard_id, progress, loaded_pipeline, started)
-        except (SystemExit, KeyboardInterrupt):
-            # a requeue (submitit exits from its signal handler), a preemption or Ctrl-C: not a failure
-            log.warning("shard %s interrupted (requeue, preemption or Ctrl-C); finished groups are kept", shard_id)
-            run.running_path(shard_id).unlink(missing_ok=True)
-            raise
-        except BaseException as error:  # noqa: BLE001 — record every failure, then let it propagate
-            log.error("shard %s failed: %s", shard_id, error, exc_info=True)
-            atomic_write_json(
-                run.failed_path(shard_id),
-                {
-                    "error": f"{type(error).__name__}: {error}",
-                    "traceback": traceback.format_exc(),
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "time": time.time(),
-                },
-            )
-            run.running_path(shard_id).unlink(missing_ok=True)
-            raise
-    return marker
+    with run.tracked(shard_id, "generate") as started:
+        return _run(run, shard_id, progress, started)
 
 
-def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, started: float) -> dict:
+def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, started: float) -> dict:
     import torch  # heavy, as workers: imported only where a shard really runs
 
-    import workers
-
-    sweep, _ = read_sweep_file(run.sweep_path)
+    sweep = load_resolved_sweep(run)  # re-validated and hash-checked at every shard start
     units = run.units_of_shard(shard_id)
     if units.num_rows == 0:
         raise ValueError(f"{run.manifest_path}: shard {shard_id} has no units")
-    arms_by_name = {arm.name: arm for arm in sweep.arms}
     rows = units.to_pylist()
     groups: dict[int, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group_index"], []).append(row)
     scratch = run.scratch_dir(shard_id)
     scratch.mkdir(parents=True, exist_ok=True)
-    # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
-    log.info("shard %s: %d groups, %d units (pid %d, %d torch threads)", shard_id, len(groups), len(rows), os.getpid(),
-             torch.get_num_threads())
+    threads_before = torch.get_num_threads()
+    # CPU kernels reduce in an order that depends on the thread count: the sweep fixes it, not the executor or node
+    torch.set_num_threads(sweep.generation.torch_threads)
+    try:
+        # the pid tells which worker ran the shard; benchmarks/bench_executor_scaling.py reads these lines
+        log.info("shard %s: %d groups, %d units (pid %d, %d torch threads, OMP_NUM_THREADS=%s)", shard_id, len(groups),
+                 len(rows), os.getpid(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS", "unset"))
+        faults.maybe_rendezvous(run.root)
+        return _run_groups(run, shard_id, progress, started, sweep, groups, scratch)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, groups: dict, scratch: Path) -> dict:
+    import workers
+
+    arms_by_name = {arm.name: arm for arm in sweep.arms}
+    cache_root = resolve_root(sweep.cache.baselines)
+    cache = BaselineCache(cache_root) if cache_root is not None else None
+    log.info("baseline cache: %s", cache_root or "off")
     finished = 0
+    loaded = None
     # Images and tables of a group are encoded and written by one background thread while the GPU generates the
     # next group (PNG encoding of three 1024² images took ~1.5 s a group on the GPU machine, idling the GPU).
     # At most one group is in flight, and it is settled (written, or its error raised here) before the next one
@@ -186,8 +138,10 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
                  first["prompt_id"], first["seed_index"], generated_s + written_s, generated_s, written_s)
         if progress:
             progress(finished, len(groups))
-        faults.maybe_kill_after_groups(finished)
+        faults.maybe_kill_after_groups(finished, shard_id)
         faults.maybe_sleep_after_groups(finished)
+        faults.maybe_hold_after_groups(finished)
+        faults.maybe_fill_disk(finished, run.root)
 
     try:
         for group_index in sorted(groups):
@@ -204,12 +158,16 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
                 loaded = _pipeline_for(sweep.model)
             arm_specs = [arms_by_name[row["arm"]] for row in group]
             group_started = time.perf_counter()
-            results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording)
+            lookups = _cache_lookup(cache, loaded, sweep, first, arm_specs) if cache is not None else {}
+            reused = {name: found.reused for name, found in lookups.items() if found.reused is not None}
+            results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
+                                             reused=reused)
+            to_publish = _latents_to_publish(lookups, results, sweep, arm_specs)  # device → host here, not in the writer
             generated_s = time.perf_counter() - group_started
             if pending is not None:
                 settle()
             future = writer.submit(_write_group, run, scratch, shard_id, group_index, group, results, arms_by_name, sweep,
-                                   bool(loaded.random_weights))
+                                   bool(loaded.random_weights), cache, lookups, to_publish)
             pending = (future, group_index, first, generated_s)
         if pending is not None:
             settle()
@@ -218,17 +176,88 @@ def _run(run: RunDir, shard_id: int, progress: ProgressCallback | None, loaded, 
     return _finalise(run, shard_id, sorted(groups), loaded, started)
 
 
+class _Lookup:
+    """One baseline arm's cache key and, on a hit, what stands in for generating it."""
+
+    def __init__(self, key: str, identity: dict, reused=None, entry_path: Path | None = None):
+        self.key, self.identity, self.reused, self.entry_path = key, identity, reused, entry_path
+
+
+def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -> dict[str, _Lookup]:
+    """Look up every baseline arm of a group; a hit must also hold the latents the group's prefix arms start from."""
+    import PIL.Image
+
+    import workers
+    from workers.baseline_identity import baseline_identity, latents_from_bytes
+
+    out = {}
+    for arm in arm_specs:
+        if arm.intervention is not None:
+            continue
+        identity = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
+        key = identity_key(identity)
+        entry = cache.get(key)
+        out[arm.name] = _Lookup(key, identity)
+        if entry is None:
+            continue
+        trajectory, final, sigmas = latents_from_bytes(entry.latents)
+        needed = workers.latents_needed(arm_specs, sweep.generation, sigmas)
+        if not set(needed) <= set(trajectory):
+            log.info("baseline %s: cache entry %s lacks the latents of steps %s, regenerating", arm.name, entry.path,
+                     sorted(set(needed) - set(trajectory)))
+            continue
+        image = PIL.Image.open(io.BytesIO(entry.image_png))
+        image.load()
+        device = {"device": loaded.device}
+        out[arm.name].reused = workers.ReusedBaseline(
+            image=image, png=entry.image_png, sink_rows=pq.read_table(io.BytesIO(entry.sink_steps_parquet)),
+            trajectory={step: t.to(**device) for step, t in trajectory.items()}, final_latents=final.to(**device), sigmas=sigmas,
+        )
+        out[arm.name].entry_path = entry.path
+        log.info("baseline %s of prompt %d seed %d reused from %s", arm.name, first["prompt_id"], first["seed_index"], entry.path)
+    return out
+
+
+def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
+    """Per baseline generated here (a cache miss): its serialised latents and which steps they hold, made on the
+    GPU's thread (a copy from the writer thread would queue behind the next group's kernels)."""
+    import workers
+    from workers.baseline_identity import latents_to_bytes
+
+    out = {}
+    for result in results:
+        lookup = lookups.get(result.arm)
+        if lookup is None or lookup.reused is not None:
+            continue
+        steps = workers.latents_needed(arm_specs, sweep.generation, result.sigmas)
+        out[result.arm] = (latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas), steps)
+    for result in results:  # the trajectory is no longer needed: free it before the next group
+        result.trajectory = None
+    return out
+
+
 def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, group: list[dict], results, arms_by_name, sweep,
-                 random_weights: bool) -> float:
-    """Write one generated group: images, then its sink-step part, then its units part (which marks it finished)."""
+                 random_weights: bool, cache: BaselineCache | None = None, lookups: dict | None = None,
+                 to_publish: dict | None = None) -> float:
+    """Write one generated group: images, then its sink-step part, then its units part (which marks it finished).
+
+    Baselines generated here are published to the baseline cache (when on) before the group counts as finished.
+    """
     began = time.perf_counter()
+    lookups = lookups or {}
     unit_rows, sink_tables = [], []
     for row, result in zip(group, results):
         assert result.arm == row["arm"], (result.arm, row["arm"])
-        rel = Path("images") / f"arm={row['arm']}" / f"p{row['prompt_id']:05d}-s{row['seed_index']:03d}.png"
-        png = _png_bytes(result.image)
+        rel = rf.image_relpath(row["arm"], row["prompt_id"], row["seed_index"])
+        png = result.png if result.png is not None else _png_bytes(result.image)
+        lookup = lookups.get(row["arm"])
+        if cache is not None and to_publish and row["arm"] in to_publish:
+            latents, steps = to_publish[row["arm"]]
+            cache.publish(lookup.key, lookup.identity, image_png=png, sink_steps_parquet=rf.parquet_bytes(result.sink_rows),
+                          latents=latents, latent_steps=steps,
+                          producer={"run": str(run.root), "unit_id": row["unit_id"], "shard_id": shard_id})
         faults.maybe_die_during_write(run.root / rel)
-        atomic_write_bytes(run.root / rel, png)
+        rf.atomic_write_bytes(run.root / rel, png)
         arm = arms_by_name[row["arm"]]
         unit_rows.append(
             {
@@ -242,7 +271,7 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
                 "prompt": row["prompt"],
                 "tag": row["tag"],
                 "geneval_index": row["geneval_index"],
-                "image_path": rel.as_posix(),
+                "image_path": rel,
                 "image_sha256": hashlib.sha256(png).hexdigest(),
                 "width": result.image.width,
                 "height": result.image.height,
@@ -251,39 +280,63 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
                 "model": sweep.model.label,
                 "random_weights": random_weights,
                 "seconds": float(result.seconds),
+                "reused_from": _reused_from(lookup, result, group),
+                "start_step": int(result.start_step),
             }
         )
-        sink_tables.append(_with_unit_columns(result.sink_rows, row))
-    atomic_write_bytes(scratch / f"sink_steps-g{group_index:05d}.parquet", _parquet_bytes(_concat(sink_tables)))
+        sink_tables.append(_with_unit_key(result.sink_rows, row, shard_id))
+    units_name, sinks_name = rf.scratch_group_names(group_index)
+    rf.atomic_write_parquet(scratch / sinks_name, _concat(sink_tables), rf.SINK_STEPS_SCHEMA)
     # the units file is written last: it is what marks the group finished
-    atomic_write_bytes(scratch / f"units-g{group_index:05d}.parquet", _parquet_bytes(pa.Table.from_pylist(unit_rows, schema=UNITS_SCHEMA)))
+    rf.atomic_write_parquet(scratch / units_name, pa.Table.from_pylist(unit_rows, schema=rf.UNITS_SCHEMA))
     return time.perf_counter() - began
 
 
-def _with_unit_columns(table: pa.Table, row: dict) -> pa.Table:
+def _reused_from(lookup, result, group: list[dict]) -> str | None:
+    """Provenance of a unit not generated by its own pipeline call: a cache entry, or the group's unit it equals."""
+    if lookup is not None and lookup.entry_path is not None:
+        return str(lookup.entry_path)
+    if result.same_as is not None:
+        return next(f"unit:{row['unit_id']}" for row in group if row["arm"] == result.same_as)
+    return None
+
+
+def _with_unit_key(table: pa.Table, row: dict, shard_id: int) -> pa.Table:
+    """The recorder's rows of one unit, prefixed with the unit key columns of the run format."""
     n = table.num_rows
-    prefix = {
-        "unit_id": pa.array([row["unit_id"]] * n, pa.string()),
-        "prompt_id": pa.array([row["prompt_id"]] * n, pa.int32()),
-        "seed_index": pa.array([row["seed_index"]] * n, pa.int32()),
-        "arm": pa.array([row["arm"]] * n, pa.string()),
-    }
-    for position, (name, column) in enumerate(prefix.items()):
-        if name in table.column_names:
-            table = table.drop_columns([name])
-        table = table.add_column(position, name, column)
-    return table
+    values = {"unit_id": row["unit_id"], "shard_id": shard_id, "prompt_id": row["prompt_id"], "seed_index": row["seed_index"],
+              "arm": row["arm"]}
+    key = {f.name: pa.array([values[f.name]] * n, f.type) for f in rf.UNIT_KEY_FIELDS}
+    record = rf.conform(table, rf.SINK_STEP_RECORD_SCHEMA, "worker sink rows")
+    return pa.Table.from_arrays([*key.values(), *record.columns], schema=rf.SINK_STEPS_SCHEMA)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
-    return pa.concat_tables(tables) if tables else pa.table({})
+    return pa.concat_tables(tables) if tables else rf.SINK_STEPS_SCHEMA.empty_table()
+
+
+def temp_files_of_shard(run: RunDir, shard_id: int) -> list[Path]:
+    """Hidden temporary files (`runformat.atomic_writer`) a killed writer of this shard left behind: its images,
+    parts, scratch groups, markers. Only meaningful when no writer of the shard is alive (resume checks that)."""
+    def temps(path: Path) -> list[Path]:
+        return list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+
+    units = run.units_of_shard(shard_id).select(["arm", "prompt_id", "seed_index"]).to_pylist()
+    found = [t for u in units for t in temps(run.root / rf.image_relpath(u["arm"], u["prompt_id"], u["seed_index"]))]
+    found += [t for table in ("units", "sink_steps") for t in temps(run.part_path(table, shard_id))]
+    found += [t for kind in rf.MARKER_KINDS for t in temps(run.marker_path(kind, shard_id))]
+    scratch = run.scratch_dir(shard_id)
+    found += list(scratch.glob(".*.tmp-*")) if scratch.is_dir() else []
+    return sorted(set(found))
 
 
 def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, started: float) -> dict:
+    import torch
+
     scratch = run.scratch_dir(shard_id)
-    units = pa.concat_tables([pq.read_table(scratch / f"units-g{g:05d}.parquet") for g in group_indices])
-    sinks = _concat([pq.read_table(scratch / f"sink_steps-g{g:05d}.parquet") for g in group_indices])
-    units = conform(units, UNITS_SCHEMA)
+    names = [rf.scratch_group_names(g) for g in group_indices]
+    units = rf.conform(pa.concat_tables([pq.read_table(scratch / u) for u, _ in names]), rf.UNITS_SCHEMA, str(scratch))
+    sinks = rf.conform(_concat([pq.read_table(scratch / k) for _, k in names]), rf.SINK_STEPS_SCHEMA, str(scratch))
     parts = {"units": (run.part_path("units", shard_id), units), "sink_steps": (run.part_path("sink_steps", shard_id), sinks)}
     marker = {
         "shard_id": shard_id,
@@ -295,24 +348,29 @@ def _finalise(run: RunDir, shard_id: int, group_indices: list[int], loaded, star
         "job_id": os.environ.get("SINKSCOPE_JOB_ID"),
         "device": getattr(loaded, "device", None) if loaded is not None else None,
         "random_weights": bool(units.column("random_weights").to_pylist()[0]),
+        "torch_threads": torch.get_num_threads(),
+        "node": node_name(),
         "started": started,
         "finished": time.time(),
     }
     for name, (path, table) in parts.items():
-        data = _parquet_bytes(table)
-        atomic_write_bytes(path, data)
+        data = rf.parquet_bytes(table)
+        rf.atomic_write_bytes(path, data)
         marker["rows"][name] = table.num_rows
         marker["parts"][name] = {"path": path.relative_to(run.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    atomic_write_json(run.done_path(shard_id), marker)  # LAST: from here on the shard is done
-    run.failed_path(shard_id).unlink(missing_ok=True)
-    run.running_path(shard_id).unlink(missing_ok=True)
+    run.write_marker("done", shard_id, marker)  # LAST: from here on the shard is done
     shutil.rmtree(scratch, ignore_errors=True)
     log.info("shard %s done: %s", shard_id, json.dumps(marker["rows"]))
     return marker
 
 
-def verify_done_shard(run: RunDir, shard_id: int) -> list[str]:
-    """Problems with a done shard's files (missing, truncated, altered); empty when intact."""
+def verify_done_shard(run: RunDir, shard_id: int, covered: dict[str, dict[int, str]] | None = None) -> list[str]:
+    """Problems with a done shard's files (missing, truncated, altered); empty when intact.
+
+    A part that compaction has absorbed is intact if the compaction state records it with the same sha256
+    (`covered`: table -> shard -> sha256, from `jobs.compaction.covered_parts`; the compacted files themselves
+    are checked once per command by `jobs.compaction.verify_compacted`).
+    """
     marker = run.read_marker("done", shard_id)
     if marker is None:
         return ["no done marker"]
@@ -320,13 +378,14 @@ def verify_done_shard(run: RunDir, shard_id: int) -> list[str]:
     for name, part in marker.get("parts", {}).items():
         path = run.root / part["path"]
         if not path.is_file():
-            problems.append(f"{part['path']} is missing")
-        elif path.stat().st_size != part["bytes"] or sha256_file(path) != part["sha256"]:
+            if covered is None or (covered.get(name) or {}).get(shard_id) != part["sha256"]:
+                problems.append(f"{part['path']} is missing")
+        elif path.stat().st_size != part["bytes"] or rf.sha256_file(path) != part["sha256"]:
             problems.append(f"{part['path']} does not match its checksum (truncated or altered)")
     for rel, digest in marker.get("images", {}).items():
         path = run.root / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
-        elif sha256_file(path) != digest:
+        elif rf.sha256_file(path) != digest:
             problems.append(f"{rel} does not match its checksum")
     return problems

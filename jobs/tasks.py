@@ -2,6 +2,8 @@
 
 Executors send a `ShardJob` with every shard, so metrics run through the same executors, sharded and
 resumable like generation: `analysis.compute_metrics(..., shard=…)` recomputes only missing or stale parts.
+A metric job leaves the same markers and log as a generation shard, under the task name `metrics`
+(state/metrics/{running,failed,done}/, logs/metrics-shard-XXXXX.log), so status, logs and cancel see it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,19 @@ class ShardJob:
             from jobs.run_shard import run_shard
 
             return run_shard(run_dir, shard_id)
-        import analysis  # heavy: metric backbones are loaded only where a metric job runs
+        import time
 
-        parts = analysis.compute_metrics(run_dir, metrics=list(self.metrics), shard=shard_id)
-        return {"shard_id": shard_id, "metric_parts": [str(p) for p in parts]}
+        from jobs.rundir import RunDir
+
+        run = RunDir(run_dir)
+        with run.tracked(shard_id, "metrics") as started:
+            import analysis  # heavy: metric backbones are loaded only where a metric job runs
+
+            parts = analysis.compute_metrics(run.root, metrics=list(self.metrics), shard=shard_id)
+            marker = {"shard_id": shard_id, "metrics": list(self.metrics), "metric_parts": [str(p) for p in parts],
+                      "started": started, "finished": time.time()}
+            run.write_marker("done", shard_id, marker, "metrics")  # last
+        return marker
 
     def record(self) -> dict:
         """The fields submission records carry, so status tells generation jobs from metric jobs."""
@@ -40,5 +51,6 @@ class ShardJob:
 GENERATE = ShardJob()
 
 
-def is_generation_record(record: dict) -> bool:
-    return record.get("task", "generate") == "generate"
+def record_task(record: dict) -> str:
+    """The task (jobs.runformat.TASKS) of a submission record; records before metric jobs existed are generation."""
+    return record.get("task", "generate")

@@ -12,7 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.prompts import Prompt
@@ -68,30 +70,44 @@ class Manifest:
 
 def config_hash(sweep: Sweep, prompts: list[Prompt]) -> str:
     """Hash of what determines the results: everything but where and how the jobs run."""
-    content = sweep.model_dump(mode="json", exclude={"executor", "output_root", "description", "analysis"})
+    # arm_grid: its arms are in `arms` already (a grid and the same arms written out are one experiment)
+    content = sweep.model_dump(mode="json", exclude={"executor", "output_root", "description", "analysis", "arm_grid", "cache"})
     content["prompts"] = [[p.prompt_id, p.text] for p in prompts]
     blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
 def expand(sweep: Sweep, prompts: list[Prompt]) -> Manifest:
-    per_shard = sweep.sharding.prompts_per_shard
-    rows: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
-    for position, prompt in enumerate(prompts):
-        shard_id, prompt_in_shard = divmod(position, per_shard)
-        for seed_index in range(sweep.seeds.count):
-            group_index = prompt_in_shard * sweep.seeds.count + seed_index
-            for arm in sweep.arms:
-                rows["unit_id"].append(unit_id(prompt.prompt_id, seed_index, arm.name))
-                rows["shard_id"].append(shard_id)
-                rows["group_index"].append(group_index)
-                rows["prompt_id"].append(prompt.prompt_id)
-                rows["seed_index"].append(seed_index)
-                rows["seed"].append(sweep.seeds.seed(prompt.prompt_id, seed_index))
-                rows["arm"].append(arm.name)
-                rows["prompt"].append(prompt.text)
-                rows["tag"].append(prompt.tag)
-                rows["geneval_index"].append(prompt.geneval_index)
-                rows["prompt_metadata"].append(prompt.metadata)
-    table = pa.table(rows, schema=MANIFEST_SCHEMA)
+    """Units in the order prompt → seed → arm. Built column-wise (110,600 units of a paper sweep in well under a
+    second; tests/manifests/test_expand.py checks it row for row against `unit_id` and the seed rule)."""
+    n_prompts, n_seeds, n_arms = len(prompts), sweep.seeds.count, len(sweep.arms)
+    position = np.repeat(np.arange(n_prompts, dtype=np.int64), n_seeds * n_arms)
+    seed_index = np.tile(np.repeat(np.arange(n_seeds, dtype=np.int64), n_arms), n_prompts)
+    arm_index = np.tile(np.arange(n_arms), n_prompts * n_seeds)
+    shard_id, prompt_in_shard = np.divmod(position, sweep.sharding.prompts_per_shard)
+    prompt_id = np.array([p.prompt_id for p in prompts], dtype=np.int64)[position]
+    arm = pa.array([a.name for a in sweep.arms], pa.string()).take(pa.array(arm_index))
+    seed = sweep.seeds.base + prompt_id + seed_index * sweep.seeds.stride  # SeedSpec.seed, column-wise
+
+    def padded(values: np.ndarray, width: int) -> pa.Array:
+        return pc.utf8_lpad(pc.cast(pa.array(values), pa.string()), width, "0")
+
+    uid = pc.binary_join_element_wise("p", padded(prompt_id, 5), "-s", padded(seed_index, 3), "-", arm, "")  # unit_id()
+    per_prompt = pa.array(position)
+    table = pa.table(
+        {
+            "unit_id": uid,
+            "shard_id": pa.array(shard_id, pa.int32()),
+            "group_index": pa.array(prompt_in_shard * n_seeds + seed_index, pa.int32()),
+            "prompt_id": pa.array(prompt_id, pa.int32()),
+            "seed_index": pa.array(seed_index, pa.int32()),
+            "seed": pa.array(seed, pa.int64()),
+            "arm": arm,
+            "prompt": pa.array([p.text for p in prompts], pa.string()).take(per_prompt),
+            "tag": pa.array([p.tag for p in prompts], pa.string()).take(per_prompt),
+            "geneval_index": pa.array([p.geneval_index for p in prompts], pa.int32()).take(per_prompt),
+            "prompt_metadata": pa.array([p.metadata for p in prompts], pa.string()).take(per_prompt),
+        },
+        schema=MANIFEST_SCHEMA,
+    )
     return Manifest(sweep, prompts, config_hash(sweep, prompts), table)

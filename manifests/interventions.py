@@ -22,11 +22,16 @@ Semantics (per attention call = one layer at one denoising step, per batch eleme
 - *step_window*: the 0-based denoising steps at which the intervention is active, as a fraction of the
   trajectory (step i of N is active iff start ≤ i/N < end, with end = 1 meaning "through the last step"),
   or a sigma range. Exactly the named steps: the paper's off-by-one gating is a preset quirk, not a default.
+- *prompt* (`PromptEdit`, optional): a prompt-side change to what the text encoders see, applied to the
+  tokenizer output of the conditional and the unconditional prompt alike: fill the padding slots with a chosen
+  token or string (comma padding), keep at most n padding slots (0 drops them), or change the encoders'
+  maximum length. It composes with the attention ops above; with score_op = value_op = none the arm is
+  prompt-side only. Same seed and same initial noise as every other arm of its group.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,12 +47,12 @@ ValueOp = Literal["none", "zero", "mean", "noise", "lerp"]
 class StepWindow(BaseModel):
     """Active steps, either by trajectory fraction or by sigma. Both bounds of one kind must be given."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     start: float | None = Field(None, ge=0.0, le=1.0, description="first active fraction of the trajectory (inclusive)")
     end: float | None = Field(None, ge=0.0, le=1.0, description="end fraction (exclusive; 1.0 = through the last step)")
-    sigma_min: float | None = Field(None, ge=0.0)
-    sigma_max: float | None = Field(None, ge=0.0)
+    sigma_min: float | None = Field(None, ge=0.0, le=1e6)
+    sigma_max: float | None = Field(None, ge=0.0, le=1e6)
     legacy_paper_gating: bool = Field(
         False,
         description="reproduce run_early_phase.py's gating: step i uses the state set after step i-1 "
@@ -94,14 +99,52 @@ class StepWindow(BaseModel):
         return [i for i in range(num_steps) if lo <= sigmas[i] <= hi]
 
 
-class Intervention(BaseModel):
-    """One member of the sink-intervention family (see the module docstring for the exact semantics)."""
+class PromptEdit(BaseModel):
+    """A prompt-side change: the token ids the text encoders get (tokenizers' `max_length` calls only).
+
+    Padding slots are the positions after the prompt's last real token (attention mask 0). The unconditional
+    prompt gets the same treatment, with the same length as the conditional one so the CFG batch stays
+    rectangular. The attention is untouched unless the intervention also sets an attention op.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    pad_token: str | None = Field(None, min_length=1, description="fill the padding slots with this vocabulary token (e.g. ',')")
+    pad_text: str | None = Field(
+        None, min_length=1, description="fill the padding slots with the tokens this string tokenizes to (no specials), repeated"
+    )
+    padding_slots: int | None = Field(
+        None, ge=0, description="keep at most this many padding slots after the conditional prompt's tokens (0: no padding)"
+    )
+    max_length: int | None = Field(None, ge=1, description="the text encoders' maximum length in tokens (truncate / pad to it)")
+    encoders: tuple[Literal["clip", "t5"], ...] = Field(
+        ("clip", "t5"), min_length=1, description="text encoders the edit applies to (clip: CLIP-L/G of SD3/SDXL/Flux; t5: T5)"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> "PromptEdit":
+        if self.pad_token is not None and self.pad_text is not None:
+            raise ValueError("give pad_token (one vocabulary token) or pad_text (a string), not both")
+        if self.pad_token is None and self.pad_text is None and self.padding_slots is None and self.max_length is None:
+            raise ValueError("a prompt edit needs pad_token, pad_text, padding_slots or max_length")
+        if len(set(self.encoders)) != len(self.encoders):
+            raise ValueError(f"duplicate encoders in {list(self.encoders)}")
+        return self
+
+    def applies_to(self, segment: str) -> bool:
+        return segment in self.encoders
+
+
+class Intervention(BaseModel):
+    """One member of the sink-intervention family (see the module docstring for the exact semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     selection: Selection = "topk"
-    k: int = Field(1, ge=1, description="keys per head (union modes: k·heads keys in all)")
-    indices: list[int] | None = Field(None, description="key indices for selection=static")
+    k: int = Field(1, ge=1, le=1_000_000, description="keys per head (union modes: k·heads keys in all)")
+    indices: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
+        None, max_length=100_000, description="key indices for selection=static"
+    )
     key_order: Literal["image_text", "text_image"] = Field(
         "image_text",
         description="index space of `indices`: diffusers' joint order [image | text], or the paper M3 order [text | image]",
@@ -112,17 +155,22 @@ class Intervention(BaseModel):
     cfg_branch: Branch = "both"
     layers: list[int | str] = Field(
         default_factory=lambda: [12],
-        min_length=1,
+        min_length=1, max_length=1000,
         description="block indices, or glob patterns on attention-module names (e.g. 'mid_block.*.attn2')",
     )
     step_window: StepWindow | None = None
     score_op: ScoreOp = "remove"
-    bias: float | None = Field(None, description="additive logit bias for score_op=bias (e.g. -1e4, -65000)")
-    eta: float | None = Field(None, ge=0.0, description="probability scale for score_op=prob_scale")
+    bias: float | None = Field(
+        None, ge=-1e9, le=1e9, description="additive logit bias for score_op=bias (finite, e.g. -1e4, -65000)"
+    )
+    eta: float | None = Field(None, ge=0.0, le=1e3, description="probability scale for score_op=prob_scale")
     value_op: ValueOp = "none"
-    sigma: float = Field(0.1, gt=0.0, description="noise std for value_op=noise")
+    sigma: float = Field(0.1, gt=0.0, le=1e6, description="noise std for value_op=noise")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="lerp weight for value_op=lerp")
-    random_seed_offset: int = Field(0, description="extra offset mixed into the seed of random selections")
+    random_seed_offset: int = Field(
+        0, ge=-(2**62), le=2**62, description="extra offset mixed into the seed of random selections"
+    )
+    prompt: PromptEdit | None = Field(None, description="prompt-side edit of the text encoders' input (see PromptEdit)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Intervention":
@@ -134,18 +182,58 @@ class Intervention(BaseModel):
             raise ValueError("score_op=bias needs `bias` (the value added to the selected keys' logits)")
         if self.score_op == "prob_scale" and self.eta is None:
             raise ValueError("score_op=prob_scale needs `eta` (0 removes, 1 is a no-op)")
-        if self.score_op == "none" and self.value_op == "none":
-            raise ValueError("score_op and value_op are both 'none': use `intervention: null` for a baseline arm")
+        if self.score_op == "none" and self.value_op == "none" and self.prompt is None:
+            raise ValueError("score_op and value_op are both 'none' and there is no prompt edit: use `intervention: null` for a baseline arm")
+        self._no_contradictions()
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"duplicate layer indices in {self.layers}")
         if any(isinstance(layer, int) and layer < 0 for layer in self.layers):
             raise ValueError(f"layer indices must be ≥ 0, got {self.layers}")
         return self
 
+    def _no_contradictions(self) -> None:
+        """A field that the chosen operation ignores is a mistake (e.g. `bias` on a remove arm): say which two disagree.
+        A field counts as given when it differs from its default, so a full dump of a valid intervention stays valid."""
+        random = ("random", "random_union", "modality_random")
+        # (field, its default, the fields that decide whether it is used: field -> values under which it is)
+        rules = [
+            ("bias", None, {"score_op": ("bias",)}),
+            ("eta", None, {"score_op": ("prob_scale",)}),
+            ("sigma", 0.1, {"value_op": ("noise",)}),
+            ("alpha", 0.5, {"value_op": ("lerp",)}),
+            ("key_order", "image_text", {"selection": ("static",)}),
+            ("random_seed_offset", 0, {"selection": random, "value_op": ("noise",)}),
+        ]
+        for field, default, used_when in rules:
+            value = getattr(self, field)
+            if value == default or any(getattr(self, op) in values for op, values in used_when.items()):
+                continue
+            current = ", ".join(f"{op}={getattr(self, op)!r}" for op in used_when)
+            wanted = " or ".join(f"{op}={v}" for op, values in used_when.items() for v in values)
+            raise ValueError(
+                f"`{field}` ({value!r}) contradicts {current}: {field} is used only with {wanted}; "
+                f"remove {field} (or set it to {'null' if default is None else default!r}) or change {' / '.join(used_when)}"
+            )
+
+    @property
+    def acts_on_attention(self) -> bool:
+        """False for a prompt-side-only arm (score_op = value_op = none): its layers, selection and window are unused."""
+        return self.score_op != "none" or self.value_op != "none"
+
     @property
     def keys_per_head(self) -> int:
         """Keys removed from each head (the budget to compare against an equal-budget random control)."""
         return len(self.indices or []) if self.selection == "static" else self.k
+
+    def first_active_step(self, num_steps: int, sigmas: list[float] | None = None) -> int:
+        """The first step at which this intervention can act (0 without a window). Before it, an arm computes
+        exactly what the baseline computes, which prefix sharing (workers.generate) relies on. A window that
+        names no step gives num_steps - 1: the arm still runs (and decodes) its last step itself. A prompt-side
+        edit changes the text keys from step 0, so such an arm shares no prefix."""
+        if self.step_window is None or self.prompt is not None:
+            return 0
+        active = self.step_window.active_steps(num_steps, sigmas)
+        return min(active) if active else num_steps - 1
 
 
 def _preset(**kw) -> Intervention:
@@ -178,6 +266,9 @@ PRESETS: dict[str, Intervention] = {
     "fixed.m2": _preset(selection="union_topk", k=1, layers=[12], query_scope="all", cfg_branch="both", score_op="remove"),
     "fixed.random": _preset(selection="random", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
     "fixed.modality_random": _preset(selection="modality_random", k=1, layers=[12], query_scope="image", cfg_branch="both", score_op="remove"),
+    # Prompt-side only (the positional-encoding study's fix for FLUX's padding sink, and its controls).
+    "prompt.comma_padding": _preset(score_op="none", prompt=PromptEdit(pad_token=",")),
+    "prompt.drop_padding": _preset(score_op="none", prompt=PromptEdit(padding_slots=0)),
 }
 
 
@@ -186,4 +277,8 @@ def resolve_preset(name: str) -> Intervention:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown intervention preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        from manifests.suggest import closest_key
+
+        hint = closest_key(str(name), sorted(PRESETS))
+        meant = f"; did you mean {hint!r}?" if hint else ""
+        raise ValueError(f"unknown intervention preset {name!r}{meant} (known presets: {', '.join(sorted(PRESETS))})") from None

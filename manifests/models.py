@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Geometry:
-    family: str  # sd3 | sdxl | flux | pixart
+    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ)
     num_layers: int  # attention blocks addressable by integer index
     heads: int
     patch_size: int = 2
@@ -23,6 +23,9 @@ class Geometry:
     t5_tokens: int = 256
     default_resolution: int = 1024
     random_weights: bool = False
+    # names of the attention modules the processors are installed on (what layer patterns match);
+    # empty when not known without loading the model (then patterns are checked at load time only)
+    modules: tuple[str, ...] = ()
 
     def image_tokens(self, height: int, width: int) -> int:
         side = self.vae_scale * self.patch_size
@@ -44,35 +47,80 @@ MODEL_NOTES: dict[str, str] = {
     "toy-sd3-planted": TOY_NOTE + "; positive control with a planted sink (block 3, CLIP start token)",
 }
 
+
+def sd3_modules(num_layers: int, dual_attention_layers: tuple[int, ...] = ()) -> tuple[str, ...]:
+    names = []
+    for i in range(num_layers):
+        names.append(f"transformer_blocks.{i}.attn")
+        if i in dual_attention_layers:
+            names.append(f"transformer_blocks.{i}.attn2")
+    return tuple(names)
+
+
+def flux_modules(joint: int, single: int) -> tuple[str, ...]:
+    return tuple(f"transformer_blocks.{i}.attn" for i in range(joint)) + tuple(
+        f"single_transformer_blocks.{i}.attn" for i in range(single)
+    )
+
+
+def pixart_modules(num_layers: int) -> tuple[str, ...]:
+    return tuple(f"transformer_blocks.{i}.{a}" for i in range(num_layers) for a in ("attn1", "attn2"))
+
+
+def sdxl_modules(attentions: dict[str, int]) -> tuple[str, ...]:
+    """`attentions`: '<block>.attentions.<j>' -> transformer blocks in it (in unet.attn_processors order)."""
+    return tuple(
+        f"{prefix}.transformer_blocks.{b}.{a}" for prefix, blocks in attentions.items() for b in range(blocks) for a in ("attn1", "attn2")
+    )
+
+
+_TINY_SDXL = {"down_blocks.1.attentions.0": 1, "down_blocks.2.attentions.0": 2, "up_blocks.0.attentions.0": 2,
+              "up_blocks.0.attentions.1": 2, "up_blocks.1.attentions.0": 1, "up_blocks.1.attentions.1": 1,
+              "mid_block.attentions.0": 2}
+_SDXL_BASE = {**{f"down_blocks.1.attentions.{j}": 2 for j in range(2)}, **{f"down_blocks.2.attentions.{j}": 10 for j in range(2)},
+              **{f"up_blocks.0.attentions.{j}": 10 for j in range(3)}, **{f"up_blocks.1.attentions.{j}": 2 for j in range(3)},
+              "mid_block.attentions.0": 10}
+
 # Random-weight presets, built offline: the tiny ones (workers.tiny) for tests and demos, and real-scale ones
 # (workers.scale_presets) for cost measurement only: their images are noise. Then the real models the paper uses.
 PRESET_GEOMETRY: dict[str, Geometry] = {
-    "tiny-sd3": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
-    "tiny-sd3-deep": Geometry("sd3", num_layers=4, heads=4, default_resolution=64, random_weights=True),
-    "tiny-sd35": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True),
+    "tiny-sd3": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True, modules=sd3_modules(2)),
+    "tiny-sd3-deep": Geometry("sd3", num_layers=4, heads=4, default_resolution=64, random_weights=True, modules=sd3_modules(4)),
+    "tiny-sd35": Geometry("sd3", num_layers=2, heads=4, default_resolution=64, random_weights=True, modules=sd3_modules(2, (0,))),
     # SDXL: integer layer i = the attn2 of the i-th transformer block in unet.attn_processors order
-    "tiny-sdxl": Geometry("sdxl", num_layers=11, heads=4, patch_size=1, t5_tokens=0, default_resolution=64, random_weights=True),
+    "tiny-sdxl": Geometry("sdxl", num_layers=11, heads=4, patch_size=1, t5_tokens=0, default_resolution=64, random_weights=True,
+                          modules=sdxl_modules(_TINY_SDXL)),
     # Flux: integer layer i = the i-th block in forward order (joint blocks, then single blocks)
-    "tiny-flux": Geometry("flux", num_layers=4, heads=4, clip_tokens=0, t5_tokens=512, default_resolution=64, random_weights=True),
+    "tiny-flux": Geometry("flux", num_layers=4, heads=4, clip_tokens=0, t5_tokens=512, default_resolution=64, random_weights=True,
+                          modules=flux_modules(2, 2)),
     # PixArt-Σ: integer layer i = transformer_blocks.{i}.attn2 (cross-attention to T5)
-    "tiny-pixart": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=300, default_resolution=64, random_weights=True),
+    "tiny-pixart": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=300, default_resolution=64, random_weights=True,
+                            modules=pixart_modules(2)),
+    # PixArt-α (PixArtAlphaPipeline): the same transformer blocks, 120 T5 tokens
+    "tiny-pixart-alpha": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=120, default_resolution=64, random_weights=True,
+                                  modules=pixart_modules(2)),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
-    "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True),
+    "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
     # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
-    "toy-sd3": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64),
-    "toy-sd3-planted": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64),
+    "toy-sd3": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64, modules=sd3_modules(6)),
+    "toy-sd3-planted": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64, modules=sd3_modules(6)),
 }
 # presets whose cost is that of the real model (for estimates and docs); the others are tiny
 REAL_SCALE_PRESETS = frozenset({"sd3-medium-random"})
 
 HUB_GEOMETRY: dict[str, Geometry] = {
-    "stabilityai/stable-diffusion-3-medium-diffusers": Geometry("sd3", num_layers=24, heads=24),
-    "stabilityai/stable-diffusion-3.5-medium": Geometry("sd3", num_layers=24, heads=24),
-    "stabilityai/stable-diffusion-3.5-large": Geometry("sd3", num_layers=38, heads=38),
+    "stabilityai/stable-diffusion-3-medium-diffusers": Geometry("sd3", num_layers=24, heads=24, modules=sd3_modules(24)),
+    "stabilityai/stable-diffusion-3.5-medium": Geometry("sd3", num_layers=24, heads=24, modules=sd3_modules(24, tuple(range(13)))),
+    "stabilityai/stable-diffusion-3.5-large": Geometry("sd3", num_layers=38, heads=38, modules=sd3_modules(38)),
     # SDXL: attention modules are addressed by name pattern (e.g. "mid_block.*.attn2"); 70 transformer blocks
-    "stabilityai/stable-diffusion-xl-base-1.0": Geometry("sdxl", num_layers=70, heads=20, patch_size=1, t5_tokens=0),
-    "black-forest-labs/FLUX.1-dev": Geometry("flux", num_layers=57, heads=24, clip_tokens=0, t5_tokens=512),
-    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=300),
+    "stabilityai/stable-diffusion-xl-base-1.0": Geometry("sdxl", num_layers=70, heads=20, patch_size=1, t5_tokens=0,
+                                                          modules=sdxl_modules(_SDXL_BASE)),
+    "black-forest-labs/FLUX.1-dev": Geometry("flux", num_layers=57, heads=24, clip_tokens=0, t5_tokens=512,
+                                                  modules=flux_modules(19, 38)),
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=300,
+                                                                modules=pixart_modules(28)),
+    "PixArt-alpha/PixArt-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=120,
+                                                 modules=pixart_modules(28)),
 }
 
 
@@ -80,16 +128,19 @@ def geometry_from_folder(path: Path) -> Geometry | None:
     """Read block and head counts from a local diffusers folder's transformer config, if present
     (SDXL folders have a unet/ instead: their integer layers are checked at load time)."""
     config = path / "transformer" / "config.json"
-    if not config.is_file():
-        return None
-    cfg = json.loads(config.read_text())
-    name = cfg.get("_class_name")
-    if name == "SD3Transformer2DModel":
-        return Geometry("sd3", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 2))
-    if name == "FluxTransformer2DModel":
-        return Geometry("flux", num_layers=cfg["num_layers"] + cfg["num_single_layers"], heads=cfg["num_attention_heads"],
-                        clip_tokens=0, t5_tokens=512)
-    if name == "PixArtTransformer2DModel":
-        return Geometry("pixart", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"],
-                        patch_size=cfg.get("patch_size", 2), clip_tokens=0, t5_tokens=300)
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        name = cfg.get("_class_name")
+        if name == "SD3Transformer2DModel":
+            layers = cfg["num_layers"]
+            return Geometry("sd3", num_layers=layers, heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 2),
+                            modules=sd3_modules(layers, tuple(cfg.get("dual_attention_layers") or ())))
+        if name == "FluxTransformer2DModel":
+            return Geometry("flux", num_layers=cfg["num_layers"] + cfg["num_single_layers"], heads=cfg["num_attention_heads"],
+                            clip_tokens=0, t5_tokens=512, modules=flux_modules(cfg["num_layers"], cfg["num_single_layers"]))
+        if name == "PixArtTransformer2DModel":
+            return Geometry("pixart", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"],
+                            patch_size=cfg.get("patch_size", 2), clip_tokens=0, t5_tokens=300, modules=pixart_modules(cfg["num_layers"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not readable here, or not a config we know: the worker checks the loaded model
     return None

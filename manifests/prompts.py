@@ -8,10 +8,13 @@ and object metadata; the balanced subset is joined to GenEval by its exact text.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from manifests.text import decode_utf8
 
 BUNDLED_SETS = ("geneval", "geneval-balanced-100", "toy-geneval")
 
@@ -58,24 +61,62 @@ def load_bundled(name: str) -> list[Prompt]:
     raise ValueError(f"unknown bundled prompt set {name!r}; expected one of {', '.join(BUNDLED_SETS)}")
 
 
+def _text_problem(text: str, line_breaks_allowed: bool) -> str | None:
+    """Why a prompt cannot be used as it is, or None. NUL and other control characters never (tab excepted);
+    in a .txt file not the Unicode line / paragraph separators either (they would hide a second prompt in one
+    line); a .jsonl prompt may hold "\n", "\r", U+2028 and U+2029 (escaped), since its line is its record."""
+    allowed = {"\t", "\n", "\r", "\u2028", "\u2029"} if line_breaks_allowed else {"\t"}
+    bad = sorted({c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") and c not in allowed})
+    if not bad:
+        return None
+    names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'control character')}" for c in bad[:5])
+    hint = "remove it" if line_breaks_allowed else "a prompt is one line of text; remove it, or use a .jsonl file for multi-line text"
+    return f"contains {names}; {hint}"
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines on "\n" only (a "\r" before it is dropped): `str.splitlines` also breaks on vertical tab, form feed,
+    U+2028 and others, which would shift every later prompt id off its line number."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def load_file(path: Path) -> list[Prompt]:
-    """A .txt file (one prompt per non-empty line) or a .jsonl file with a "prompt" field (and optional "tag")."""
-    text = path.read_text(encoding="utf-8")
+    """A .txt file (one prompt per non-empty line) or a .jsonl file with a "prompt" field (and optional "tag").
+
+    A prompt's id is its line number − 1 (0-based, like the bundled sets), blank lines included, so the id of any
+    prompt can be read off the file. Every bad line is reported with its line number."""
     prompts: list[Prompt] = []
-    if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+    problems: list[str] = []
+    for index, line in enumerate(split_lines(decode_utf8(path.read_bytes(), str(path)))):
+        lineno = index + 1
+        if not line.strip(" \t"):
+            continue
+        if path.suffix == ".jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                problems.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                raise ValueError(f'{path}:{lineno}: expected an object with a non-empty string "prompt"')
-            meta = {k: v for k, v in record.items() if k not in ("prompt", "tag")}
-            prompts.append(Prompt(len(prompts), record["prompt"], record.get("tag"), None, json.dumps(meta, sort_keys=True)))
-    else:
-        for line in text.splitlines():
-            if line.strip():
-                prompts.append(Prompt(len(prompts), line.strip()))
+                problems.append(f'{path}:{lineno}: expected an object with a non-empty string "prompt"')
+                continue
+            tag = record.get("tag")
+            if tag is not None and not isinstance(tag, str):
+                problems.append(f'{path}:{lineno}: "tag" must be a string')
+                continue
+            text = record["prompt"]
+            meta = json.dumps({k: v for k, v in record.items() if k not in ("prompt", "tag")}, sort_keys=True)
+        else:
+            text, tag, meta = line.strip(" \t"), None, "{}"
+        problem = _text_problem(text, line_breaks_allowed=path.suffix == ".jsonl")
+        if problem:
+            problems.append(f"{path}:{lineno}: {problem}")
+            continue
+        prompts.append(Prompt(index, text, tag, None, meta))
+    if problems:
+        shown = problems[:10] + ([f"… and {len(problems) - 10} more bad line(s)"] if len(problems) > 10 else [])
+        raise ValueError("\n".join(shown))
     return prompts

@@ -7,20 +7,77 @@ live in `Sweep._cross_checks`, so every mistake is reported before anything runs
 from __future__ import annotations
 
 import re
+import typing
+import unicodedata
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from manifests.interventions import PRESETS, Intervention, resolve_preset
 from manifests.models import HUB_GEOMETRY, PRESET_GEOMETRY, Geometry, geometry_from_folder
 from manifests.prompts import BUNDLED_SETS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # safe as a path component and a shell word
+MAX_SWEEP_NAME = 100  # the run directory is <name>-<hash8>: well under any file system's 255-byte limit
+MAX_ARM_NAME = 64  # arm names end up in unit ids and image file names
+
+
+def _one_line(value: str) -> str:
+    """Values written into job scripts or command lines: no line breaks or other control characters."""
+    bad = sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    if bad:
+        raise ValueError(f"must be one line without control characters (found {', '.join(bad)})")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]  # may be empty (a bare sbatch flag)
+SingleLine = Annotated[str, AfterValidator(_one_line), AfterValidator(_not_blank)]
+# A Slurm word (partition, account, qos): what `sinfo`/`sacctmgr` print; comma-separated lists allowed.
+SlurmWord = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,+-]+$", max_length=200)]
+
+# sbatch options sinkscope sets itself (directly, through submitit, or through the executor fields of the same meaning):
+# giving them again in `sbatch_extra` would break logs, array indexing or the job's resources.
+# orchestrate.executors.slurm refuses the same set at submit time (tested equal).
+RESERVED_SBATCH_OPTIONS = {
+    "array": "a", "output": "o", "error": "e", "open-mode": None, "signal": None, "wrap": None, "parsable": None,
+    "job-name": "J", "export": None, "partition": "p", "account": "A", "qos": "q", "time": "t", "mem": None,
+    "constraint": "C", "cpus-per-task": "c", "gpus-per-task": None, "ntasks-per-node": None,
+    "nodes": "N", "wckey": None,  # submitit writes these two into every job script
+}
+_SBATCH_SHORT = {short: long for long, short in RESERVED_SBATCH_OPTIONS.items() if short}
+
+
+def _admits_number(annotation) -> bool:
+    return annotation in (int, float) or any(_admits_number(arg) for arg in typing.get_args(annotation))
+
+
+def _admits_bool(annotation) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_admits_bool(arg) for arg in typing.get_args(annotation))
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """pydantic reads `steps: true` as 1: a YAML true/false where a number belongs is a mistake, not 1 or 0."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _admits_number(field.annotation) and not _admits_bool(field.annotation):
+                    raise ValueError(f"`{name}` expects a number, got a boolean ({str(value).lower()})")
+        return data
 
 
 class ModelSpec(_Strict):
@@ -30,11 +87,16 @@ class ModelSpec(_Strict):
         None, description=f"random-weight model built offline (tiny ones for tests; sd3-medium-random: real shapes, "
         f"for cost measurement only): {', '.join(PRESET_GEOMETRY)}",
     )
-    hub_id: str | None = Field(None, description="Hugging Face repo id, resolved through the normal cache")
-    path: str | None = Field(None, description="local diffusers folder")
-    revision: str | None = None
+    hub_id: SingleLine | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200,
+        description="Hugging Face repo id (owner/name), resolved through the normal cache",
+    )
+    path: SingleLine | None = Field(None, description="local diffusers folder (checked at plan time: exists, readable)")
+    revision: SingleLine | None = None
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    device: str | None = Field(None, description="torch device; default cuda if available else cpu")
+    device: str | None = Field(
+        None, pattern=r"^(cpu|cuda|mps|xpu)(:[0-9]+)?$", description="torch device; default cuda if available else cpu"
+    )
     load_t5: bool = Field(True, description="load SD3's T5 encoder (False: 256 zero tokens, as the paper's variant without T5)")
 
     @model_validator(mode="after")
@@ -43,7 +105,11 @@ class ModelSpec(_Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, hub_id or path (got {given or 'none'})")
         if self.preset is not None and self.preset not in PRESET_GEOMETRY:
-            raise ValueError(f"unknown model preset {self.preset!r}; expected one of {', '.join(PRESET_GEOMETRY)}")
+            from manifests.suggest import closest_key
+
+            hint = closest_key(self.preset, list(PRESET_GEOMETRY))
+            meant = f"; did you mean {hint!r}?" if hint else ""
+            raise ValueError(f"unknown model preset {self.preset!r}{meant} (expected one of {', '.join(PRESET_GEOMETRY)})")
         return self
 
     def geometry(self) -> Geometry | None:
@@ -62,11 +128,15 @@ class PromptSpec(_Strict):
     """A bundled set or a file, optionally sliced. Slicing keeps each prompt's id (its position in the set)."""
 
     set: str | None = Field(None, description=f"bundled set: {', '.join(BUNDLED_SETS)}")
-    file: str | None = Field(None, description=".txt (one prompt per line) or .jsonl with a 'prompt' field; relative to the sweep file")
-    start: int = Field(0, ge=0)
-    limit: int | None = Field(None, ge=1)
-    ids: list[int] | None = Field(None, description="explicit prompt ids (positions in the set)")
-    tags: list[str] | None = Field(None, description="keep only prompts with these GenEval tags")
+    file: SingleLine | None = Field(
+        None, description=".txt (one prompt per line) or .jsonl with a 'prompt' field; relative to the sweep file"
+    )
+    start: int = Field(0, ge=0, le=10_000_000)
+    limit: int | None = Field(None, ge=1, le=10_000_000)
+    ids: list[Annotated[int, Field(ge=0, le=10_000_000)]] | None = Field(
+        None, max_length=20_000, description="explicit prompt ids (positions in the set; in a file, line number − 1)"
+    )
+    tags: list[str] | None = Field(None, max_length=100, description="keep only prompts with these GenEval tags")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PromptSpec":
@@ -80,9 +150,10 @@ class PromptSpec(_Strict):
 
 
 class SeedSpec(_Strict):
-    base: int = Field(42, ge=0, description="seed of seed_index 0 of prompt 0")
+    # bounds keep base + prompt_id + (count − 1) · stride inside int64 (the manifest's seed column, torch.Generator)
+    base: int = Field(42, ge=0, le=2**62, description="seed of seed_index 0 of prompt 0")
     count: int = Field(1, ge=1, le=10_000)
-    stride: int = Field(1_000_000, ge=1, description="seed = base + prompt_id + seed_index * stride")
+    stride: int = Field(1_000_000, ge=1, le=2**48, description="seed = base + prompt_id + seed_index * stride")
 
     def seed(self, prompt_id: int, seed_index: int) -> int:
         return self.base + prompt_id + seed_index * self.stride
@@ -90,9 +161,9 @@ class SeedSpec(_Strict):
 
 class GenerationSpec(_Strict):
     steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(7.0, ge=0.0)
-    height: int | None = Field(None, ge=16, description="pixels; default: the model's native resolution")
-    width: int | None = Field(None, ge=16)
+    guidance: float = Field(7.0, ge=0.0, le=100.0, description="classifier-free guidance scale (finite, 0..100)")
+    height: int | None = Field(None, ge=16, le=8192, description="pixels; default: the model's native resolution")
+    width: int | None = Field(None, ge=16, le=8192)
     scheduler: Literal["default", "flow_euler", "flow_dpmpp"] = Field(
         "default", description="default = the pipeline's own; flow_* are valid flow-matching samplers (paper bug §5.11 avoided)"
     )
@@ -100,18 +171,43 @@ class GenerationSpec(_Strict):
     arms_per_batch: int = Field(
         1, ge=1, le=64,
         description="arms of one (prompt, seed) group run in one batched forward (1: one after another). "
-        "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash.",
+        "Changes GEMM shapes, so pixels match the unbatched path only within the dtype's tolerance; part of the config hash. "
+        "Baselines always run alone (batch 1).",
+    )
+    compile: Literal["none", "inductor"] = Field(
+        "none",
+        description="inductor: torch.compile the denoiser (attention processors stay eager) for every arm of the run, "
+        "≈1.2× the images per hour on an H200 (benchmarks/RESULTS.md). Opt-in: fused kernels round differently from "
+        "stock, so images differ from compile: none within the dtype's tolerance; part of the config hash and of the "
+        "baseline cache key",
+    )
+    prefix_sharing: bool = Field(
+        True,
+        description="an arm whose intervention starts at step s > 0 runs only steps s.. from the group baseline's latents "
+        "entering step s (single-step schedulers: the default flow-matching Euler); bit-identical to running it from step 0 "
+        "at arms_per_batch 1. Part of the config hash (with arms_per_batch > 1 it decides which arms share a batch)",
+    )
+    torch_threads: int = Field(
+        1, ge=1, le=256,
+        description="torch CPU threads of every shard, whatever executor or node runs it: CPU kernels reduce in an "
+        "order that depends on the thread count, so pixels computed on a CPU change with it. Only bounds CPU-side "
+        "work on a GPU. Part of the config hash.",
     )
 
 
 class RecordingSpec(_Strict):
     """What the per-step sink recorder computes. Only what is asked for is computed."""
 
-    layers: list[int | str] = Field(
-        default_factory=list, description="block indices, or glob patterns on attention-module names, to record (empty: none)"
+    layers: list[int | SingleLine] = Field(
+        default_factory=list, max_length=1000,
+        description="block indices, or glob patterns on attention-module names, to record (empty: none)",
     )
     topk: int = Field(5, ge=1, le=64)
-    stats: list[Literal["mass", "entropy", "top5"]] = Field(default_factory=lambda: ["mass", "entropy", "top5"])
+    stats: list[Literal["mass", "entropy", "top5", "ratio"]] = Field(
+        default_factory=lambda: ["mass", "entropy", "top5"],
+        description="mass: top-k keys and masses (and the top-1 sink's identity and region); entropy; top5: top-5 "
+        "concentration; ratio: sink-to-random key-importance ratios (top-1 mass over the mean and the median key mass)",
+    )
     branches: list[Literal["cond", "uncond"]] = Field(default_factory=lambda: ["cond", "uncond"])
     mass_queries: Literal["image", "all"] = "image"
     top5_query_stride: int = Field(
@@ -130,15 +226,27 @@ class RecordingSpec(_Strict):
         return sorted(x for x in v if isinstance(x, int)) + [x for x in v if isinstance(x, str)]
 
 
+class CacheSpec(_Strict):
+    """Reuse of generated baselines across runs (jobs.baseline_cache). Not part of the config hash: a reused
+    baseline is bit-identical to the one the run would generate."""
+
+    baselines: str = Field(
+        "auto",
+        description="auto: $SINKSCOPE_CACHE/baselines (default ~/.cache/sinkscope/baselines); off: generate every "
+        "baseline; or a folder (shared storage on a cluster). The environment variable SINKSCOPE_BASELINE_CACHE "
+        "(off | a folder) overrides it",
+    )
+
+
 class ShardingSpec(_Strict):
-    prompts_per_shard: int = Field(8, ge=1)
+    prompts_per_shard: int = Field(8, ge=1, le=100_000)
 
 
 class LocalExecutorConfig(_Strict):
     kind: Literal["local"] = "local"
-    workers: int | None = Field(None, ge=1, description="parallel workers; default one per visible GPU, else 1")
+    workers: int | None = Field(None, ge=1, le=1024, description="parallel workers; default one per visible GPU, else 1")
     threads_per_worker: int | None = Field(
-        None, ge=0,
+        None, ge=0, le=4096,
         description="CPU threads of each worker (torch intra-op, OpenMP, MKL), so workers on one host do not contend. "
         "Default: this machine's CPUs split evenly among the workers when there are several, torch's own default "
         "with one; 0: torch's own default always (every worker sizes its pools for the whole host)",
@@ -147,31 +255,59 @@ class LocalExecutorConfig(_Strict):
 
 class SlurmExecutorConfig(_Strict):
     kind: Literal["slurm"]
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus_per_task: int = Field(1, ge=0)
-    cpus_per_task: int = Field(8, ge=1)
-    mem: str | None = Field(None, description="e.g. '64G'")
-    time: int = Field(60, ge=1, description="minutes per shard job")
-    constraint: str | None = None
-    array_parallelism: int = Field(64, ge=1)
-    max_array_size: int | None = Field(None, ge=1, description="default: MaxArraySize from `scontrol show config`")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before the job (module load ...)")
-    sbatch_extra: dict[str, str] = Field(default_factory=dict)
-    max_requeues: int = Field(3, ge=0)
+    partition: SlurmWord | None = None
+    account: SlurmWord | None = None
+    qos: SlurmWord | None = None
+    gpus_per_task: int = Field(1, ge=0, le=64)
+    cpus_per_task: int = Field(8, ge=1, le=1024)
+    mem: str | None = Field(None, pattern=r"^[0-9]+[KMGT]?$", description="e.g. '64G' (sbatch --mem: a number, optional K/M/G/T)")
+    time: int = Field(60, ge=1, le=525_600, description="minutes per shard job (at most a year)")
+    constraint: SingleLine | None = Field(None, max_length=1000)
+    array_parallelism: int = Field(64, ge=1, le=1_000_000)
+    max_array_size: int | None = Field(None, ge=1, le=100_000_000, description="default: MaxArraySize from `scontrol show config`")
+    setup: list[SingleLine] = Field(default_factory=list, description="shell lines run before the job (module load ...), one per item")
+    sbatch_extra: dict[str, OneLine] = Field(
+        default_factory=dict,
+        description="more sbatch options, name -> value ('' or 'true' for a bare flag); options sinkscope sets itself are refused",
+    )
+    max_requeues: int = Field(3, ge=0, le=1000)
+
+    @field_validator("sbatch_extra", mode="before")
+    @classmethod
+    def _extra_values_as_text(cls, value: Any) -> Any:
+        """YAML reads `exclusive: true` or `nice: 10` as bool / int; sbatch takes them as text."""
+        if isinstance(value, dict):
+            return {k: ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, (int, float)) else v)
+                    for k, v in value.items()}
+        return value
+
+    @field_validator("sbatch_extra")
+    @classmethod
+    def _extra_options(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            flag = key.lstrip("-")
+            if not re.match(r"^[A-Za-z][A-Za-z0-9_-]*$", flag):
+                raise ValueError(f"{key!r} is not an sbatch option name (letters, digits, '-' and '_', e.g. 'exclusive')")
+            long = _SBATCH_SHORT.get(flag, flag.replace("_", "-").lower()) if len(flag) == 1 else flag.replace("_", "-").lower()
+            if long in RESERVED_SBATCH_OPTIONS:
+                field = {"cpus-per-task": "cpus_per_task", "gpus-per-task": "gpus_per_task", "time": "time", "mem": "mem",
+                         "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint"}.get(long)
+                instead = f"; use executor.{field} instead" if field else ""
+                given = "" if key == long else f" (given as {key!r})"
+                raise ValueError(f"--{long} is set by sinkscope itself{given} and cannot be given in sbatch_extra{instead}")
+        return value
 
 
 class RayExecutorConfig(_Strict):
     kind: Literal["ray"]
-    address: str = Field(
-        "local",
+    address: SingleLine = Field(
+        "local", max_length=500,
         description="'local' (an in-process Ray; submit blocks), or a running cluster: 'auto', 'host:port', "
         "'ray://host:port' or the dashboard 'http://host:8265' (a detached Ray job; submit returns at once)",
     )
-    num_gpus: float = Field(1, ge=0)
-    num_cpus: float = Field(1, ge=0)
-    max_retries: int = Field(3, ge=0)
+    num_gpus: float = Field(1, ge=0, le=1024)
+    num_cpus: float = Field(1, ge=0, le=4096)
+    max_retries: int = Field(3, ge=0, le=1000)
 
 
 ExecutorConfig = Annotated[
@@ -185,13 +321,13 @@ METRICS = ("clip_t", "imagereward", "hpsv2", "lpips", "fid_shift", "toy_geneval"
 class AnalysisSpec(_Strict):
     metrics: list[Literal["clip_t", "imagereward", "hpsv2", "lpips", "fid_shift", "toy_geneval"]] = Field(default_factory=lambda: ["lpips"])
     baseline: str | None = Field(None, description="reference arm (default: the one arm without intervention)")
-    bootstrap_resamples: int = Field(10_000, ge=100)
-    bootstrap_seed: int = 0
+    bootstrap_resamples: int = Field(10_000, ge=100, le=10_000_000)
+    bootstrap_seed: int = Field(0, ge=0, le=2**32 - 1)
     random_metric_weights: bool = Field(False, description="use random metric backbones (tests / demo only; labelled)")
 
 
 class ArmSpec(_Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_ARM_NAME)
     intervention: Intervention | None = None
 
     @field_validator("intervention", mode="before")
@@ -201,27 +337,80 @@ class ArmSpec(_Strict):
         if isinstance(value, str):
             return resolve_preset(value)
         if isinstance(value, dict) and "preset" in value:
+            if not isinstance(value["preset"], str):
+                raise ValueError(f"preset: expected a preset name, got {type(value['preset']).__name__}")
             overrides = {k: v for k, v in value.items() if k != "preset"}
-            base = resolve_preset(value["preset"]).model_dump(exclude_unset=False)
+            # only what the preset sets, so a field it leaves at its default is not "given" (see Intervention._consistent)
+            base = resolve_preset(value["preset"]).model_dump(exclude_unset=True)
             return {**base, **overrides}
+        return value
+
+
+class ArmGridSpec(_Strict):
+    """Arms generated from a grid: the product of `vary`'s lists, each laid over `base` (see manifests.compose)."""
+
+    base: str | dict[str, Any] | None = Field(
+        None, description="intervention fields every generated arm shares: a preset name, or {preset: ..., <fields>}"
+    )
+    vary: dict[str, list[Any]] = Field(
+        min_length=1, description="intervention field -> list of values (a list of lists for `layers`); the grid is their product"
+    )
+    name: str | None = Field(
+        None, max_length=MAX_ARM_NAME,
+        description="arm name template with {field} placeholders of varied fields (default: derived from the varied values)",
+    )
+
+    @field_validator("vary")
+    @classmethod
+    def _non_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, v in value.items() if not v]
+        if empty:
+            raise ValueError(f"{', '.join(empty)}: give at least one value to vary over")
+        unknown = [k for k in value if k != "preset" and k not in Intervention.model_fields]
+        if unknown:
+            from manifests.suggest import unknown_key_message
+
+            raise ValueError("; ".join(unknown_key_message(k, ["preset", *Intervention.model_fields]) for k in unknown))
         return value
 
 
 class Sweep(_Strict):
     """A whole experiment: model × prompts × seeds × arms, how to record, shard, execute and analyse."""
 
-    name: str = Field(pattern=NAME_PATTERN)
-    description: str = ""
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_SWEEP_NAME)
+    description: str = Field("", max_length=10_000)
     model: ModelSpec
     prompts: PromptSpec
     seeds: SeedSpec = SeedSpec()
     generation: GenerationSpec = GenerationSpec()
-    arms: list[ArmSpec] = Field(min_length=1)
+    arms: list[ArmSpec] = Field(min_length=1, max_length=1000)
+    arm_grid: list[ArmGridSpec] = Field(
+        default_factory=list, max_length=0, exclude=True,  # always empty once validated: not part of any dump or hash
+        description="arms generated from grids, appended to `arms` (docs/sweeps.md, Sweep composition). Expanded before "
+        "validation (`_expand_grids`), so a validated Sweep holds the generated arms in `arms` and an empty `arm_grid`",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_grids(cls, data: Any) -> Any:
+        """For callers that validate a mapping directly (parse_sweep expands first, to name grids in errors)."""
+        if isinstance(data, dict) and data.get("arm_grid"):
+            from manifests.compose import materialise_arm_grids
+
+            try:
+                return materialise_arm_grids(data)
+            except (TypeError, AttributeError, KeyError) as e:  # a malformed grid (parse_sweep describes it key by key)
+                raise ValueError(f"arm_grid: not a list of {{base, vary, name}} grids ({type(e).__name__}: {e})") from None
+        return data
     recording: RecordingSpec = RecordingSpec()
     sharding: ShardingSpec = ShardingSpec()
+    cache: CacheSpec = CacheSpec()
     executor: ExecutorConfig = LocalExecutorConfig()
     analysis: AnalysisSpec = AnalysisSpec()
-    output_root: str = Field("runs", description="run directories are created below it; relative to the current directory")
+    output_root: SingleLine = Field(
+        "runs", max_length=1000,
+        description="run directories are created below it; relative to the current directory (checked writable at plan time)",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Sweep":
@@ -233,6 +422,8 @@ class Sweep(_Strict):
             raise ValueError(f"analysis.baseline: {self.analysis.baseline!r} is not an arm name (arms: {names})")
         geo = self.model.geometry()
         height, width = self.resolution()
+        if geo is not None and geo.modules:
+            self._check_patterns(geo)
         if geo is not None and geo.family in ("sd3", "flux"):  # token-level checks need a joint [image | text] layout
             side = geo.vae_scale * geo.patch_size
             for label, px in (("height", height), ("width", width)):
@@ -250,7 +441,7 @@ class Sweep(_Strict):
                 raise ValueError(f"recording.topk: {self.recording.topk} is larger than the {n_keys} keys of the model at {height}×{width}")
             for i, arm in enumerate(self.arms):
                 iv = arm.intervention
-                if iv is None:
+                if iv is None or not iv.acts_on_attention:
                     continue
                 where = f"arms[{i}] ({arm.name}).intervention"
                 for layer in iv.layers:
@@ -265,7 +456,30 @@ class Sweep(_Strict):
                     )
                 if iv.indices and max(iv.indices) >= n_keys:
                     raise ValueError(f"{where}.indices: index {max(iv.indices)} ≥ the {n_keys} keys of the model at {height}×{width}")
+        for i, arm in enumerate(self.arms):
+            edit = arm.intervention.prompt if arm.intervention is not None else None
+            if edit is not None and edit.max_length and geo is not None and geo.clip_tokens and edit.applies_to("clip"):
+                if edit.max_length > geo.clip_tokens:
+                    raise ValueError(
+                        f"arms[{i}] ({arm.name}).intervention.prompt.max_length: {edit.max_length} > CLIP's {geo.clip_tokens} "
+                        "positions; limit the edit to T5 with `encoders: [t5]`"
+                    )
         return self
+
+    def _check_patterns(self, geo: Geometry) -> None:
+        """Every layer glob must match an attention module of the model (known here for presets and the table's hub ids)."""
+        def check(layers, where: str) -> None:
+            for layer in layers:
+                if isinstance(layer, str) and not any(fnmatch(name, layer) for name in geo.modules):
+                    raise ValueError(
+                        f"{where}: layer pattern {layer!r} matches no attention module of {self.model.label} "
+                        f"(its attention modules: {', '.join(geo.modules[:3])}{', …' if len(geo.modules) > 3 else ''})"
+                    )
+
+        check(self.recording.layers, "recording.layers")
+        for i, arm in enumerate(self.arms):
+            if arm.intervention is not None:
+                check(arm.intervention.layers, f"arms[{i}] ({arm.name}).intervention.layers")
 
     def resolution(self) -> tuple[int, int]:
         geo = self.model.geometry()

@@ -12,6 +12,12 @@ import copy
 from manifests.models import PRESET_GEOMETRY
 
 TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "pixart": "tiny-pixart"}
+# models whose architecture differs within their family: SD3.5's dual-attention `.attn2`, PixArt-α's pipeline
+TINY_FOR_HUB = {
+    "stabilityai/stable-diffusion-3.5-medium": "tiny-sd35",
+    "stabilityai/stable-diffusion-3.5-large": "tiny-sd35",
+    "PixArt-alpha/PixArt-XL-2-1024-MS": "tiny-pixart-alpha",
+}
 
 
 def _map_layer(layer, source_layers: int, target_layers: int):
@@ -31,7 +37,7 @@ def _map_layers(layers: list, source_layers: int, target_layers: int) -> list:
 
 def shrink(data: dict, family: str, source_layers: int, prompts: int = 2, steps: int = 2) -> dict:
     """`data` is a sweep mapping (as read from YAML); returns a new mapping for the tiny model of `family`."""
-    preset = TINY_FOR_FAMILY.get(family)
+    preset = TINY_FOR_HUB.get((data.get("model") or {}).get("hub_id"), TINY_FOR_FAMILY.get(family))
     if preset is None or preset not in PRESET_GEOMETRY:
         raise ValueError(f"no tiny model for the {family!r} family yet; cannot shrink this sweep")
     target_layers = PRESET_GEOMETRY[preset].num_layers

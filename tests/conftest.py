@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tests never share generated baselines through ~/.cache; tests/orchestrate/test_baseline_cache.py turns the cache on
+os.environ.setdefault("SINKSCOPE_BASELINE_CACHE", "off")
 REPO = Path(__file__).resolve().parents[1]
 
 

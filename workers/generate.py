@@ -26,14 +26,20 @@ Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-sepa
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from manifests.interventions import PromptEdit
+from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
+from workers import prompt_side
 from workers.loading import LoadedPipeline
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
@@ -47,7 +53,25 @@ class ArmResult:
     image: object  # PIL.Image.Image
     sink_rows: pa.Table  # workers.SINK_STEP_SCHEMA
     seconds: float  # denoising + decoding of this arm (text encoding is shared by the group and excluded);
-    # in a batch of A arms, the batch's time / A
+    # in a batch of A arms, the batch's time / A; 0 for a baseline taken from the cache
+    png: bytes | None = None  # a reused baseline's PNG as cached (written as it is, so its checksum is the producer's)
+    start_step: int = 0  # > 0: the arm ran from the group baseline's latents entering this step (prefix sharing)
+    trajectory: dict | None = None  # baseline only: step -> latents entering that step (device tensors)
+    final_latents: object = None  # baseline only: latents after the last step, before decoding
+    sigmas: list[float] | None = None  # baseline only: the scheduler's sigmas of the run
+    same_as: str | None = None  # a further baseline arm of the group: the arm whose (identical) result it is
+
+
+@dataclass
+class ReusedBaseline:
+    """A baseline taken from elsewhere (jobs' baseline cache) instead of generated: what generate_group needs of it."""
+
+    image: object  # PIL.Image.Image
+    png: bytes
+    sink_rows: pa.Table
+    trajectory: dict  # step -> latents entering that step (the steps the producer captured)
+    final_latents: object
+    sigmas: list[float]
 
 
 @dataclass
@@ -61,6 +85,13 @@ class EncodedPrompt:
     t5_uncond: tuple[bool, ...] | None
     height: int
     width: int
+    text_cond: tuple[TextKey, ...] = ()  # the denoiser's text keys [CLIP | T5] as encoded (prompt edits included)
+    text_uncond: tuple[TextKey, ...] = ()
+
+    @property
+    def num_clip(self) -> int:
+        """CLIP text keys of this encoding (77 unless a prompt edit changed CLIP's length)."""
+        return sum(1 for key in self.text_cond if key.segment == "clip")
 
 
 @dataclass
@@ -72,6 +103,9 @@ class BatchRun:
     context: RunContext | None
     seconds: float
     denoiser_outputs: list = field(default_factory=list)  # per step, when captured
+    trajectory: dict = field(default_factory=dict)  # step i -> latents entering step i (i ≥ 1), when captured
+    final_latents: object = None  # after the last step, when captured
+    sigmas: list[float] | None = None  # the run's scheduler sigmas (full schedule), when captured
 
 
 def _maybe_inject_fault(prompt: str) -> None:
@@ -121,14 +155,6 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) 
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
 
-def _t5_valid_from_tokenizer(tokenizer, text: str, max_sequence_length: int) -> tuple[bool, ...] | None:
-    """Which T5 slots hold real tokens (the tokenizer's attention mask); None when T5 is absent."""
-    if tokenizer is None:
-        return None
-    mask = tokenizer(text, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True).attention_mask
-    return tuple(bool(x) for x in mask)
-
-
 def resolution(loaded: LoadedPipeline, generation: GenerationSpec) -> tuple[int, int]:
     geo = loaded.geometry
     height = generation.height or geo.default_resolution
@@ -139,16 +165,21 @@ def resolution(loaded: LoadedPipeline, generation: GenerationSpec) -> tuple[int,
     return height, width
 
 
-def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpec) -> EncodedPrompt:
-    """Run the text encoders once for a group (family-specific), with CFG negatives when the family uses them."""
+def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpec, edit: PromptEdit | None = None) -> EncodedPrompt:
+    """Run the text encoders once for a group (family-specific), with CFG negatives when the family uses them.
+
+    `edit`: an arm's prompt-side change (workers.prompt_side), applied to the conditional and unconditional prompt.
+    """
     pipe, family = loaded.pipe, loaded.family
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
     msl = generation.max_sequence_length
+    if edit is not None and edit.max_length and edit.applies_to("t5"):
+        msl = edit.max_length  # also the length of SD3's zero T5 slots when T5 is absent
     device = pipe._execution_device
     use_cfg = generation.guidance > 1.0 and family != "flux"  # diffusers runs CFG only above 1; its batch is [uncond, cond]
-    with torch.no_grad():
+    with torch.no_grad(), prompt_side.capture(pipe, family, prompt, edit) as log:
         if family == "sd3":
             pe, npe, pooled, npooled = pipe.encode_prompt(
                 prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
@@ -156,8 +187,7 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             )
             embeds = dict(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
             extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl)
-            t5 = getattr(pipe, "tokenizer_3", None) if getattr(pipe, "text_encoder_3", None) is not None else None
-            t5_cond, t5_uncond = _t5_valid_from_tokenizer(t5, prompt, msl), _t5_valid_from_tokenizer(t5, "", msl)
+            t5_cond = t5_uncond = () if getattr(pipe, "text_encoder_3", None) is not None else None  # set from the log below
         elif family == "sdxl":
             pe, npe, pooled, npooled = pipe.encode_prompt(
                 prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=use_cfg,
@@ -171,7 +201,7 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=msl)
             embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
             extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl)
-            t5_cond, t5_uncond = _t5_valid_from_tokenizer(pipe.tokenizer_2, prompt, msl), None
+            t5_cond, t5_uncond = (), None  # set from the log below
         elif family == "pixart":
             pe, mask, npe, nmask = pipe.encode_prompt(
                 prompt, do_classifier_free_guidance=use_cfg, negative_prompt="", num_images_per_prompt=1, device=device,
@@ -187,22 +217,39 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             t5_uncond = None if nmask is None else tuple(bool(x) for x in nmask[0].tolist())
         else:
             raise ValueError(f"unknown family {family!r}")
-    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width)
+    zero = {"clip": loaded.geometry.clip_tokens, "t5": msl}
+    text_cond = prompt_side.text_keys(pipe, family, log, 0, zero)
+    text_uncond = prompt_side.text_keys(pipe, family, log, 1, {**zero, "clip": sum(k.segment == "clip" for k in text_cond)}) if use_cfg else ()
+    if t5_cond is not None:  # which T5 slots hold real tokens, as encoded (an edit may change length or padding)
+        t5_cond = tuple(k.kind != "padding" for k in text_cond if k.segment == "t5")
+        t5_uncond = tuple(k.kind != "padding" for k in text_uncond if k.segment == "t5") if use_cfg else t5_uncond
+    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
 
 
 def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
     """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A]."""
-    cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond) for arm in arms]
+    cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond, encoded.text_cond) for arm in arms]
     if not encoded.use_cfg:
         return cond
-    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond) for arm in arms] + cond
+    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+
+
+def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
+    return None if arm.intervention is None else arm.intervention.prompt
 
 
 def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
-    """Consecutive chunks of at most `arms_per_batch` arms, in the given order (a pure function of the arm list)."""
+    """Consecutive chunks of at most `arms_per_batch` arms with the same prompt edit (they share one encoding),
+    in the given order (a pure function of the arm list)."""
     if arms_per_batch < 1:
         raise ValueError(f"arms_per_batch must be ≥ 1, got {arms_per_batch}")
-    return [arms[i : i + arms_per_batch] for i in range(0, len(arms), arms_per_batch)]
+    out: list[list[ArmSpec]] = []
+    for arm in arms:
+        if out and len(out[-1]) < arms_per_batch and prompt_edit(out[-1][0]) == prompt_edit(arm):
+            out[-1].append(arm)
+        else:
+            out.append([arm])
+    return out
 
 
 def _repeat(value, n: int):
@@ -224,15 +271,23 @@ def run_batch(
     probe=None,
     capture_outputs: bool = False,
     output_type: str = "pil",
+    start_step: int = 0,
+    capture_latents: bool = False,
 ) -> BatchRun:
-    """One pipeline call for `arms` (all from `latents`). sinks=False runs without a RunContext (stock behaviour)."""
+    """One pipeline call for `arms` (all from `latents`). sinks=False runs without a RunContext (stock behaviour).
+
+    start_step > 0: `latents` are those entering that step (a prefix-sharing arm); the pipeline then runs only
+    the steps from there on (see `_run_from`). capture_latents: keep the latents entering every step and the final
+    ones (the group baseline's trajectory, which prefix-sharing arms and the baseline cache reuse).
+    """
     pipe = loaded.pipe
     n = len(arms)
     ctx = None
     if sinks:
         ctx = RunContext(
             elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
-            num_clip_tokens=loaded.geometry.clip_tokens, probe=probe,
+            num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
+            start_step=start_step, step=start_step - 1,
         )
     outputs: list[torch.Tensor] = []
     hook = None
@@ -243,7 +298,16 @@ def run_batch(
 
         hook = loaded.denoiser.register_forward_hook(keep)
     original_scheduler = pipe.scheduler
-    pipe.scheduler = make_scheduler(pipe, generation.scheduler)
+    scheduler = make_scheduler(pipe, generation.scheduler)
+    trajectory: dict = {}
+    if start_step or capture_latents:
+        scheduler = copy.deepcopy(scheduler)  # instance-level wrappers below must not outlive this call
+        if start_step:
+            _run_from(scheduler, start_step)
+        if capture_latents:
+            _capture_steps(scheduler, trajectory, start_step)
+    pipe.scheduler = scheduler
+    stock_denoiser = _use_compiled_denoiser(loaded, generation.compile)
     loaded.session.context = ctx
     start = time.perf_counter()
     try:
@@ -257,6 +321,10 @@ def run_batch(
     finally:
         loaded.session.context = None
         pipe.scheduler = original_scheduler
+        if stock_denoiser is not None:
+            eager, processors = stock_denoiser
+            eager.set_attn_processor(processors)
+            setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", eager)
         if hook is not None:
             hook.remove()
     seconds = time.perf_counter() - start
@@ -265,7 +333,113 @@ def run_batch(
     images = list(output.images)
     if len(images) != n:
         raise RuntimeError(f"the pipeline returned {len(images)} images for a batch of {n} arms")
-    return BatchRun(arms=arms, images=images, context=ctx, seconds=seconds, denoiser_outputs=outputs)
+    run = BatchRun(arms=arms, images=images, context=ctx, seconds=seconds, denoiser_outputs=outputs)
+    if capture_latents:
+        run.final_latents = trajectory.pop(generation.steps)
+        run.trajectory = trajectory
+        run.sigmas = [float(x) for x in scheduler.sigmas]
+    return run
+
+
+_COMPILE_MODES = {"inductor": "default"}
+
+
+class _OutsideGraph:
+    """An attention processor run outside torch.compile's graph: its Python state (run context, records) and its
+    own Triton kernels are not traced (inductor cannot recompile them); the rest of each block is compiled."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    @torch._dynamo.disable
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
+    """generation.compile: put a torch.compile'd denoiser (built once per loaded pipeline and mode) in the pipeline
+    for this call, with its attention processors wrapped by _OutsideGraph; returns what to restore, or None."""
+    if setting == "none":
+        return None
+    eager = loaded.denoiser
+    cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
+    if setting not in cache:
+        wrapped = {name: _OutsideGraph(proc) for name, proc in eager.attn_processors.items()}
+        cache[setting] = (torch.compile(eager, mode=_COMPILE_MODES[setting]), wrapped)
+    compiled, wrapped = cache[setting]
+    processors = dict(eager.attn_processors)
+    eager.set_attn_processor(dict(wrapped))
+    setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", compiled)
+    return eager, processors
+
+
+# Schedulers whose step i depends only on (model output, latents entering step i, sigmas[i], sigmas[i+1]), so
+# a run may start at step s from the latents entering it: diffusers' own img2img start (`set_begin_index`).
+# Multistep solvers (DPM++, PixArt's default) carry earlier model outputs and are not listed: their arms run
+# from step 0. EulerDiscrete (SDXL) would need its init_noise_sigma scaling of given latents undone: not listed.
+PREFIX_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def supports_prefix(loaded: LoadedPipeline, generation: GenerationSpec) -> bool:
+    scheduler = make_scheduler(loaded.pipe, generation.scheduler)
+    return type(scheduler).__name__ in PREFIX_SCHEDULERS and not scheduler.config.get("stochastic_sampling", False)
+
+
+def _run_from(scheduler, start: int) -> None:
+    """Make the pipeline's loop begin at step `start` of the same schedule, as diffusers' img2img pipelines do:
+    the full schedule is computed, the pipeline iterates over timesteps[start:], and the scheduler's step index
+    begins at `start` (also when the pipeline itself calls set_begin_index(0), as Flux's does)."""
+    set_timesteps, set_begin_index = scheduler.set_timesteps, scheduler.set_begin_index
+
+    def set_timesteps_from(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        scheduler.timesteps = scheduler.timesteps[start:]
+        set_begin_index(start)
+
+    scheduler.set_timesteps = set_timesteps_from
+    scheduler.set_begin_index = lambda begin_index=0: set_begin_index(start + begin_index)
+
+
+def _capture_steps(scheduler, trajectory: dict, start: int) -> None:
+    """Keep a copy of every scheduler step's output: trajectory[i + 1] = latents after step i (entering step i + 1)."""
+    step = scheduler.step
+
+    def step_and_keep(*args, **kwargs):
+        out = step(*args, **kwargs)
+        latents = out[0] if isinstance(out, tuple) else out.prev_sample
+        trajectory[start + len(trajectory) + 1] = latents.detach().clone()
+        return out
+
+    scheduler.step = step_and_keep
+
+
+def start_step(arm: ArmSpec, num_steps: int, sigmas: list[float] | None) -> int:
+    """The first step at which the arm's intervention acts (a baseline: never, num_steps).
+
+    Before it the arm computes exactly what the baseline computes: same latents, no intervention (random draws
+    are seeded per step, never by how many came before), so those steps can be taken from the baseline.
+    """
+    if arm.intervention is None:
+        return num_steps
+    return arm.intervention.first_active_step(num_steps, sigmas)
+
+
+def group_plan(arms: list[ArmSpec], generation: GenerationSpec, start_steps: dict[str, int]) -> list[tuple[int, list[ArmSpec]]]:
+    """(start step, chunk of arms) per pipeline call, in order: a pure function of the arm list and the settings.
+
+    Baselines run first and alone (batch 1: the exact stock image, whatever arms_per_batch is, so one cached
+    baseline serves every sweep). The other arms are chunked by `arms_per_batch` in sweep order within cohorts of
+    equal start step: step 0 first, then each later start step (those chunks start from the baseline's latents).
+    """
+    baselines = [arm for arm in arms if arm.intervention is None]
+    plan = [(0, [arm]) for arm in baselines]
+    cohorts: dict[int, list[ArmSpec]] = {}
+    for arm in arms:
+        if arm.intervention is not None:
+            cohorts.setdefault(start_steps.get(arm.name, 0), []).append(arm)
+    for step in sorted(cohorts):
+        plan += [(step, chunk) for chunk in chunks(cohorts[step], generation.arms_per_batch)]
+    return plan
 
 
 def generate_group(
@@ -275,21 +449,78 @@ def generate_group(
     arms: list[ArmSpec],
     generation: GenerationSpec,
     recording: RecordingSpec,
+    *,
+    reused: dict[str, ReusedBaseline] | None = None,
 ) -> list[ArmResult]:
-    """Run every arm of one (prompt, seed) group, `generation.arms_per_batch` arms per pipeline call; one ArmResult per arm, in order."""
+    """Run every arm of one (prompt, seed) group; one ArmResult per arm, in the order given.
+
+    Pipeline calls follow `group_plan`. The first baseline's trajectory is captured while it runs (or taken from
+    `reused`, baselines generated elsewhere, e.g. jobs' baseline cache); with `generation.prefix_sharing` and a
+    single-step scheduler (PREFIX_SCHEDULERS), an arm whose intervention starts at step s > 0 then runs only
+    steps s.. from the baseline's latents entering step s, and its sink rows of steps < s are the baseline's:
+    bit-identical to running it from step 0 on its own (tests/workers/test_sharing.py).
+    """
     _maybe_inject_fault(prompt)
     if not arms:
         raise ValueError("generate_group needs at least one arm")
     names = [arm.name for arm in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate arm names in one group: {names}")
+    reused = reused or {}
+    unknown = sorted(set(reused) - {arm.name for arm in arms if arm.intervention is None})
+    if unknown:
+        raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
-    encoded = encode_prompt(loaded, prompt, generation)
+    encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
+    encoded = encodings[None]
     latents = initial_latents(loaded, seed, encoded.height, encoded.width)
-    results = []
-    for chunk in chunks(arms, generation.arms_per_batch):
-        run = run_batch(loaded, encoded, chunk, seed, latents, generation, recording)
+    results: dict[str, ArmResult] = {}
+    baseline: ArmResult | None = None
+    for arm in (a for a in arms if a.intervention is None):
+        if baseline is not None and arm.name not in reused:
+            # a second baseline arm is the same batch-1 computation: its result, not a second run
+            results[arm.name] = dataclasses.replace(baseline, arm=arm.name, seconds=0.0, same_as=baseline.arm)
+            continue
+        if arm.name in reused:
+            r = reused[arm.name]
+            results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, trajectory=r.trajectory,
+                                          final_latents=r.final_latents, sigmas=r.sigmas)
+        else:
+            run = run_batch(loaded, encoded, [arm], seed, latents, generation, recording, capture_latents=True)
+            results[arm.name] = ArmResult(arm.name, run.images[0], records_to_table(run.context.records), run.seconds,
+                                          trajectory={0: latents, **run.trajectory}, final_latents=run.final_latents,
+                                          sigmas=run.sigmas)
+        baseline = baseline or results[arm.name]
+    starts: dict[str, int] = {}
+    if baseline is not None and generation.prefix_sharing and supports_prefix(loaded, generation):
+        for arm in arms:
+            step = start_step(arm, generation.steps, baseline.sigmas)
+            if arm.intervention is not None and step > 0:
+                if step not in baseline.trajectory:  # a reused baseline must hold what latents_needed names
+                    raise ValueError(f"arm {arm.name} starts at step {step}, the baseline's latents hold steps "
+                                     f"{sorted(baseline.trajectory)}")
+                starts[arm.name] = step
+    for step, chunk in group_plan(arms, generation, starts):
+        if chunk[0].intervention is None:
+            continue  # baselines: above
+        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
+        if edit not in encodings:
+            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        source = baseline.trajectory[step] if step else latents
+        run = run_batch(loaded, encodings[edit], chunk, seed, source, generation, recording, start_step=step)
+        prefix_rows = baseline.sink_rows.filter(pc.less(baseline.sink_rows.column("step"), step)) if step else None
         for arm, image in zip(chunk, run.images):
             rows = records_to_table([r for r in run.context.records if r.arm == arm.name])
-            results.append(ArmResult(arm=arm.name, image=image, sink_rows=rows, seconds=run.seconds / len(chunk)))
-    return results
+            if prefix_rows is not None:
+                rows = pa.concat_tables([prefix_rows, rows])
+            results[arm.name] = ArmResult(arm=arm.name, image=image, sink_rows=rows, seconds=run.seconds / len(chunk),
+                                          start_step=step)
+    return [results[name] for name in names]
+
+
+def latents_needed(arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
+    """The baseline latents a group's prefix-sharing arms start from (what a cached baseline must hold for them)."""
+    if not generation.prefix_sharing:
+        return []
+    steps = {start_step(arm, generation.steps, sigmas) for arm in arms if arm.intervention is not None}
+    return sorted(step for step in steps if 0 < step < generation.steps)

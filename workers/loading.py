@@ -6,7 +6,7 @@ toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manif
 (workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
 in the target dtype.
 
-Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ), chosen by the pipeline class.
+Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
 for a reference run.
 """
@@ -74,7 +74,7 @@ class LoadedPipeline:
         for layer in recording.layers:
             check(layer, "recording.layers:")
         for arm in arms:
-            if arm.intervention is not None:
+            if arm.intervention is not None and arm.intervention.acts_on_attention:
                 for layer in arm.intervention.layers:
                     check(layer, f"arm {arm.name!r}: intervention")
 
@@ -88,6 +88,7 @@ _PIPELINE_FAMILY = {
     "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
     "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
 }
 
 
@@ -161,10 +162,11 @@ def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
             family="flux", num_layers=cfg.num_layers + cfg.num_single_layers, heads=cfg.num_attention_heads, patch_size=2,
             clip_tokens=0, t5_tokens=512, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor, **common,
         )
-    if family == "pixart":  # cross-attention keys are the T5 tokens (300 in the pipeline's default)
+    if family == "pixart":  # cross-attention keys are the T5 tokens (the pipeline's default: Σ 300, α 120)
+        t5_tokens = 120 if type(pipe).__name__ == "PixArtAlphaPipeline" else 300
         return Geometry(
             family="pixart", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
-            clip_tokens=0, t5_tokens=300, default_resolution=cfg.sample_size * pipe.vae_scale_factor, **common,
+            clip_tokens=0, t5_tokens=t5_tokens, default_resolution=cfg.sample_size * pipe.vae_scale_factor, **common,
         )
     return Geometry(
         family="sd3", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from manifests.interventions import Intervention
+from manifests.keys import TextKey
 from manifests.schema import RecordingSpec
 
 
@@ -33,6 +34,7 @@ class ElementPlan:
     intervention: Intervention | None
     unit_seed: int  # the group seed: random draws depend on it, never on the batch position
     t5_valid: tuple[bool, ...] | None = None  # per T5 slot, True for a real token; None: T5 absent (all padding)
+    text_keys: tuple[TextKey, ...] = ()  # the element's text keys in canonical order [CLIP | T5] (what the encoders saw)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class CallRecord:
     top5: torch.Tensor | None  # [H]
     selected: torch.Tensor | None  # [H, n]
     removed_mass_after: torch.Tensor | None  # [H]
+    sink_ratio: torch.Tensor | None = None  # [H] top-1 mass / mean mass of the layer's keys (a random key's expectation)
+    sink_ratio_median: torch.Tensor | None = None  # [H] top-1 mass / median key mass (a typical key)
+    text_keys: tuple[TextKey, ...] = ()
+    image_size: tuple[int, int] | None = None  # generated (height, width): lays the image keys out on their grid
+    frames: int = 1
 
 
 @dataclass
@@ -74,8 +81,11 @@ class RunContext:
     elements: list[ElementPlan]
     recording: RecordingSpec | None
     num_clip_tokens: int = 77
+    image_size: tuple[int, int] | None = None  # (height, width) of the generated image
+    frames: int = 1  # latent frames of a video model (image keys are frames × rows × cols)
     max_chunk_bytes: int = 64 << 20
-    step: int = -1
+    step: int = -1  # the current step (absolute: a run that starts at step s counts from s)
+    start_step: int = 0  # > 0: the pipeline runs only steps start_step.. (prefix sharing, workers.generate._run_from)
     timestep: float = math.nan
     sigma: float = math.nan
     num_text_tokens: int | None = None  # text tokens of the current denoiser call (Flux single blocks need it)
@@ -87,7 +97,7 @@ class RunContext:
         """The element's intervention if it acts at this layer, branch and step, else None."""
         plan = self.elements[element]
         iv = plan.intervention
-        if iv is None or (iv.cfg_branch != "both" and iv.cfg_branch != plan.branch):
+        if iv is None or not iv.acts_on_attention or (iv.cfg_branch != "both" and iv.cfg_branch != plan.branch):
             return None
         if not layer_matches(iv.layers, layer_name, block_index):
             return None
@@ -144,15 +154,16 @@ class SinkSession:
         scheduler = self.pipe.scheduler
         ctx.step += 1
         step = ctx.step
-        if step >= len(scheduler.timesteps):
+        local = step - ctx.start_step  # index into the timesteps this call iterates over (a prefix run's are cut)
+        if local >= len(scheduler.timesteps):
             raise RuntimeError(
-                f"transformer call {step + 1} exceeds the scheduler's {len(scheduler.timesteps)} timesteps "
+                f"transformer call {local + 1} exceeds the scheduler's {len(scheduler.timesteps)} timesteps "
                 "(extra transformer calls per step, e.g. skip-layer guidance or Flux true CFG, are not supported)"
             )
-        expected = float(scheduler.timesteps[step])
+        expected = float(scheduler.timesteps[local])
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         # reading a device tensor waits for the GPU: check it once per run there, every step on the CPU
-        if timestep is not None and (timestep.device.type == "cpu" or step == 0):
+        if timestep is not None and (timestep.device.type == "cpu" or local == 0):
             got = float(timestep.flatten()[0]) * self.timestep_scale
             # the pipeline may cast t to the model dtype first (Flux: bf16), so allow that rounding
             tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
@@ -165,8 +176,8 @@ class SinkSession:
         ctx.num_text_tokens = None if context is None else int(context.shape[1])
         ctx.timestep = expected
         ctx.sigma = float(scheduler.sigmas[step])
-        if step == 0:
-            num_steps = len(scheduler.timesteps)
+        if local == 0:
+            num_steps = len(scheduler.timesteps) + ctx.start_step
             sigmas = [float(s) for s in scheduler.sigmas[:num_steps]]
             ctx.active_steps = [
                 None

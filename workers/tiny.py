@@ -40,6 +40,7 @@ TINY_PRESETS: dict[str, TinySD3Config] = {
 TINY_SDXL = "tiny-sdxl"  # UNet (8, 16, 32) channels, 4 heads everywhere, 11 transformer blocks, 64 px
 TINY_FLUX = "tiny-flux"  # FLUX.1-dev-like: 2 joint + 2 single blocks, 4 heads × 16, RoPE, guidance embedding, 64 px
 TINY_PIXART = "tiny-pixart"  # PixArt-Σ-like: 2 blocks (self attn1 + cross attn2 over T5), 4 heads × 8, 64 px
+TINY_PIXART_ALPHA = "tiny-pixart-alpha"  # PixArt-α-like (PixArtAlphaPipeline, T5 × 120); the same blocks as tiny-pixart
 
 
 def tiny_family(name: str) -> str:
@@ -48,7 +49,7 @@ def tiny_family(name: str) -> str:
         return "sdxl"
     if name == TINY_FLUX:
         return "flux"
-    if name == TINY_PIXART:
+    if name in (TINY_PIXART, TINY_PIXART_ALPHA):
         return "pixart"
     if name in TINY_PRESETS:
         return "sd3"
@@ -56,7 +57,7 @@ def tiny_family(name: str) -> str:
 
 
 def all_presets() -> list[str]:
-    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART]
+    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA]
 
 
 def _tiny_clip_config():
@@ -136,12 +137,15 @@ def _build_tiny_flux():
     return pipe
 
 
-def _build_tiny_pixart():
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+def _build_tiny_pixart(alpha: bool = False):
+    """PixArt-Σ-like (T5 × 300), or PixArt-α-like (alpha: PixArtAlphaPipeline, T5 × 120). The α pipeline feeds
+    resolution / aspect-ratio micro-conditions only to its 1024-px transformer (sample_size 128), so the tiny one is
+    built like PixArt-α-512, without them."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     from workers.tokenizer import load_t5_tokenizer
 
-    tokenizer = load_t5_tokenizer(model_max_length=300)
+    tokenizer = load_t5_tokenizer(model_max_length=120 if alpha else 300)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         transformer = PixArtTransformer2DModel(
@@ -150,9 +154,10 @@ def _build_tiny_pixart():
             use_additional_conditions=False, num_embeds_ada_norm=1000,
         )
         text_encoder = _tiny_t5(len(tokenizer))
-        vae = _tiny_vae(4)  # PixArt-Σ uses the SDXL VAE (4 channels, scale 0.13025)
-    scheduler = DPMSolverMultistepScheduler()  # PixArt-Σ's default: DPM-Solver++ order 2, ε-prediction, linear betas
-    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+        vae = _tiny_vae(4)  # PixArt-α and -Σ use the SDXL VAE (4 channels, scale 0.13025)
+    scheduler = DPMSolverMultistepScheduler()  # PixArt's default: DPM-Solver++ order 2, ε-prediction, linear betas
+    pipeline_class = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    pipe = pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     for module in (transformer, text_encoder, vae):
         module.eval()
     pipe.set_progress_bar_config(disable=True)
@@ -202,7 +207,7 @@ def build_tiny_pipeline(name: str):
     if family == "flux":
         return _build_tiny_flux()
     if family == "pixart":
-        return _build_tiny_pixart()
+        return _build_tiny_pixart(alpha=name == TINY_PIXART_ALPHA)
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection

@@ -40,7 +40,8 @@ import torch
 
 import workers.processors.common as common
 from manifests.schema import ArmSpec
-from workers.generate import chunks, encode_prompt, initial_latents, run_batch
+from workers import prompt_side
+from workers.generate import EncodedPrompt, chunks, encode_prompt, initial_latents, prompt_edit, run_batch
 from workers.identification import KeyLayout
 from workers.loading import LoadedPipeline
 
@@ -314,6 +315,52 @@ class _Verifier:
                 check.fail(f"{where}: head {h} selected keys {sel_rows[h].tolist()} outside the fp64 {'top' if largest else 'bottom'}-{n}")
 
 
+def check_prompt_edit(check: _Check, loaded: LoadedPipeline, stock: EncodedPrompt, edited: EncodedPrompt, edit) -> None:
+    """The edit changed exactly the text tokens it claims, per branch and encoder segment (from the encodings' logs):
+    real tokens kept (up to a `max_length` truncation), padding slots as many as claimed and filled as claimed,
+    segments the edit does not name untouched."""
+    fills = {}
+    for attribute, segment in prompt_side.KEY_SOURCES[loaded.family]:
+        tokenizer = getattr(loaded.pipe, attribute, None)
+        if tokenizer is not None and (edit.pad_token or edit.pad_text):
+            fills[segment] = set(tokenizer.convert_ids_to_tokens(prompt_side.fill_ids(tokenizer, edit)))
+    branches = [("cond", stock.text_cond, edited.text_cond)] + ([("uncond", stock.text_uncond, edited.text_uncond)] if stock.use_cfg else [])
+    cond_real = {seg: sum(1 for k in stock.text_cond if k.segment == seg and k.kind != "padding") for seg in ("clip", "t5")}
+    for branch, before, after in branches:
+        for segment in ("clip", "t5"):
+            b = [k for k in before if k.segment == segment]
+            a = [k for k in after if k.segment == segment]
+            if not b:
+                continue
+            check.calls += 1
+            where = f"{branch} {segment}"
+            if not edit.applies_to(segment):
+                if a != b:
+                    check.fail(f"{where}: changed, but the edit names only {list(edit.encoders)}")
+                continue
+            if all(k.token is None for k in b):  # zero slots (SD3 without T5): only a max_length changes their count
+                if len(a) != (edit.max_length or len(b)):
+                    check.fail(f"{where}: {len(a)} zero slots, expected {edit.max_length or len(b)}")
+                continue
+            length = edit.max_length or len(b)
+            if edit.padding_slots is not None:
+                length = min(length, cond_real[segment] + edit.padding_slots)
+            if len(a) != length:
+                check.fail(f"{where}: {len(a)} tokens, expected {length}")
+                continue
+            real = [k.token for k in b if k.kind != "padding"]
+            kept = [k.token for k in a if k.kind != "padding"]
+            if len(kept) == len(real) and kept != real:
+                check.fail(f"{where}: real tokens changed: {real} -> {kept}")
+            for old, new in zip(b, a):
+                if new.kind != "padding" or old.kind != "padding":
+                    continue
+                expected = fills.get(segment, {old.token})
+                if new.token not in expected:
+                    check.fail(f"{where}: padding slot {new.position} holds {new.token!r}, expected one of {sorted(expected)}")
+                    break
+
+
 def _images_equal(a, b) -> tuple[bool, int]:
     x, y = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
     return bool(np.array_equal(x, y)), int(np.abs(x - y).max()) if x.shape == y.shape else -1
@@ -336,6 +383,7 @@ def verify_sweep(
     """
     if not prompts:
         raise ValueError("verify_sweep needs at least one prompt")
+    prompt_checks = {arm.name: _Check() for arm in sweep.arms if arm.intervention is not None and arm.intervention.prompt is not None}
     gen, rec = sweep.generation, sweep.recording
     loaded.check_layers(list(sweep.arms), rec)
     verifier = _Verifier(loaded, max_query_rows, max_calls_per_arm)
@@ -369,9 +417,14 @@ def verify_sweep(
                 noop_records[arm.name] += sum(1 for r in ours.context.records if r.arm == arm.name)
                 if not (same and outputs_equal):
                     check.fail(f"prompt {prompt.prompt_id}: max |Δpixel| {pixel_diff}, max |Δ denoiser output| {worst:.3g}")
-            # (b) interventions, probed at every intervened call
-            if any(arm.intervention is not None for arm in chunk):
-                run_batch(loaded, encoded, chunk, seed, latents, gen, rec, probe=verifier)
+            # (b) interventions, probed at every intervened call; prompt edits against the stock encoding
+            edit = prompt_edit(chunk[0])
+            chunk_encoded = encoded if edit is None else encode_prompt(loaded, prompt.text, gen, edit)
+            if edit is not None:
+                for arm in chunk:
+                    check_prompt_edit(prompt_checks[arm.name], loaded, encoded, chunk_encoded, edit)
+            if any(arm.intervention is not None and arm.intervention.acts_on_attention for arm in chunk):
+                run_batch(loaded, chunk_encoded, chunk, seed, latents, gen, rec, probe=verifier)
     rows = []
     for arm in sweep.arms:
         check = noop[arm.name]
@@ -382,6 +435,12 @@ def verify_sweep(
         )
         rows.append({"arm": arm.name, "check": "noop", "passed": check.passed, "detail": detail})
         if arm.intervention is None:
+            continue
+        if arm.name in prompt_checks:
+            check = prompt_checks[arm.name]
+            detail = f"{check.calls} encodings: the edit changed exactly the claimed text tokens" if check.passed else "; ".join(check.notes)
+            rows.append({"arm": arm.name, "check": "prompt", "passed": check.passed and check.calls > 0, "detail": detail})
+        if not arm.intervention.acts_on_attention:
             continue
         names = ["selection", "output", "mass_after", "scope"] + (["value_rows"] if arm.intervention.value_op != "none" else [])
         for name in names:

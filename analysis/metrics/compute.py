@@ -17,27 +17,27 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from jobs import runformat as rf
+from jobs.compaction import covered_parts
+from jobs.rundir import RunDir
+
 from .._io import FEATURES_SCHEMA, METRICS_SCHEMA, SET_METRICS_SCHEMA, write_parquet_atomic
-from ..run import RunData, RunDirError, baseline_arm, load_run, units_part_path
+from ..run import RunData, RunDirError, baseline_arm, load_run
 from .base import Metric, get_metric_class
 
 log = logging.getLogger("sinkscope.analysis")
 
 
 def metric_dir(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "tables" / "metrics" / f"metric={name}"
+    return RunDir(run_dir).table_dir("metrics", ("metric", name))
 
 
 def features_dir(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "tables" / "features" / f"metric={name}"
+    return RunDir(run_dir).table_dir("features", ("metric", name))
 
 
 def set_metric_dir(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "tables" / "set_metrics" / f"metric={name}"
-
-
-def part_name(shard_id: int) -> str:
-    return f"part-shard-{int(shard_id):05d}.parquet"
+    return RunDir(run_dir).table_dir("set_metrics", ("metric", name))
 
 
 def resolve_random_weights(run: RunData, random_weights: bool | None) -> bool:
@@ -46,8 +46,7 @@ def resolve_random_weights(run: RunData, random_weights: bool | None) -> bool:
     and fail clearly without them."""
     if random_weights is not None:
         return bool(random_weights)
-    section = run.sweep.get("analysis") or {}
-    if isinstance(section, dict) and section.get("random_metric_weights") is True:
+    if run.sweep["analysis"]["random_metric_weights"]:
         return True
     flags = run.units["random_weights"]
     return bool(len(flags) and flags.fillna(False).astype(bool).all())
@@ -75,7 +74,7 @@ def compute_metrics(
     unknown_opts = set(options) - set(metrics)
     if unknown_opts:
         raise ValueError(f"options given for metrics not requested: {sorted(unknown_opts)}")
-    run = load_run(run_dir, sink_steps=False)
+    run = load_run(run_dir)
     if run.units.empty:
         raise RunDirError(f"{run_dir}: no finished units to score (tables/units is empty or no shard is done)")
     base = baseline_arm(run.sweep)
@@ -98,7 +97,7 @@ def compute_metrics(
             units = run.units[run.units["shard_id"] == sid]
             path = _part_path(run_dir, metric, sid)
             targets = _targets(metric, units, base)
-            if not force and _part_is_current(path, targets["unit_id"], metric, units_part_path(run_dir, sid)):
+            if not force and _part_is_current(path, targets["unit_id"], metric, rw, RunDir(run_dir), sid):
                 log.info("%s shard %05d: up to date", name, sid)
                 continue
             log.info("%s shard %05d: scoring %d units", name, sid, len(targets))
@@ -114,7 +113,7 @@ def compute_metrics(
 
 def _part_path(run_dir: Path, metric: Metric, shard_id: int) -> Path:
     folder = features_dir(run_dir, metric.name) if metric.kind == "set" else metric_dir(run_dir, metric.name)
-    return folder / part_name(shard_id)
+    return folder / rf.part_name(shard_id)
 
 
 def _targets(metric: Metric, units: pd.DataFrame, base: str) -> pd.DataFrame:
@@ -123,9 +122,11 @@ def _targets(metric: Metric, units: pd.DataFrame, base: str) -> pd.DataFrame:
     return units.sort_values(["prompt_id", "seed_index", "arm"]).reset_index(drop=True)
 
 
-def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, units_part: Path | None) -> bool:
+def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, rw: bool, run: RunDir, shard_id: int) -> bool:
+    units_part = run.part_path("units", shard_id)
     if not path.exists():
-        return False
+        # compacted (jobs.compaction): current unless the shard's units were regenerated since (a units part is back)
+        return shard_id in covered_parts(path.parent) and not units_part.exists()
     try:
         done = pq.read_table(path, columns=["unit_id", "backbone", "random_weights"]).to_pandas()
     except Exception as exc:  # unreadable part: redo it
@@ -135,7 +136,7 @@ def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, units_part
         return False
     if not (done["backbone"] == metric.backbone).all() or not (done["random_weights"] == metric.random_weights).all():
         return False
-    if units_part is not None and units_part.stat().st_mtime > path.stat().st_mtime:
+    if units_part.exists() and units_part.stat().st_mtime > path.stat().st_mtime:
         return False
     return True
 
@@ -191,6 +192,7 @@ def _score(metric: Metric, run: RunData, targets: pd.DataFrame, base: str) -> pd
         return pd.DataFrame(
             {
                 "unit_id": targets["unit_id"].to_numpy(),
+                "shard_id": targets["shard_id"].to_numpy(),
                 "prompt_id": targets["prompt_id"].to_numpy(),
                 "seed_index": targets["seed_index"].to_numpy(),
                 "arm": targets["arm"].to_numpy(),
@@ -204,6 +206,7 @@ def _score(metric: Metric, run: RunData, targets: pd.DataFrame, base: str) -> pd
     return pd.DataFrame(
         {
             "unit_id": targets["unit_id"].to_numpy(),
+            "shard_id": targets["shard_id"].to_numpy(),
             "prompt_id": targets["prompt_id"].to_numpy(),
             "seed_index": targets["seed_index"].to_numpy(),
             "arm": targets["arm"].to_numpy(),
@@ -226,7 +229,7 @@ def _reduce_set_metric(run: RunData, metric: Metric, base: str, force: bool) -> 
         log.info("%s: features incomplete, set values not computed yet", metric.name)
         return None
     if not force and out.exists():
-        newest = max(p.stat().st_mtime for p in folder.glob("part-*.parquet"))
+        newest = max(p.stat().st_mtime for p in [*folder.glob("part-*.parquet"), folder / rf.COMPACTION_STATE] if p.exists())
         if out.stat().st_mtime >= newest:
             return None
     table = metric.reduce(feats, base)

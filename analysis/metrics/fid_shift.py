@@ -193,7 +193,7 @@ def fid_calibration(
     from .compute import compute_metrics, features_dir, resolve_random_weights, set_metric_dir
 
     reference_run = Path(reference_run)
-    ref = load_run(reference_run, sink_steps=False)
+    ref = load_run(reference_run)
     rw = resolve_random_weights(ref, random_weights)
     metric = FIDShiftMetric(random_weights=rw, device=device, **(options or {}))
     runs = {"reference": reference_run, **{k: Path(v) for k, v in (others or {}).items()}}
@@ -201,7 +201,7 @@ def fid_calibration(
     for label, run_dir in runs.items():
         compute_metrics(run_dir, ["fid_shift"], random_weights=rw, device=device,
                         options={"fid_shift": options} if options else None)  # fmt: skip
-        data = load_run(run_dir, sink_steps=False)
+        data = load_run(run_dir)
         feats = read_table(features_dir(run_dir, "fid_shift"), FEATURES_SCHEMA).to_pandas()
         feats = feats[feats["unit_id"].isin(data.units["unit_id"])]
         check_backbone(feats, metric.backbone)

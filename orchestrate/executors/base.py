@@ -27,12 +27,13 @@ class Executor(abc.ABC):
         """Start `job` (generation by default, or metrics) on the shards; return one submission record per job
         or array (appended to state/submissions.jsonl). Records of a metrics job carry `task: metrics`."""
 
-    def scheduler_states(self, run: RunDir) -> dict[int, str]:
-        """shard_id -> one of SCHEDULER_STATES of its latest *generation* job, for shards the scheduler knows about."""
+    def scheduler_states(self, run: RunDir, task: str = "generate") -> dict[int, str]:
+        """shard_id -> one of SCHEDULER_STATES of its latest job of `task` (jobs.runformat.TASKS), for shards the
+        scheduler knows about."""
         return {}
 
     def cancel(self, run: RunDir) -> list[str]:
-        """Cancel what this run submitted; return the job ids cancelled."""
+        """Cancel what this run submitted (generation and metric jobs); return the job ids cancelled."""
         return []
 
 

@@ -4,9 +4,14 @@ It blocks until every shard has run, with a progress bar over (prompt, seed) gro
 worker runs in this process; several run as spawned processes, each pinned to one GPU through
 CUDA_VISIBLE_DEVICES and pulling shards from a shared queue, so a slow shard never idles the others.
 
-Each worker's CPU thread pools are limited (executor.threads_per_worker; default: this machine's CPUs split
-evenly among the workers), because every torch process otherwise sizes its pools for the whole host and
-several workers on one host then contend for the same cores (suspected in a 1.58× instead of 2× two-GPU run).
+torch's intra-op thread count is not the executor's: `run_shard` sets `generation.torch_threads` of the sweep
+for every shard, because CPU pixels depend on it. What the executor sets is the environment of each spawned
+worker (executor.threads_per_worker → OMP_NUM_THREADS / MKL_NUM_THREADS; default: this machine's CPUs split
+evenly among the workers), which sizes the OpenMP / MKL runtimes' other pools at import, so several workers
+on one host do not each start a pool for the whole host.
+
+A worker that dies (killed, out of memory) is noticed through its process sentinel at once; the shard it
+held is reported as failed with the signal, never silently dropped.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import traceback
+from multiprocessing.connection import wait as wait_ready
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from jobs.faults import POOL_ENV
 from jobs.rundir import RunDir
 from jobs.tasks import GENERATE, ShardJob
 from orchestrate.executors.base import Executor
@@ -72,28 +80,27 @@ def _progress_bar() -> Progress:
     )
 
 
-def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp.Queue", job: ShardJob = GENERATE,
-                 threads: int | None = None) -> None:
+def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events, job: ShardJob = GENERATE,
+                 threads: int | None = None, pool: str = "") -> None:
+    """One spawned worker: take shards from the shared queue until it is empty; report on its own pipe."""
+    os.environ[POOL_ENV] = pool  # the pool's size and id (fault hooks that coordinate its workers read it)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if threads is not None:
         os.environ.update({name: str(threads) for name in THREAD_ENV})
     from jobs import run_shard  # after pinning the GPU and the pools: torch reads the variables at import
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)  # torch's intra-op pool, whatever was imported before
-
     while True:
         try:
             shard_id = shards.get_nowait()
         except queue.Empty:
+            events.close()
             return
+        events.send(("started", shard_id, os.getpid()))
         last = [0]
 
         def progress(done: int, total: int, shard_id=shard_id) -> None:
-            events.put(("progress", shard_id, done - last[0]))
+            events.send(("progress", shard_id, done - last[0]))
             last[0] = done
 
         try:
@@ -101,9 +108,19 @@ def _worker_loop(run_root: str, gpu: str | None, shards: "mp.Queue", events: "mp
                 run_shard(run_root, shard_id, progress=progress)
             else:
                 job.run(run_root, shard_id)
-            events.put(("done", shard_id, None))
+            events.send(("done", shard_id, None))
         except Exception:  # noqa: BLE001 — the failure is recorded by run_shard; report and go on
-            events.put(("failed", shard_id, traceback.format_exc(limit=3)))
+            events.send(("failed", shard_id, traceback.format_exc(limit=3)))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'killed by SIGKILL' / 'exited with status 3' for a worker process's exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
 
 
 class LocalExecutor(Executor):
@@ -126,25 +143,12 @@ class LocalExecutor(Executor):
         with _progress_bar() as bar:
             task = bar.add_task(run.root.name, total=total, unit="groups" if job.kind == "generate" else "shards scored")
             if workers == 1:
-                self._run_in_process(run, shard_ids, bar, task, failed, job, threads)
+                self._run_shards_here(run, shard_ids, bar, task, failed, job)
             else:
                 self._run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job, threads)
         return [{"executor": "local", "event": "finished", "shards": list(shard_ids), "workers": workers, "gpus": gpus,
-                 "threads_per_worker": threads, "failed": sorted(failed), **job.record()}]
-
-    @classmethod
-    def _run_in_process(cls, run, shard_ids, bar, task, failed, job: ShardJob, threads: int | None) -> None:
-        if threads is None:
-            cls._run_shards_here(run, shard_ids, bar, task, failed, job)
-            return
-        import torch  # this process runs the shards: limit its pool for as long as they run
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            cls._run_shards_here(run, shard_ids, bar, task, failed, job)
-        finally:
-            torch.set_num_threads(before)
+                 "threads_per_worker": threads if workers > 1 else None, "failed": sorted(failed),
+                 "errors": {str(s): why for s, why in sorted(failed.items())}, **job.record()}]
 
     @staticmethod
     def _run_shards_here(run, shard_ids, bar, task, failed, job: ShardJob) -> None:
@@ -169,32 +173,53 @@ class LocalExecutor(Executor):
 
     @staticmethod
     def _run_in_workers(run, shard_ids, gpus, workers, bar, task, failed, job: ShardJob, threads: int | None) -> None:
+        """Spawned workers pull shards from one queue; each reports on its own pipe (a worker killed while
+        writing cannot wedge a lock shared with the others). Waiting is on the pipes and the process
+        sentinels, so a dead worker is noticed at once, and the shard it held is named as lost."""
         ctx = mp.get_context("spawn")
-        shards, events = ctx.Queue(), ctx.Queue()
+        shards = ctx.Queue()
         for shard_id in shard_ids:
             shards.put(shard_id)
-        procs = [
-            ctx.Process(target=_worker_loop, args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, events, job, threads))
-            for i in range(workers)
-        ]
-        for proc in procs:
+        procs, pipes = [], {}
+        for i in range(workers):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker_loop,
+                               args=(str(run.root), gpus[i] if i < len(gpus) else None, shards, writer, job, threads,
+                                     f"{workers}:{os.getpid()}"))
             proc.start()
-        finished = 0
-        while finished < len(shard_ids):
-            try:
-                kind, shard_id, payload = events.get(timeout=5)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break  # a worker died without reporting (killed): its shard stays unfinished for resume
-                continue
-            if kind == "progress":
+            writer.close()  # the worker holds the only write end: EOF on the reader means it has gone
+            procs.append(proc)
+            pipes[reader] = proc
+        holding: dict[object, int] = {}  # worker -> the shard it is running
+        finished: set[int] = set()
+
+        def handle(proc, message) -> None:
+            kind, shard_id, payload = message
+            if kind == "started":
+                holding[proc] = shard_id
+            elif kind == "progress":
                 bar.advance(task, payload)
             else:
-                finished += 1
+                holding.pop(proc, None)
+                finished.add(shard_id)
                 if job.kind != "generate":
                     bar.advance(task, 1)
                 if kind == "failed":
                     failed[shard_id] = payload.strip().splitlines()[-1]
                     bar.console.print(f"[red]shard {shard_id} failed[/red]: {failed[shard_id]}")
+
+        open_pipes = dict(pipes)
+        while open_pipes:
+            for reader in wait_ready(list(open_pipes)):
+                proc = open_pipes[reader]
+                try:
+                    handle(proc, reader.recv())
+                except EOFError:  # the worker exited (its last messages were read before EOF)
+                    del open_pipes[reader]
+                    proc.join()
+                    if proc in holding:
+                        shard_id = holding.pop(proc)
+                        failed[shard_id] = f"worker process {proc.pid} {describe_exit(proc.exitcode)} while running it"
+                        bar.console.print(f"[red]shard {shard_id} lost[/red]: {failed[shard_id]}")
         for proc in procs:
             proc.join()

@@ -29,7 +29,8 @@ import time
 import uuid
 
 from jobs.rundir import RunDir
-from jobs.tasks import GENERATE, ShardJob, is_generation_record
+from jobs.runformat import TASKS
+from jobs.tasks import GENERATE, ShardJob, record_task
 from orchestrate.executors.base import Executor
 
 log = logging.getLogger("sinkscope.orchestrate.ray")
@@ -227,18 +228,18 @@ class RayExecutor(Executor):
 
     # ---- state ------------------------------------------------------------------------------------
     @staticmethod
-    def _latest_jobs(run: RunDir) -> dict[int, dict]:
+    def _latest_jobs(run: RunDir, task: str = "generate") -> dict[int, dict]:
         out: dict[int, dict] = {}
         for record in run.submissions():
-            if record.get("executor") == "ray" and record.get("event") == "job" and is_generation_record(record):
+            if record.get("executor") == "ray" and record.get("event") == "job" and record_task(record) == task:
                 for shard in record.get("shards", []):
                     out[int(shard)] = record
         return out
 
-    def scheduler_states(self, run: RunDir) -> dict[int, str]:
+    def scheduler_states(self, run: RunDir, task: str = "generate") -> dict[int, str]:
         """Detached jobs only: the local mode has no scheduler left once `submit` returned (markers rule)."""
         self.notes = []
-        latest = self._latest_jobs(run)
+        latest = self._latest_jobs(run, task)
         by_job: dict[str, list[int]] = {}
         for shard, record in latest.items():
             by_job.setdefault(record["submission_id"], []).append(shard)
@@ -286,9 +287,10 @@ class RayExecutor(Executor):
         return out
 
     def cancel(self, run: RunDir) -> list[str]:
-        """Stop the Ray jobs of this run that are not finished (their tasks die with the driver)."""
+        """Stop the Ray jobs of this run (generation and metric jobs) that are not finished (their tasks die with the driver)."""
         stopped = []
-        for sid, record in {r["submission_id"]: r for r in self._latest_jobs(run).values()}.items():
+        latest = {r["submission_id"]: r for task in TASKS for r in self._latest_jobs(run, task).values()}
+        for sid, record in latest.items():
             client = self._client(record.get("dashboard") or record.get("address"))
             status = str(getattr(client.get_job_status(sid), "value", "")).upper()
             if status not in _TERMINAL_JOB and client.stop_job(sid):

@@ -18,7 +18,8 @@ import shutil
 import subprocess
 
 from jobs.rundir import RunDir
-from jobs.tasks import GENERATE, ShardJob, is_generation_record
+from jobs.runformat import TASKS
+from jobs.tasks import GENERATE, ShardJob, record_task
 from orchestrate.executors.base import Executor
 
 log = logging.getLogger("sinkscope.orchestrate.slurm")
@@ -281,11 +282,11 @@ class SlurmExecutor(Executor):
 
     # ---- state ------------------------------------------------------------------------------------
     @staticmethod
-    def latest_job_ids(run: RunDir) -> dict[int, str]:
-        """shard -> the Slurm job id ('12_3' or '12') of its most recent submission."""
+    def latest_job_ids(run: RunDir, task: str = "generate") -> dict[int, str]:
+        """shard -> the Slurm job id ('12_3' or '12') of its most recent submission of `task`."""
         out: dict[int, str] = {}
         for record in run.submissions():
-            if record.get("executor") == "slurm" and isinstance(record.get("job_ids"), dict) and is_generation_record(record):
+            if record.get("executor") == "slurm" and isinstance(record.get("job_ids"), dict) and record_task(record) == task:
                 for shard, jid in record["job_ids"].items():
                     out[int(shard)] = str(jid)
         return out
@@ -318,8 +319,8 @@ class SlurmExecutor(Executor):
             log.warning(note)
         return states
 
-    def scheduler_states(self, run: RunDir) -> dict[int, str]:
-        latest = self.latest_job_ids(run)
+    def scheduler_states(self, run: RunDir, task: str = "generate") -> dict[int, str]:
+        latest = self.latest_job_ids(run, task)
         if not latest:
             return {}
         raw = self.query_states(list(latest.values()))
@@ -331,11 +332,13 @@ class SlurmExecutor(Executor):
         return out
 
     def cancel(self, run: RunDir) -> list[str]:
-        """scancel every array/job of this run that Slurm still lists as pending or running."""
+        """scancel every array/job of this run (generation and metric jobs) that Slurm still lists as pending or running."""
         require_slurm()
-        ids = self.latest_job_ids(run)
-        states = self.scheduler_states(run)
-        live = sorted({ids[s] for s, state in states.items() if state in ("pending", "running")})
+        live_ids = set()
+        for task in TASKS:
+            ids = self.latest_job_ids(run, task)
+            live_ids |= {ids[s] for s, state in self.scheduler_states(run, task).items() if state in ("pending", "running")}
+        live = sorted(live_ids)
         if live:
             proc = _run(["scancel", *live])
             if proc.returncode != 0:

@@ -13,7 +13,9 @@
 # status  prints daemons, ping, sinfo, MaxArraySize; exit 0 when usable, 3 when not.
 #
 # Knobs (environment; SINKSCOPE_ prefix so that nothing collides with Slurm's own SLURM_* variables):
-#   SINKSCOPE_SLURM_ROOT=${TMPDIR:-/tmp}/sinkscope-slurm   all state, spool, logs, pids, MariaDB data
+#   SINKSCOPE_SLURM_ROOT=${TMPDIR:-/tmp}/sinkscope-slurm   all state, spool, logs, pids, MariaDB data (MariaDB
+#                                        runs as user mysql: when it cannot reach ROOT, e.g. inside a 0700
+#                                        `mktemp -d`, its data go to /var/lib/sinkscope-slurm/<hash of ROOT>)
 #   SINKSCOPE_SLURM_MAX_ARRAY_SIZE=4     MaxArraySize (small on purpose: tests exercise array splitting)
 #   SINKSCOPE_SLURM_NCPUS=$(nproc)       CPUs per node (may exceed the real count: config_overrides)
 #   SINKSCOPE_SLURM_NNODES=1             >1: fake nodes node[1-N], one slurmd each on this host
@@ -31,7 +33,7 @@ NGPUS=${SINKSCOPE_SLURM_GPUS:-0}
 DB_PORT=${SINKSCOPE_SLURM_DB_PORT:-3307}
 CONF_DIR=${SINKSCOPE_SLURM_CONF_DIR:-/etc/slurm}
 HOST=$(hostname -s)
-RUN=$ROOT/run LOG=$ROOT/log DB=$ROOT/mysql SOCK=$ROOT/run/mysqld.sock
+RUN=$ROOT/run LOG=$ROOT/log
 PKGS="slurmctld slurmd slurm-client slurmdbd munge mariadb-server"
 
 log() { echo "[start_slurm] $*" >&2; }
@@ -61,7 +63,14 @@ stop_slurm() {  # slurm daemons only (MariaDB and munge keep running: restarts s
 
 stop_all() {
   stop_slurm
-  stop_pidfile "$RUN/mariadbd.pid"
+  if [ -s "$RUN/dbroot" ]; then
+    local dbroot; dbroot=$(cat "$RUN/dbroot")
+    stop_pidfile "$dbroot/mariadbd.pid"
+    case "$dbroot" in  # a database kept outside ROOT (0700 ROOT) is this ROOT's only: remove it with the cluster
+      /var/lib/sinkscope-slurm/*) rm -rf "$dbroot" "$dbroot.root" ;;
+    esac
+    rm -f "$RUN/dbroot"
+  fi
   stop_pidfile "$RUN/munged.pid"   # only written when this script started munged
 }
 
@@ -69,8 +78,9 @@ idle_nodes() { sinfo -h -t idle -o '%D' 2>/dev/null | awk '{s+=$1} END {print s+
 
 status() {
   local ok=0
-  for d in munged mariadbd slurmdbd slurmctld; do
-    if alive "$RUN/$d.pid"; then echo "$d: running (pid $(cat "$RUN/$d.pid"))"; else echo "$d: not running (by this script)"; fi
+  for f in "$RUN/munged.pid" "$(cat "$RUN/dbroot" 2>/dev/null || echo "$RUN")/mariadbd.pid" "$RUN/slurmdbd.pid" "$RUN/slurmctld.pid"; do
+    d=$(basename "$f" .pid)
+    if alive "$f"; then echo "$d: running (pid $(cat "$f"))"; else echo "$d: not running (by this script)"; fi
   done
   for n in $(node_names); do
     if alive "$RUN/slurmd-$n.pid"; then echo "slurmd $n: running"; else echo "slurmd $n: not running"; ok=3; fi
@@ -104,6 +114,16 @@ if [ -n "$MISSING" ]; then
     || die "apt-get install $MISSING failed"
 fi
 mkdir -p "$ROOT"/{state,spool,log,run} "$CONF_DIR"
+# MariaDB runs as user mysql, which must reach its datadir, socket and pid file through every parent folder
+if runuser -u mysql -- test -x "$ROOT" 2>/dev/null; then
+  DBROOT=$ROOT/mysql
+else  # e.g. ROOT inside a 0700 `mktemp -d`: keep the database where mysql can reach it, one per ROOT
+  DBROOT=/var/lib/sinkscope-slurm/$(printf %s "$ROOT" | sha256sum | cut -c1-12)
+  mkdir -p /var/lib/sinkscope-slurm
+  echo "$ROOT" > /var/lib/sinkscope-slurm/"$(basename "$DBROOT")".root
+fi
+DB=$DBROOT/data SOCK=$DBROOT/mysqld.sock DBPID=$DBROOT/mariadbd.pid
+echo "$DBROOT" > "$RUN/dbroot"
 
 # ---- 2. the wanted config (written to a temp file; compared with the running one) -------------
 MEM=$(( $(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p') - 1024 ))
@@ -210,20 +230,19 @@ fi
 
 # ---- 4. MariaDB (own datadir under ROOT, unix socket + 127.0.0.1:DB_PORT) ---------------------
 sql() { mariadb --socket="$SOCK" -uroot "$@"; }
-if ! alive "$RUN/mariadbd.pid" || ! sql -e 'select 1' >/dev/null 2>&1; then
-  rm -f "$RUN/mariadbd.pid"
-  install -d -o mysql -g mysql -m 0750 "$DB"
-  chown mysql:mysql "$RUN"  # mariadbd (user mysql) writes its socket and pid here
+if ! alive "$DBPID" || ! sql -e 'select 1' >/dev/null 2>&1; then
+  rm -f "$DBPID"
+  install -d -o mysql -g mysql -m 0750 "$DBROOT" "$DB"
   if [ ! -d "$DB/mysql" ]; then
     mariadb-install-db --user=mysql --datadir="$DB" --auth-root-authentication-method=socket \
       --skip-test-db >"$LOG/mariadb-install.log" 2>&1 || die "mariadb-install-db failed: $LOG/mariadb-install.log"
   fi
   setsid -f /usr/sbin/mariadbd --user=mysql --datadir="$DB" --socket="$SOCK" \
-    --pid-file="$RUN/mariadbd.pid" --bind-address=127.0.0.1 --port="$DB_PORT" \
+    --pid-file="$DBPID" --bind-address=127.0.0.1 --port="$DB_PORT" \
     --innodb-lock-wait-timeout=900 --innodb-buffer-pool-size=64M \
-    --log-error="$LOG/mariadb.err" </dev/null >/dev/null 2>&1
+    --log-error="$DBROOT/mariadb.err" </dev/null >/dev/null 2>&1
   for _ in $(seq 150); do sql -e 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
-  sql -e 'select 1' >/dev/null 2>&1 || die "MariaDB did not start: $LOG/mariadb.err"
+  sql -e 'select 1' >/dev/null 2>&1 || die "MariaDB did not start: $DBROOT/mariadb.err"
 fi
 
 cat > "$CONF_DIR/slurmdbd.conf" <<CONF

@@ -168,11 +168,9 @@ def test_unknown_metric_lists_registered():
 
 
 def test_sweep_flag_turns_on_random_metric_weights(fake_run):
-    import yaml
+    from analysis_fakerun import set_analysis
 
     run_dir = fake_run(n_prompts=1, n_seeds=1, prompts_per_shard=1, random_model=False)
-    sweep = yaml.safe_load((run_dir / "sweep.yaml").read_text())
-    sweep["analysis"]["random_metric_weights"] = True
-    (run_dir / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    set_analysis(run_dir, random_metric_weights=True)
     compute_metrics(run_dir, ["lpips"])
     assert load_run(run_dir).metrics["random_weights"].all()

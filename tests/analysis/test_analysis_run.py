@@ -12,6 +12,7 @@ import pytest
 
 from analysis import RunDirError, baseline_arm, load_run
 from analysis._io import METRICS_SCHEMA, UNITS_SCHEMA, write_parquet_atomic
+from jobs.frozen_sweep import SweepDriftError
 
 
 def test_load_run_reads_tables_with_contract_columns(fake_run):
@@ -28,22 +29,29 @@ def test_load_run_reads_tables_with_contract_columns(fake_run):
     assert run.sweep["name"] == "demo"
     # 48 units x 4 steps x 3 layers x 2 heads x 2 branches
     assert len(run.sink_steps) == 48 * 4 * 3 * 2 * 2
-    assert isinstance(run.sink_steps["topk_modality"].iloc[0][0], str)
+    assert isinstance(run.sink_steps.df(["topk_modality"])["topk_modality"].iloc[0][0], str)
     assert run.metrics.empty and list(run.metrics.columns) == METRICS_SCHEMA.names
     assert run.random_weights
     img = run.image(run.units["unit_id"].iloc[0])
     assert img.size == (64, 64) and img.mode == "RGB"
 
 
-def test_missing_tables_give_empty_frames_with_columns(tmp_path):
-    run_dir = tmp_path / "empty-run"
-    run_dir.mkdir()
+def test_missing_tables_give_empty_frames_with_columns(fake_run):
+    run_dir = fake_run(n_prompts=1, prompts_per_shard=1)
+    for table in ("units", "sink_steps"):
+        for part in (run_dir / "tables" / table).glob("*.parquet"):
+            part.unlink()
     run = load_run(run_dir)
     assert run.units.empty and "image_path" in run.units.columns
-    assert run.sink_steps.empty and "top5_conc" in run.sink_steps.columns
+    assert len(run.sink_steps) == 0 and run.sink_steps.df().columns.tolist()[-1] == "layer_name"
     assert run.metrics.empty and "backbone" in run.metrics.columns
-    assert run.sweep == {} and run.manifest is None
     assert not run.random_weights
+
+
+def test_a_run_without_resolved_sweep_is_an_error(tmp_path):
+    (tmp_path / "old-run").mkdir()
+    with pytest.raises(SweepDriftError, match=r"sweep.resolved.json: missing"):
+        load_run(tmp_path / "old-run")
     with pytest.raises(RunDirError, match="does not exist"):
         load_run(tmp_path / "nope")
 
@@ -69,38 +77,17 @@ def test_shards_without_done_marker_are_left_out(fake_run):
     with pytest.warns(UserWarning, match=r"shards \[0\]"):
         run = load_run(run_dir)
     assert set(run.units["shard_id"]) == {1}
-    assert set(run.sink_steps["unit_id"]) == set(run.units["unit_id"])
+    assert set(run.sink_steps.df(["unit_id"])["unit_id"]) == set(run.units["unit_id"])
     assert run.unfinished_shards == [0] and run.done_shards == [1]
     everything = load_run(run_dir, only_done=False)
     assert set(everything.units["shard_id"]) == {0, 1}
 
 
-def test_types_are_cast_and_hive_columns_filled(tmp_path):
-    run_dir = tmp_path / "r"
-    folder = run_dir / "tables" / "units" / "arm=base"
-    folder.mkdir(parents=True)
-    # a writer that used int32 and put `arm` in the directory name instead of the file
-    t = pa.table(
-        {
-            "unit_id": ["p00000-s000-base"], "prompt_id": pa.array([0], pa.int32()),
-            "seed_index": pa.array([0], pa.int32()), "shard_id": pa.array([0], pa.int16()),
-            "image_path": ["images/x.png"], "random_weights": [False], "extra": [1.5],
-        }
-    )  # fmt: skip
-    pq.write_table(t, folder / "part-shard-00000.parquet")
-    run = load_run(run_dir)
-    assert run.units["arm"].tolist() == ["base"]
-    assert run.units["prompt_id"].dtype == np.int64
-    assert run.units["prompt"].isna().all()  # absent column → nulls, not a crash
-    assert run.units["extra"].tolist() == [1.5]  # extra writer columns are kept
-
-
-def test_incompatible_column_type_names_file_and_column(tmp_path):
-    run_dir = tmp_path / "r"
-    folder = run_dir / "tables" / "units"
-    folder.mkdir(parents=True)
-    pq.write_table(pa.table({"unit_id": ["u"], "prompt_id": ["not-an-int"]}), folder / "part-shard-00000.parquet")
-    with pytest.raises(ValueError, match=r"part-shard-00000.parquet: column 'prompt_id'"):
+def test_a_part_with_another_schema_is_an_error_naming_the_table(fake_run):
+    run_dir = fake_run(n_prompts=1, prompts_per_shard=1)
+    part = run_dir / "tables" / "units" / "part-shard-00000.parquet"
+    pq.write_table(pa.table({"unit_id": ["u"], "prompt_id": ["not-an-int"]}), part)
+    with pytest.raises(ValueError, match=r"tables/units: a file does not match the run format's units schema"):
         load_run(run_dir)
 
 
@@ -108,13 +95,12 @@ def test_duplicate_metric_rows_are_an_error(fake_run):
     run_dir = fake_run(n_prompts=1, prompts_per_shard=1)
     rows = pd.DataFrame(
         {
-            "unit_id": ["p00000-s000-base"], "prompt_id": [0], "seed_index": [0], "arm": ["base"],
+            "unit_id": ["p00000-s000-base"], "shard_id": [0], "prompt_id": [0], "seed_index": [0], "arm": ["base"],
             "metric": ["clip_t"], "value": [0.3], "random_weights": [True], "backbone": ["x"],
         }
     )  # fmt: skip
     folder = run_dir / "tables" / "metrics" / "metric=clip_t"
-    write_parquet_atomic(rows, folder / "part-shard-00000.parquet", METRICS_SCHEMA)
-    write_parquet_atomic(rows, folder / "part-old.parquet", METRICS_SCHEMA)
+    write_parquet_atomic(pd.concat([rows, rows]), folder / "part-shard-00000.parquet", METRICS_SCHEMA)
     with pytest.raises(RunDirError, match="more than one value"):
         load_run(run_dir)
 
@@ -126,18 +112,16 @@ def test_atomic_writer_leaves_no_temp_files(tmp_path):
     assert pq.read_table(out).to_pandas()["a"].tolist() == [1, 2]
 
 
+def _resolved(arms, baseline=None):
+    """The shape of a resolved sweep (RunData.sweep) as far as baseline_arm reads it."""
+    return {"arms": [{"name": n, "intervention": iv} for n, iv in arms], "analysis": {"baseline": baseline}}
+
+
 @pytest.mark.parametrize(
     "sweep, expected",
     [
-        ({"arms": [{"name": "b", "intervention": None}, {"name": "s", "intervention": {"k": 1}}]}, "b"),
-        ({"arms": [{"name": "s", "intervention": "paper.m1a"}, {"name": "b"}]}, "b"),
-        (
-            {
-                "arms": [{"name": "b1", "intervention": None}, {"name": "b2", "intervention": None}],
-                "analysis": {"baseline": "b2"},
-            },
-            "b2",
-        ),
+        (_resolved([("b", None), ("s", {"k": 1})]), "b"),
+        (_resolved([("b1", None), ("b2", None)], baseline="b2"), "b2"),
     ],
 )
 def test_baseline_arm(sweep, expected):
@@ -147,10 +131,8 @@ def test_baseline_arm(sweep, expected):
 @pytest.mark.parametrize(
     "sweep, message",
     [
-        ({"arms": [{"name": "s", "intervention": {"k": 1}}]}, "no arm has 'intervention: null'"),
-        ({"arms": [{"name": "a", "intervention": None}, {"name": "b", "intervention": None}]}, r"\['a', 'b'\]"),
-        ({"arms": [{"name": "a", "intervention": None}], "analysis": {"baseline": "zz"}}, "'zz' is not an arm"),
-        ({}, "no 'arms'"),
+        (_resolved([("s", {"k": 1})]), "no arm has 'intervention: null'"),
+        (_resolved([("a", None), ("b", None)]), r"\['a', 'b'\]"),
     ],
 )
 def test_baseline_arm_errors(sweep, message):

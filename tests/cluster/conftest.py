@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,11 @@ SLURM_SCRIPT = REPO / "scripts" / "slurm" / "start_slurm.sh"
 RAY_SCRIPT = REPO / "scripts" / "ray" / "start_ray.sh"
 # The cluster the tests start: MaxArraySize 4 (sweeps of 5+ shards must be split), 4 fake GPUs so that
 # --gpus-per-task is exercised, 4 job slots on the 2 real cores.
-SLURM_TEST_ENV = {"SINKSCOPE_SLURM_MAX_ARRAY_SIZE": "4", "SINKSCOPE_SLURM_GPUS": "4", "SINKSCOPE_SLURM_NCPUS": "4"}
+SLURM_TEST_ENV = {"SINKSCOPE_SLURM_MAX_ARRAY_SIZE": "4", "SINKSCOPE_SLURM_GPUS": "4", "SINKSCOPE_SLURM_NCPUS": "4",
+                  "SINKSCOPE_SLURM_NNODES": "1"}
+# two nodes of 2 CPUs: a shard job of cpus_per_task=2 fills a node, so two shards run on two nodes
+TWO_NODE_ENV = {"SINKSCOPE_SLURM_MAX_ARRAY_SIZE": "4", "SINKSCOPE_SLURM_GPUS": "0", "SINKSCOPE_SLURM_NCPUS": "2",
+                "SINKSCOPE_SLURM_NNODES": "2"}
 RAY_PORT, RAY_DASHBOARD_PORT = 6390, 8266
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -173,6 +178,7 @@ class SlurmInfo:
     max_array_size: int
     gpus_per_node: int
     started_here: bool
+    root: Path | None = None  # SINKSCOPE_SLURM_ROOT of the cluster
 
 
 def _slurm_usable() -> bool:
@@ -184,27 +190,65 @@ def _slurm_usable() -> bool:
     return subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True).returncode == 0
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> SlurmInfo:
-    started = False
-    if not _slurm_usable():
-        if os.geteuid() != 0:
-            skip_or_fail("no usable Slurm here and not root: cannot run scripts/slurm/start_slurm.sh")
-        if not shutil.which("slurmctld") and not shutil.which("apt-get"):
-            skip_or_fail("no Slurm packages and no apt-get to install them")
-        proc = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **SLURM_TEST_ENV})
-        if proc.returncode != 0:
-            pytest.fail(f"scripts/slurm/start_slurm.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        started = True
+def running_slurm_root() -> Path | None:
+    """SINKSCOPE_SLURM_ROOT of the running test cluster (its StateSaveLocation is ROOT/state), if one runs."""
+    if not shutil.which("scontrol"):
+        return None
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    for line in shown.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "StateSaveLocation" and value.strip().endswith("/state"):
+            return Path(value.strip()).parent
+    return None
+
+
+def start_slurm(env: dict, root: Path) -> None:
+    """scripts/slurm/start_slurm.sh start with `env` (idempotent; restarts cold when the config differs)."""
+    proc = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env, "SINKSCOPE_SLURM_ROOT": str(root)})
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/slurm/start_slurm.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+def _slurm_info(started: bool, root: Path | None) -> "SlurmInfo":
     from orchestrate.executors.slurm import cluster_config
 
     config = cluster_config()
     node = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
     gpus = max((int(g.split(":")[-1].split("(")[0]) for g in node.split() if g.startswith("gpu:")), default=0)
-    yield SlurmInfo(int(config["MaxArraySize"]), gpus, started)
+    return SlurmInfo(int(config["MaxArraySize"]), gpus, started, root)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmInfo:
+    """The test cluster in its single-node configuration. As root, start_slurm.sh always runs (0.2 s when the
+    cluster is up as wanted): a cluster left in another configuration is brought back to this one. A new
+    cluster lives in a fresh 0700 folder (`mkdtemp`), where MariaDB (user mysql) cannot reach its datadir:
+    the script must cope (it once failed there with "permission denied")."""
+    root = running_slurm_root()
+    started = False
+    if os.geteuid() == 0 and (shutil.which("slurmctld") or shutil.which("apt-get")):
+        started = root is None
+        root = root or Path(tempfile.mkdtemp(prefix="sinkscope-slurm-"))
+        start_slurm(SLURM_TEST_ENV, root)
+    elif not _slurm_usable():
+        skip_or_fail("no usable Slurm here and not root (or no apt-get): cannot run scripts/slurm/start_slurm.sh")
+    yield _slurm_info(started, root)
     if started and os.environ.get("SINKSCOPE_KEEP_SLURM") != "1":
-        subprocess.run(["bash", str(SLURM_SCRIPT), "stop"], capture_output=True, timeout=120)
+        subprocess.run(["bash", str(SLURM_SCRIPT), "stop"], capture_output=True, timeout=120,
+                       env={**os.environ, "SINKSCOPE_SLURM_ROOT": str(root)})
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(slurm_cluster) -> SlurmInfo:
+    """Two nodes of 2 CPUs (two slurmd daemons, Slurm's multiple-slurmd mode, node1 and node2) for one module;
+    the single-node configuration is restored afterwards (both restarts are cold: ~5 s each)."""
+    if slurm_cluster.root is None:
+        skip_or_fail("the running Slurm was not started by scripts/slurm/start_slurm.sh: cannot reconfigure it")
+    start_slurm(TWO_NODE_ENV, slurm_cluster.root)
+    yield _slurm_info(False, slurm_cluster.root)
+    start_slurm(SLURM_TEST_ENV, slurm_cluster.root)
 
 
 def slurm_block(info: SlurmInfo, **extra) -> dict:
@@ -247,3 +291,47 @@ def ray_head():
         # a test head has nothing to save: 3 s of SIGTERM grace, then SIGKILL
         subprocess.run(["bash", str(RAY_SCRIPT), "stop"], capture_output=True, timeout=120,
                        env={**env, "SINKSCOPE_RAY_STOP_WAIT": "3"})
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(ray_head):
+    """The head plus a second raylet joined to it (scripts/ray/start_ray.sh join): 4 CPUs and 2 fake GPUs each."""
+    env = {**os.environ, **RAY_ENV, "SINKSCOPE_RAY_PORT": str(RAY_PORT), "SINKSCOPE_RAY_DASHBOARD_PORT": str(RAY_DASHBOARD_PORT),
+           "SINKSCOPE_RAY_NODE_CPUS": "4", "SINKSCOPE_RAY_NODE_GPUS": "2"}
+    proc = subprocess.run(["bash", str(RAY_SCRIPT), "join"], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/ray/start_ray.sh join failed:\n{proc.stdout}\n{proc.stderr}")
+    yield ray_head
+    subprocess.run(["bash", str(RAY_SCRIPT), "leave"], capture_output=True, env=env, timeout=60)
+
+
+def lose_ray_node() -> None:
+    """SIGKILL the joined raylet's whole process group (raylet, its agents and its workers): a node loss."""
+    subprocess.run(["bash", str(RAY_SCRIPT), "leave"], check=True, capture_output=True, timeout=60,
+                   env={**os.environ, **RAY_ENV})
+
+
+# ---- a real small filesystem, for disk-full faults ----------------------------------------------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 48 MiB tmpfs (root only): output_root goes there; the fill_disk fault hook fills it for real."""
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "sinkscope-test", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        skip_or_fail(f"cannot mount a small tmpfs for the disk-full faults (root needed): {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def free_disk(mount: Path) -> None:
+    """Remove what the fill_disk hook wrote."""
+    from jobs.faults import FILLER_NAME
+
+    for filler in mount.rglob(FILLER_NAME):
+        filler.unlink()
+
+
+def temp_files(run: RunDir) -> list[Path]:
+    """Hidden temporary files anywhere in the run directory (atomic writes that never finished)."""
+    return [p for p in run.root.rglob(".*") if ".tmp-" in p.name]

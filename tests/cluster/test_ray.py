@@ -106,6 +106,9 @@ def test_in_process_local_ray_blocks_and_matches_local(reference, tmp_path):
     env = {**RAY_ENV, "RAY_ADDRESS": ""}
     refused = run_cli("submit", str(sweep), env=env, check=False)  # no GPU here: a clear error, no hang
     assert refused.returncode != 0 and "executor.num_gpus" in refused.stdout + refused.stderr
+    (event,) = submission_records(only_run(tmp_path / "runs"), "ray", "refused")  # recorded; no shard state changed
+    assert event["shards"] == [0, 1] and "executor.num_gpus" in event["message"]
+    assert not only_run(tmp_path / "runs").running_shards() and not only_run(tmp_path / "runs").failed_shards()
     run_cli("submit", str(sweep), "-o", "num_gpus=0", env=env)
     run = only_run(tmp_path / "runs")
     (record,) = submission_records(run, "ray", "finished")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from manifests import expand, load_bundled_prompts, parse_sweep, read_sweep_file, resolve_prompts
+from manifests import expand, load_bundled_prompts, parse_sweep, read_sweep_file, resolve_prompts, unit_id
 from manifests.interventions import PRESETS, Intervention, StepWindow
 
 DEMO = Path(__file__).parents[2] / "manifests" / "examples" / "sd3_tiny.yaml"  # the demo before the toy world
@@ -83,7 +83,8 @@ def test_prompt_file_relative_to_sweep(tmp_path):
         {"name": "f", "model": {"preset": "tiny-sd3"}, "prompts": {"file": "p.txt"}, "arms": [{"name": "b"}]}))
     sweep, _ = read_sweep_file(tmp_path / "s.yaml")
     prompts = resolve_prompts(sweep, base_dir=tmp_path)
-    assert [(p.prompt_id, p.text) for p in prompts] == [(0, "a cat"), (1, "a dog")]
+    # a prompt's id is its line number - 1, blank lines included
+    assert [(p.prompt_id, p.text) for p in prompts] == [(0, "a cat"), (2, "a dog")]
 
 
 def test_every_preset_is_valid_for_sd3_medium():
@@ -137,3 +138,20 @@ def test_metric_names_match_the_analysis_registry():
     from manifests.schema import METRICS
 
     assert sorted(METRICS) == sorted(analysis.metrics.available())
+
+
+def test_column_wise_expansion_matches_the_unit_rules():
+    data = {"name": "t", "model": {"preset": "tiny-sd3"}, "prompts": {"set": "geneval", "ids": [7, 3, 80, 12, 5]},
+            "seeds": {"count": 3, "base": 11, "stride": 1000}, "sharding": {"prompts_per_shard": 2},
+            "arms": [{"name": "b"}, {"name": "s", "intervention": {"preset": "fixed.m1", "layers": [1]}}]}
+    manifest = _manifest(data)
+    sweep = manifest.sweep
+    rows = manifest.table.to_pylist()
+    expected = [(p.prompt_id, s, a.name) for p in manifest.prompts for s in range(3) for a in sweep.arms]
+    assert [(r["prompt_id"], r["seed_index"], r["arm"]) for r in rows] == expected
+    for position, r in enumerate(rows):
+        prompt_position = position // 6
+        assert r["unit_id"] == unit_id(r["prompt_id"], r["seed_index"], r["arm"])
+        assert r["seed"] == sweep.seeds.seed(r["prompt_id"], r["seed_index"])
+        assert r["shard_id"] == prompt_position // 2 and r["group_index"] == (prompt_position % 2) * 3 + r["seed_index"]
+        assert r["prompt"] == manifest.prompts[prompt_position].text

@@ -3,11 +3,9 @@
 from pathlib import Path
 
 import pytest
-import yaml
+from shrunken import submit_shrunken
 from typer.testing import CliRunner
 
-from manifests import parse_sweep, read_sweep_file
-from manifests.shrink import shrink
 from orchestrate.cli import app
 
 CATALOGUE = sorted((Path(__file__).parents[2] / "manifests" / "paper").glob("*.yaml"))
@@ -34,16 +32,4 @@ def test_plan_accepts_every_sweep(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CATALOGUE, ids=[p.stem for p in CATALOGUE])
 def test_shrunken_copy_runs_end_to_end(path, tmp_path):
-    sweep, raw = read_sweep_file(path)
-    geometry = sweep.model.geometry()
-    try:
-        small = shrink(raw, geometry.family, geometry.num_layers)
-    except ValueError as error:
-        pytest.skip(str(error))  # a family without a tiny model would be reported here, with its reason
-    small["output_root"] = str(tmp_path / "runs")
-    parse_sweep(small)
-    file = tmp_path / path.name
-    file.write_text(yaml.safe_dump(small))
-    result = runner.invoke(app, ["submit", str(file)])
-    assert result.exit_code == 0, result.output
-    assert "shards: 1 done" in result.output
+    submit_shrunken(path, tmp_path)  # skips, with shrink's reason, a family without a tiny model

@@ -106,8 +106,22 @@ def test_truncated_part_file_is_detected_and_rerun(tmp_path):
     good = pq.read_table(part).drop_columns(["seconds"])  # wall time differs between runs; nothing else may
     raw = part.read_bytes()
     part.write_bytes(raw[: len(raw) // 2])
-    assert "corrupt" in run_cli("status", str(run.root), "--verify").stdout
-    run_cli("resume", str(run.root))
+    image = sorted(run.images_dir.rglob("*.png"))[0]
+    image.unlink()
+    verified = run_cli("status", str(run.root), "--verify").stdout
+    assert "corrupt" in verified, verified
+    from jobs import verify_done_shard
+
+    assert any(image.name in problem for problem in verify_done_shard(run, 0)), verify_done_shard(run, 0)
+    import analysis
+    from analysis._io import TableReadError
+
+    with pytest.raises(TableReadError, match=r"shard 0 is damaged.*orchestrate resume"):
+        analysis.load_run(run.root)
+    assert "corrupt" not in run_cli("resume", str(run.root), "--dry-run").stdout  # files are hashed only under --verify
+    assert "1 corrupt" in run_cli("resume", str(run.root), "--verify", "--dry-run").stdout
+    run_cli("resume", str(run.root), "--verify")
+    assert image.is_file()
     assert pq.read_table(part).drop_columns(["seconds"]).equals(good)
     assert "corrupt" not in run_cli("status", str(run.root), "--verify").stdout
 
@@ -130,9 +144,22 @@ def test_two_concurrent_submits_run_each_shard_once(tmp_path):
     assert len(_table(run, "units")) == 6
 
 
-def test_local_executor_with_two_workers_matches_one(tmp_path, reference):
-    sweep = tiny_sweep(tmp_path, prompts=3, per_shard=1, executor={"kind": "local", "workers": 2})
-    run_cli("submit", str(sweep))
+def test_two_workers_one_sigkilled_exits_nonzero_then_resume_matches_one_worker(tmp_path, reference):
+    """workers=2 with one OMP thread each (the reference ran in one process with the machine's own pools):
+    shard 1's worker is SIGKILLed after its first group. `submit` must exit 1 naming shard 1 and the signal,
+    the summary must show the final state (no "running"), and resume must end with the reference's pixels."""
+    sweep = tiny_sweep(tmp_path, prompts=3, per_shard=1, executor={"kind": "local", "workers": 2, "threads_per_worker": 1})
+    faults = "rendezvous,kill_after_groups:1:1"
+    killed = run_cli("submit", str(sweep), env={"SINKSCOPE_FAULT_INJECT": faults}, check=False)
+    out = killed.stdout + killed.stderr
+    assert killed.returncode == 1, out
+    assert "shard 1" in out and "SIGKILL" in out, out
+    summary = [line for line in killed.stdout.splitlines() if line.startswith("shards:")][-1]
+    assert "running" not in summary and "1 failed" in summary, summary
     run = _run_dir(tmp_path / "runs")
-    assert run.done_shards() == {0, 1, 2}
+    assert "SIGKILL" in run.read_marker("failed", 1)["error"]
+    assert run.done_shards() == {0, 2}
+    resumed = run_cli("resume", str(run.root))
+    assert "resuming 1 shard(s) on local" in resumed.stdout, resumed.stdout
+    assert run.done_shards() == {0, 1, 2} and not run.failed_shards()
     assert _pixels(run) == _pixels(reference)

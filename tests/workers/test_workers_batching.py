@@ -90,13 +90,27 @@ def test_batched_runs_are_deterministic(tiny_loaded):
 
 
 def test_baseline_in_a_batch_is_untouched_by_its_neighbours(tiny_loaded):
+    """run_batch level (generate_group runs baselines alone): a baseline beside an intervened arm is the stock
+    attention of that batch shape, equal to a baseline beside its twin."""
+    from workers.recorder import records_to_table
+
     twin = ArmSpec(name="twin")  # a second baseline in the same batch shape
-    with_intervention = generate_group(tiny_loaded, PROMPT, 8, [ARMS[0], ARMS[1]], _gen(2), REC)
-    with_baseline = generate_group(tiny_loaded, PROMPT, 8, [ARMS[0], twin], _gen(2), REC)
-    assert np.array_equal(_pixels(with_intervention[0].image), _pixels(with_baseline[0].image))
-    assert with_intervention[0].sink_rows.equals(with_baseline[0].sink_rows)
-    assert not any(with_intervention[0].sink_rows.column("intervened").to_pylist())
-    assert np.array_equal(_pixels(with_baseline[0].image), _pixels(with_baseline[1].image))
+    encoded = encode_prompt(tiny_loaded, PROMPT, _gen(2))
+    latents = initial_latents(tiny_loaded, 8, encoded.height, encoded.width)
+    with_intervention = run_batch(tiny_loaded, encoded, [ARMS[0], ARMS[1]], 8, latents, _gen(2), REC)
+    with_baseline = run_batch(tiny_loaded, encoded, [ARMS[0], twin], 8, latents, _gen(2), REC)
+    base_rows = [records_to_table([r for r in run.context.records if r.arm == "base"]) for run in (with_intervention, with_baseline)]
+    assert np.array_equal(_pixels(with_intervention.images[0]), _pixels(with_baseline.images[0]))
+    assert base_rows[0].equals(base_rows[1])
+    assert not any(base_rows[0].column("intervened").to_pylist())
+    assert np.array_equal(_pixels(with_baseline.images[0]), _pixels(with_baseline.images[1]))
+
+
+def test_baselines_run_alone_whatever_the_batch_size(tiny_loaded, unbatched):
+    """generate_group's baseline is the batch-1 image at every arms_per_batch, so one cached baseline serves all."""
+    batched = generate_group(tiny_loaded, PROMPT, 3, ARMS[:3], _gen(3), REC)
+    assert np.array_equal(_pixels(batched[0].image), _pixels(unbatched[0].image))
+    assert batched[0].sink_rows.equals(unbatched[0].sink_rows)
 
 
 def test_batch_layout_and_grouping(tiny_loaded):

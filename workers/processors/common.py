@@ -95,6 +95,18 @@ def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
     return _to_device(torch.tensor(rows, dtype=torch.long), device)
 
 
+def sink_ratios(mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sink-to-random key-importance ratios of incoming mass [..., K] (the key's importance μ_k), per row.
+
+    `ratio`: the top key's mass over the mean mass of the layer's (attended) keys, i.e. over the expected
+    importance of a key drawn uniformly at random (= K · max mass, since the masses sum to one);
+    `ratio_median`: over the median key's mass (a typical key, robust to a few other heavy keys; the lower
+    median for an even K). Both stay on the device (no host sync).
+    """
+    top = mass.amax(dim=-1)
+    return top / mass.mean(dim=-1), top / mass.median(dim=-1).values
+
+
 def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
     """Integer-addressable modules keep their block index as id; the others get num_blocks + their rank, in module order."""
     blocks = [b for _, b in entries if b is not None]
@@ -194,10 +206,12 @@ def apply_sinks(
             lse=rows_of(lse, idx),
             top5_query_stride=rec.top5_query_stride if need_extra else 1,
         )
-        top_idx = top_mass = None
+        top_idx = top_mass = ratio = ratio_median = None
         if need_extra and "mass" in rec.stats:  # the records' top keys, ranked once for all rows
             top_idx = rank_keys(result.mass, min(rec.topk, result.mass.shape[-1]))
             top_mass = torch.gather(result.mass, -1, top_idx)
+        if need_extra and "ratio" in rec.stats:
+            ratio, ratio_median = sink_ratios(result.mass)
         for i, pos in enumerate(idx):
             stats[(scope, pos)] = (
                 result.mass[i],
@@ -205,6 +219,8 @@ def apply_sinks(
                 None if result.top5 is None else result.top5[i],
                 None if top_idx is None else top_idx[i],
                 None if top_mass is None else top_mass[i],
+                None if ratio is None else ratio[i],
+                None if ratio_median is None else ratio_median[i],
             )
 
     # 2. selection and intervention, grouped by identical op so each group is one batched call
@@ -270,7 +286,7 @@ def apply_sinks(
 
     for pos in recorded:
         plan = ctx.elements[elements[pos]]
-        _, entropy, top5, topk_idx, topk_mass = stats.get((rec.mass_queries, pos), (None,) * 5)
+        _, entropy, top5, topk_idx, topk_mass, ratio, ratio_median = stats.get((rec.mass_queries, pos), (None,) * 7)
         max_mass = None if topk_mass is None else topk_mass[:, 0]
         ctx.records.append(
             CallRecord(
@@ -279,6 +295,8 @@ def apply_sinks(
                 num_image=full_layout.num_image, num_clip=full_layout.num_clip, t5_valid=plan.t5_valid,
                 topk_idx=to_full(topk_idx), topk_mass=topk_mass, max_mass=max_mass, entropy=entropy, top5=top5,
                 selected=to_full(selected.get(pos)), removed_mass_after=removed_after.get(pos),
+                sink_ratio=ratio, sink_ratio_median=ratio_median, text_keys=plan.text_keys, image_size=ctx.image_size,
+                frames=ctx.frames,
             )
         )
     return attn_out
