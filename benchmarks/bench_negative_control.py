@@ -73,8 +73,8 @@ def null_experiments(units: list[dict], experiments: int, alpha: float) -> dict:
                 da = np.array([u["toy_geneval"][a] - u["toy_geneval"]["baseline"] for u in units])
                 db = np.array([u["toy_geneval"][b] - u["toy_geneval"]["baseline"] for u in units])
             res = describe_differences(da - db, n_resamples=200)
-            p_t.append(res["p_t"])
-            p_w.append(res["p_wilcoxon"])
+            p_t.append(res["p_t_two_sided"])
+            p_w.append(res["p_wilcoxon_two_sided"])
         summary = {}
         for test, ps in (("t", p_t), ("wilcoxon", p_w)):
             ps = np.array(ps, dtype=np.float64)
