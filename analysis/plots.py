@@ -49,10 +49,23 @@ def _figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _save(fig: "Figure", out_dir: Path, stem: str, random: bool) -> Saved:
+def weights_stamp(run: "RunData") -> str | None:
+    """What every figure of `run` must say about its weights: RANDOM_NOTE, a model's own note
+    (manifests.models.MODEL_NOTES, e.g. the toy model's), or nothing."""
+    from manifests.models import MODEL_NOTES
+
+    if run.random_weights:
+        return RANDOM_NOTE
+    notes = [MODEL_NOTES[m] for m in sorted(set(run.units["model"].dropna()) & set(MODEL_NOTES))]
+    return "; ".join(notes) or None
+
+
+def _save(fig: "Figure", out_dir: Path, stem: str, random: bool | str | None) -> Saved:
+    """Save PNG + PDF; `random` stamps the figure: True → RANDOM_NOTE, a string → that note."""
     if random:
+        note = RANDOM_NOTE if random is True else str(random)
         title = fig.get_suptitle()
-        fig.suptitle(f"{title}\n{RANDOM_NOTE}" if title else RANDOM_NOTE, fontsize=10, color="#B00020")
+        fig.suptitle(f"{title}\n{note}" if title else note, fontsize=10, color="#B00020")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
@@ -134,7 +147,7 @@ def plot_sink_dynamics(run: "RunData", out_dir: Path, *, arms: list[str] | None 
     for ax in axes[-1]:
         ax.set_xlabel("denoising step")
     fig.suptitle("Sink dynamics per arm (bands: 95% t-interval of the mean over images)", fontsize=10)
-    return _save(fig, out_dir, stem, run.random_weights)
+    return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 # ----------------------------------------------------------------------------- modality
@@ -180,11 +193,11 @@ def plot_modality_fractions(run: "RunData", out_dir: Path, *, arms: list[str] | 
     if mods:
         axes[min(len(arms), 3) - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("Top-1 sink modality per layer and arm", fontsize=10)
-    return _save(fig, out_dir, stem, run.random_weights)
+    return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 # ----------------------------------------------------------------------------- forest / dose
-def plot_forest(table: pd.DataFrame, out_dir: Path, *, random: bool, stem: str = "forest_delta_delta") -> Saved:
+def plot_forest(table: pd.DataFrame, out_dir: Path, *, random: bool | str | None, stem: str = "forest_delta_delta") -> Saved:
     """ΔΔ (sink − control) with 95% CI per contrast, one panel per metric, ordered by k.
     ``table`` is :func:`analysis.stats.delta_delta_table` (or a paired table: Δ per arm)."""
     is_dd = "sink" in table.columns
@@ -249,7 +262,7 @@ def plot_dose_response(run: "RunData", paired: pd.DataFrame, dd: pd.DataFrame, o
         ax.set_ylabel(display_name(metric))
         ax.legend(fontsize=7)
     fig.suptitle("Dose–response over k (95% bootstrap CI)", fontsize=10)
-    return _save(fig, out_dir, stem, run.random_weights)
+    return _save(fig, out_dir, stem, weights_stamp(run))
 
 
 def _series_label(s) -> str:
@@ -360,7 +373,7 @@ def plot_qualitative(run: "RunData", sink: str, control: str | None, out_dir: Pa
     if not rows:
         axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center", transform=axes[0, 0].transAxes)
     fig.suptitle("Qualitative: seed 0; difference maps in 0–255 units, one colour scale per row", fontsize=9)
-    return _save(fig, out_dir, stem or f"qualitative_{sink}", run.random_weights)
+    return _save(fig, out_dir, stem or f"qualitative_{sink}", weights_stamp(run))
 
 
 # ----------------------------------------------------------------------------- spatial sink maps

@@ -19,6 +19,7 @@ DISPLAY_NAMES = {
     "imagereward": "ImageReward",
     "hpsv2": "HPS v2",
     "fid_shift": "FID",
+    "toy_geneval": "toy-GenEval",
 }
 
 # Holm families in words, per table kind (stats.StatsSettings.holm_family and the fixed families).

@@ -38,6 +38,16 @@ class Geometry:
         return self.image_tokens(height, width) + self.text_tokens()
 
 
+# The toy preset: trained weights shipped in the package (workers/toy), SD3's architecture at toy scale, trained on
+# synthetic shapes. Everything made with it carries this note, as random-weight output carries "random weights".
+TOY_NOTE = "toy model trained on synthetic shapes: not SD3"
+MODEL_NOTES: dict[str, str] = {
+    "toy-sd3": TOY_NOTE,
+    # positive control (workers.toy.controls): the same weights with one key made to take most of the attention mass
+    "toy-sd3-planted": TOY_NOTE + "; positive control with a planted sink (block 3, CLIP start token)",
+}
+
+
 def sd3_modules(num_layers: int, dual_attention_layers: tuple[int, ...] = ()) -> tuple[str, ...]:
     names = []
     for i in range(num_layers):
@@ -91,6 +101,9 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
                                   modules=pixart_modules(2)),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
+    # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
+    "toy-sd3": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64, modules=sd3_modules(6)),
+    "toy-sd3-planted": Geometry("sd3", num_layers=6, heads=4, vae_scale=4, default_resolution=64, modules=sd3_modules(6)),
 }
 # presets whose cost is that of the real model (for estimates and docs); the others are tiny
 REAL_SCALE_PRESETS = frozenset({"sd3-medium-random"})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from manifests.text import decode_utf8
 
-BUNDLED_SETS = ("geneval", "geneval-balanced-100")
+BUNDLED_SETS = ("geneval", "geneval-balanced-100", "toy-geneval")
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,17 @@ def _data_file(*parts: str) -> Path:
     return Path(str(resources.files("manifests").joinpath("data", *parts)))
 
 
-@lru_cache(maxsize=1)
-def _geneval_records() -> tuple[dict, ...]:
-    with open(_data_file("geneval", "evaluation_metadata.jsonl"), encoding="utf-8") as f:
+@lru_cache(maxsize=None)
+def _records(*parts: str) -> tuple[dict, ...]:
+    with open(_data_file(*parts), encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f if line.strip())
 
 
-def _geneval_prompt(position: int, record: dict, geneval_index: int) -> Prompt:
+def _geneval_records() -> tuple[dict, ...]:
+    return _records("geneval", "evaluation_metadata.jsonl")
+
+
+def _geneval_prompt(position: int, record: dict, geneval_index: int | None) -> Prompt:
     meta = {k: v for k, v in record.items() if k not in ("prompt", "tag")}
     return Prompt(position, record["prompt"], record.get("tag"), geneval_index, json.dumps(meta, sort_keys=True))
 
@@ -52,6 +56,8 @@ def load_bundled(name: str) -> list[Prompt]:
         lines = _data_file("paper", "prompts_geneval_balanced_100.txt").read_text(encoding="utf-8").splitlines()
         texts = [t.strip() for t in lines if t.strip()]
         return [_geneval_prompt(i, records[by_text[t]], by_text[t]) for i, t in enumerate(texts)]
+    if name == "toy-geneval":  # the toy world's prompts (workers.toy.scenes.evaluation_records), GenEval's format
+        return [_geneval_prompt(i, r, None) for i, r in enumerate(_records("toy", "toy_geneval.jsonl"))]
     raise ValueError(f"unknown bundled prompt set {name!r}; expected one of {', '.join(BUNDLED_SETS)}")
 
 

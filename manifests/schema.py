@@ -323,11 +323,11 @@ ExecutorConfig = Annotated[
 ]
 
 
-METRICS = ("clip_t", "imagereward", "hpsv2", "lpips", "fid_shift")  # analysis.metrics registry (tested equal)
+METRICS = ("clip_t", "imagereward", "hpsv2", "lpips", "fid_shift", "toy_geneval")  # analysis.metrics registry (tested equal)
 
 
 class AnalysisSpec(_Strict):
-    metrics: list[Literal["clip_t", "imagereward", "hpsv2", "lpips", "fid_shift"]] = Field(default_factory=lambda: ["lpips"])
+    metrics: list[Literal["clip_t", "imagereward", "hpsv2", "lpips", "fid_shift", "toy_geneval"]] = Field(default_factory=lambda: ["lpips"])
     baseline: str | None = Field(None, description="reference arm (default: the one arm without intervention)")
     bootstrap_resamples: int = Field(10_000, ge=100, le=10_000_000)
     bootstrap_seed: int = Field(0, ge=0, le=2**32 - 1)

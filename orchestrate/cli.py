@@ -42,7 +42,7 @@ console = Console()
 
 
 def default_sweep() -> Path:
-    """The embedded default: a demo sweep on the tiny random SD3, runnable on any CPU."""
+    """The embedded default: a demo sweep on the toy model (toy-sd3, trained on synthetic shapes), runnable on any CPU."""
     return Path(str(resources.files("manifests").joinpath("examples", "demo.yaml")))
 
 
@@ -434,7 +434,7 @@ def _plan_many(costs) -> None:
 @app.command()
 def submit(
     sweeps: Optional[list[Path]] = typer.Argument(
-        None, help="sweep files, one run each (default: the embedded demo sweep on tiny-sd3)"
+        None, help="sweep files, one run each (default: the embedded demo sweep on toy-sd3)"
     ),
     executor: Optional[str] = typer.Option(None, "--executor", "-e", help="override executor.kind: local, slurm or ray"),
     executor_opt: list[str] = typer.Option(
@@ -878,14 +878,18 @@ def atlas(
 
 @app.command()
 def demo(output_root: Path = typer.Option(Path("runs"), help="where the demo run directory goes")) -> None:
-    """The whole pipeline on the embedded default (tiny random SD3, local executor): submit, analyze, report."""
+    """The whole pipeline on the embedded default (toy-sd3: toy model trained on synthetic shapes, local executor):
+    submit, analyze (LPIPS, toy-GenEval), report."""
+    from manifests.models import MODEL_NOTES
     from manifests.preflight import check_output_root
 
     problems = check_output_root(output_root, "--output-root")
     if problems:
         _fail("; ".join(problems))
     run, manifest, _ = create_run(default_sweep(), str(output_root))
-    console.print(f"run [bold]{run.root}[/bold] (tiny-sd3: random weights, numbers mean nothing)")
+    model = manifest.sweep.model
+    note = MODEL_NOTES.get(model.label) or ("random weights, numbers mean nothing" if model.geometry().random_weights else "")
+    console.print(f"run [bold]{run.root}[/bold] ({model.label}{': ' + note if note else ''})")
     _dispatch(run, make_executor(manifest.sweep.executor))
     statuses = shard_statuses(run)
     if any(s.state != "done" for s in statuses):

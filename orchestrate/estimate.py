@@ -4,7 +4,7 @@ without sharing (the baseline cache across sweeps, trajectory prefix sharing wit
 Measured on one H200 (benchmarks/RESULTS.md, bench_worker.py): SD3-medium stock transformer step at 1024² with
 CFG 51.8 ms; the paper configuration (record 3 layers, one intervention) 1.08× that; VAE decode ≈ 90 ms. 20
 steps then cost ≈ 1.21 s an image, ≈ 2,970 images per GPU-hour, the group throughput measured there. Cost is
-scaled linearly with the number of tokens and layers; the tiny random models run on a CPU at about 30 ms a step.
+scaled linearly with the number of tokens and layers; the tiny random models run on a CPU at about 30 ms a step, the toy model (397 keys) at about 0.27 s.
 
 Sharing, as the workers do it (docs/design.md "Baseline cache", "Prefix sharing"):
 - a baseline (an arm without intervention) is generated once per identity: model, prompt text, seed,
@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 
 from manifests import Manifest, Sweep
-from manifests.models import REAL_SCALE_PRESETS
+from manifests.models import MODEL_NOTES, REAL_SCALE_PRESETS
 
 H200_SD3_STEP_S = 0.0518  # stock step, 4096 image + 333 text tokens, CFG batch 2 (RESULTS.md session 2, (a))
 RECORDING_OVERHEAD = 1.08  # paper configuration ≈ 1.077× stock (RESULTS.md, same table)
@@ -30,6 +30,8 @@ REFERENCE_TOKENS = 4096 + 333
 COMPILE_SPEEDUP = 4.22 / 3.52  # generation.compile: inductor, s per 3-arm group eager / compiled (RESULTS.md, issue 13)
 CPU_TINY_STEP_S = 0.03
 CPU_TINY_DECODE_S = 0.05
+CPU_TOY_STEP_S = 0.27  # toy-sd3, 64², CFG: 45 CPU-s for 17 images × 10 steps (benchmarks/RESULTS.md, toy world)
+CPU_TOY_DECODE_S = 0.1
 GPU_LABEL = "H200 GPU"
 _PREFIX_FAMILIES = ("sd3", "flux")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
 _PREFIX_SCHEDULERS = ("default", "flow_euler")
@@ -39,6 +41,8 @@ def step_and_decode_seconds(sweep: Sweep) -> tuple[float, float, str]:
     """(seconds per denoising step, seconds per decode, where) for one image of this sweep."""
     geometry = sweep.model.geometry()
     height, width = sweep.resolution()
+    if sweep.model.preset in MODEL_NOTES:  # the toy presets (trained, CPU-sized: docs/toy.md)
+        return CPU_TOY_STEP_S, CPU_TOY_DECODE_S, "CPU (toy model)"
     if geometry is not None and geometry.random_weights and sweep.model.preset not in REAL_SCALE_PRESETS:
         return CPU_TINY_STEP_S, CPU_TINY_DECODE_S, "CPU (tiny random model)"
     if geometry is None or geometry.family == "sdxl":

@@ -1,7 +1,8 @@
-"""Load a diffusers pipeline for a ModelSpec (random-weight preset, hub id through the normal HF cache, or
-local folder), move it to its device and dtype, and install the sink processors once.
+"""Load a diffusers pipeline for a ModelSpec (preset, hub id through the normal HF cache, or local folder), move
+it to its device and dtype, and install the sink processors once.
 
-Presets: the tiny ones (workers.tiny) are built on the CPU in fp32 and moved; the real-scale ones
+Presets: the tiny ones (workers.tiny, random weights) are built on the CPU in fp32 and moved, as is the trained
+toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manifests.models.TOY_NOTE); the real-scale ones
 (workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
 in the target dtype.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from manifests.models import PRESET_GEOMETRY, Geometry
+from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
 from workers.session import LayerInfo, SinkSession
@@ -184,18 +185,25 @@ _TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transf
 
 
 def _build_preset(name: str, device: str, dtype: torch.dtype):
-    """(pipe on `device` in `dtype`, family) of a random-weight preset."""
+    """(pipe on `device` in `dtype`, family) of a preset: random weights, or the shipped toy model."""
     from workers.scale_presets import SCALE_PRESETS, build_scale_pipeline, scale_family
+    from workers.toy.controls import PLANTED_PRESET, plant_sink
+    from workers.toy.model import TOY_PRESET, load_toy_pipeline
 
     if name in SCALE_PRESETS:  # billions of parameters: created where they will run, in their dtype
         return build_scale_pipeline(name, device, dtype), scale_family(name)
-    from workers.tiny import build_tiny_pipeline, tiny_family
+    if name in (TOY_PRESET, PLANTED_PRESET):  # trained, shipped with the package: fp32 on the CPU, 15 MB
+        pipe, family = load_toy_pipeline(), "sd3"
+        if name == PLANTED_PRESET:  # positive control: hooks that plant a known sink (workers.toy.controls)
+            plant_sink(pipe.transformer)
+    else:
+        from workers.tiny import build_tiny_pipeline, tiny_family
 
-    pipe = build_tiny_pipeline(name)  # fp32 on the CPU, a few MB
+        pipe, family = build_tiny_pipeline(name), tiny_family(name)  # fp32 on the CPU, a few MB
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
-    return pipe, tiny_family(name)
+    return pipe, family
 
 
 def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline:
@@ -204,14 +212,17 @@ def load_pipeline(model: ModelSpec, device: str | None = None) -> LoadedPipeline
     dtype = DTYPES[model.dtype]
     if model.preset is not None:
         pipe, family = _build_preset(model.preset, device, dtype)
-        random_weights = True
+        random_weights = PRESET_GEOMETRY[model.preset].random_weights
     else:
         pipe, family = _from_pretrained(model, dtype)
         random_weights = False
         pipe.to(device)
     # the manifests table, when it knows the model (a tiny preset it lacks is checked against the build only)
     table = PRESET_GEOMETRY.get(model.preset) if model.preset is not None else model.geometry()
-    kind = "random weights" if random_weights else (model.hub_id or model.path) + (f"@{model.revision}" if model.revision else "")
+    if model.preset is not None:
+        kind = MODEL_NOTES.get(model.preset) or ("random weights" if random_weights else "preset")
+    else:
+        kind = (model.hub_id or model.path) + (f"@{model.revision}" if model.revision else "")
     return prepare_pipeline(pipe, family, random_weights=random_weights, device=str(device), dtype=dtype,
                             label=model.label, kind=kind, expected=table)
 

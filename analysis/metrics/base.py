@@ -24,6 +24,7 @@ _REGISTRY: dict[str, tuple[str, str, bool]] = {
     "imagereward": ("analysis.metrics.imagereward:ImageRewardMetric", "unit", True),
     "hpsv2": ("analysis.metrics.hpsv2:HPSv2Metric", "unit", True),
     "fid_shift": ("analysis.metrics.fid_shift:FIDShiftMetric", "set", False),
+    "toy_geneval": ("analysis.metrics.toy_geneval:ToyGenEvalMetric", "unit", True),  # toy-world prompts only
 }
 _KINDS = ("unit", "pair", "set")
 

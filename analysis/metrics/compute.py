@@ -134,7 +134,7 @@ def _part_is_current(path: Path, unit_ids: pd.Series, metric: Metric, rw: bool, 
         return False
     if set(done["unit_id"]) != set(unit_ids) or len(done) != len(unit_ids):
         return False
-    if not (done["backbone"] == metric.backbone).all() or not (done["random_weights"] == rw).all():
+    if not (done["backbone"] == metric.backbone).all() or not (done["random_weights"] == metric.random_weights).all():
         return False
     if units_part.exists() and units_part.stat().st_mtime > path.stat().st_mtime:
         return False

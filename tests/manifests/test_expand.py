@@ -9,7 +9,7 @@ import yaml
 from manifests import expand, load_bundled_prompts, parse_sweep, read_sweep_file, resolve_prompts, unit_id
 from manifests.interventions import PRESETS, Intervention, StepWindow
 
-DEMO = Path(__file__).parents[2] / "manifests" / "examples" / "demo.yaml"
+DEMO = Path(__file__).parents[2] / "manifests" / "examples" / "sd3_tiny.yaml"  # the demo before the toy world
 
 
 def _manifest(data):
