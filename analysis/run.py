@@ -134,7 +134,10 @@ class SinkSteps:
             import duckdb
 
             con = duckdb.connect()
-            con.execute("SET enable_progress_bar = false")  # notebooks and logs get results, not progress bars
+            try:  # notebooks and logs get results, not progress bars
+                con.execute("SET enable_progress_bar = false")
+            except duckdb.InvalidInputException:
+                pass  # inside Jupyter without ipywidgets DuckDB refuses to touch the setting (and draws no bar either)
             selects = []
             for d in self.datasets:
                 if d.parts:
