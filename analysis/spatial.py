@@ -4,7 +4,7 @@ prompt's text tokens, per layer and step window, averaged over prompts.
 A key index of a sink record is in the joint order [image | CLIP | T5] (docs/design.md, "Sink record");
 ``topk_modality`` says which part. Image key i sits at (row, col) = divmod(i, cols) of the
 transformer's patch grid (rows × cols = height/(vae·patch) × width/(vae·patch), from
-``manifests.models``); a text key's position is its offset within its encoder's segment. Token
+``manifests.keys.image_grid``); a text key's position is its offset within its encoder's segment. Token
 strings come from the prompt, tokenized as the model's pipeline does (see :func:`prompt_tokens`).
 
 Averaging: within one prompt, each cell's share is the fraction of all top-k slots (every step of
@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from manifests.keys import image_grid
 
 if TYPE_CHECKING:
     from .run import RunData
@@ -162,8 +164,8 @@ def sink_maps(run: "RunData", arm: str | None = None, windows: int = WINDOW_COUN
     height, width = int(units["height"].iloc[0]), int(units["width"].iloc[0])
     rows = cols = 0
     if geometry is not None:
-        side = geometry.vae_scale * geometry.patch_size
-        rows, cols = height // side, width // side
+        grid = image_grid(geometry, height, width)  # manifests.keys owns the key → patch-grid rule
+        rows, cols = grid.rows, grid.cols
     window_of = step_windows(keys["step"].tolist(), windows)
     keys["window"] = keys["step"].map(window_of)
     totals = keys.groupby(["prompt_id", "layer", "window"]).size().rename("total").reset_index()
