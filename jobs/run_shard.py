@@ -52,10 +52,6 @@ def _pipeline_for(model) -> object:
     return _PIPELINES[key]
 
 
-def _png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _scratch_group_ok(scratch: Path, group_index: int, run: RunDir) -> bool:
@@ -249,7 +245,7 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
     for row, result in zip(group, results):
         assert result.arm == row["arm"], (result.arm, row["arm"])
         rel = rf.image_relpath(row["arm"], row["prompt_id"], row["seed_index"])
-        png = result.png if result.png is not None else _png_bytes(result.image)
+        png = result.png if result.png is not None else rf.png_bytes(result.image)
         lookup = lookups.get(row["arm"])
         if cache is not None and to_publish and row["arm"] in to_publish:
             latents, steps = to_publish[row["arm"]]

@@ -11,7 +11,7 @@ pyarrow only.
     <run>/state/{done,failed,running}/shard-00012.json            generation job markers
     <run>/state/metrics/{done,failed,running}/shard-00012.json    metric job markers
     <run>/logs/shard-00012.log  logs/metrics-shard-00012.log
-    <run>/images/arm=<arm>/p00012-s003.png
+    <run>/images/arm=<arm>/p00012-s003.png     (a video: its frames side by side, see frame_strip)
     <run>/tables/<table>[/metric=<name>]/part-shard-00012.parquet  one part per shard (fixed name: rerun replaces)
     <run>/tables/<table>/_compacted/...  + _compaction.json        compacted parts (jobs.compaction)
     <run>/tables/_scratch/shard-00012/                             finished groups of an unfinished shard
@@ -104,6 +104,62 @@ def table_dir(root: Path, table: str, partition: tuple[str, str] | None = None) 
 def image_relpath(arm: str, prompt_id: int, seed_index: int) -> str:
     """Where a unit's PNG goes, relative to the run directory (also the units table's image_path)."""
     return f"{IMAGES}/arm={arm}/p{prompt_id:05d}-s{seed_index:03d}.png"
+
+
+# A video unit is one PNG: its frames side by side, left to right (a frame strip), with the frame count in a PNG
+# text chunk. Lossless like every still image, checksummed and cached as one file, viewable anywhere; the units
+# table's width / height are the strip's. Image metrics score one frame of it, SCORED_FRAME; a PNG without the
+# chunk is a still image and is scored whole.
+FRAMES_CHUNK = "sinkscope:frames"
+
+
+def frame_strip(frames: list) -> Any:
+    """One PIL image of a video's frames (PIL images of one size) side by side, tagged with their count."""
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("a video unit needs at least one frame")
+    width, height = frames[0].size
+    strip = Image.new("RGB", (width * len(frames), height))
+    for i, frame in enumerate(frames):
+        if frame.size != (width, height):
+            raise ValueError(f"frame {i} is {frame.size[0]}×{frame.size[1]}, frame 0 is {width}×{height}")
+        strip.paste(frame.convert("RGB"), (i * width, 0))
+    strip.info[FRAMES_CHUNK] = str(len(frames))
+    return strip
+
+
+def strip_frames(image) -> int:
+    """The number of frames in a unit's image (1: a still image)."""
+    return int(image.info.get(FRAMES_CHUNK, 1))
+
+
+def scored_frame_index(num_frames: int) -> int:
+    """The frame image metrics score: the middle one (the first frame of a causal video VAE is encoded alone)."""
+    return num_frames // 2
+
+
+def scored_frame(image) -> Any:
+    """What image metrics score of a unit's image: the image itself, or the SCORED_FRAME of a frame strip."""
+    frames = strip_frames(image)
+    if frames == 1:
+        return image
+    width = image.width // frames
+    left = scored_frame_index(frames) * width
+    return image.crop((left, 0, left + width, image.height))
+
+
+def png_bytes(image) -> bytes:
+    """A unit's PNG file: the image, losslessly, with a frame strip's frame count kept in its text chunk."""
+    from PIL import PngImagePlugin
+
+    info = None
+    if FRAMES_CHUNK in image.info:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(FRAMES_CHUNK, str(image.info[FRAMES_CHUNK]))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def scratch_group_names(group_index: int) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Geometry:
-    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ)
+    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ) | wan (Wan 2.1, video)
     num_layers: int  # attention blocks addressable by integer index
     heads: int
     patch_size: int = 2
@@ -26,6 +26,27 @@ class Geometry:
     # names of the attention modules the processors are installed on (what layer patterns match);
     # empty when not known without loading the model (then patterns are checked at load time only)
     modules: tuple[str, ...] = ()
+    # video models: the VAE's temporal compression (a video of 1 + t·k frames has 1 + k latent frames) and the
+    # frame count generated when the sweep names none; 0 / 1 for image models
+    temporal_scale: int = 0
+    default_frames: int = 1
+
+    @property
+    def is_video(self) -> bool:
+        return self.temporal_scale > 0
+
+    def frames_error(self, num_frames: int) -> str | None:
+        """Why `num_frames` is not a frame count this model can generate (None: it is)."""
+        if not self.is_video:
+            return None if num_frames == 1 else f"{num_frames} frames, but {self.family} generates still images (leave it unset)"
+        if num_frames < 1 or (num_frames - 1) % self.temporal_scale:
+            t = self.temporal_scale
+            return f"{num_frames} is not {t}k+1 (the VAE compresses {t} frames into one): valid values are 1, {t + 1}, {2 * t + 1}, …"
+        return None
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a `num_frames` video (the transformer's frames: its image keys are these × patches)."""
+        return (num_frames - 1) // self.temporal_scale + 1 if self.is_video else 1
 
     def image_tokens(self, height: int, width: int) -> int:
         side = self.vae_scale * self.patch_size
@@ -67,6 +88,11 @@ def pixart_modules(num_layers: int) -> tuple[str, ...]:
     return tuple(f"transformer_blocks.{i}.{a}" for i in range(num_layers) for a in ("attn1", "attn2"))
 
 
+def wan_modules(num_layers: int) -> tuple[str, ...]:
+    """Wan 2.1: `blocks.{i}.attn1` (self-attention over frames × patches), `blocks.{i}.attn2` (cross-attention to UMT5)."""
+    return tuple(f"blocks.{i}.{a}" for i in range(num_layers) for a in ("attn1", "attn2"))
+
+
 def sdxl_modules(attentions: dict[str, int]) -> tuple[str, ...]:
     """`attentions`: '<block>.attentions.<j>' -> transformer blocks in it (in unet.attn_processors order)."""
     return tuple(
@@ -99,6 +125,10 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     # PixArt-α (PixArtAlphaPipeline): the same transformer blocks, 120 T5 tokens
     "tiny-pixart-alpha": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=120, default_resolution=64, random_weights=True,
                                   modules=pixart_modules(2)),
+    # Wan 2.1-like video transformer: integer layer i = blocks.{i}.attn2 (cross-attention to UMT5), attn1 by pattern;
+    # 64² px, 5 frames (2 latent frames) by default
+    "tiny-wan": Geometry("wan", num_layers=2, heads=4, clip_tokens=0, t5_tokens=512, default_resolution=64, random_weights=True,
+                         modules=wan_modules(2), temporal_scale=4, default_frames=5),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
     # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
@@ -121,6 +151,11 @@ HUB_GEOMETRY: dict[str, Geometry] = {
                                                                 modules=pixart_modules(28)),
     "PixArt-alpha/PixArt-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=120,
                                                  modules=pixart_modules(28)),
+    # Wan 2.1 T2V 1.3B: 30 blocks × 12 heads × 128; UMT5 × 512 (the pipeline's default length); 480 px, 81 frames
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Geometry("wan", num_layers=30, heads=12, clip_tokens=0, t5_tokens=512, default_resolution=480,
+                                                 modules=wan_modules(30), temporal_scale=4, default_frames=81),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": Geometry("wan", num_layers=40, heads=40, clip_tokens=0, t5_tokens=512, default_resolution=480,
+                                                modules=wan_modules(40), temporal_scale=4, default_frames=81),
 }
 
 
@@ -141,6 +176,9 @@ def geometry_from_folder(path: Path) -> Geometry | None:
         if name == "PixArtTransformer2DModel":
             return Geometry("pixart", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"],
                             patch_size=cfg.get("patch_size", 2), clip_tokens=0, t5_tokens=300, modules=pixart_modules(cfg["num_layers"]))
+        if name == "WanTransformer3DModel":
+            return Geometry("wan", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], clip_tokens=0, t5_tokens=512,
+                            default_resolution=480, modules=wan_modules(cfg["num_layers"]), temporal_scale=4, default_frames=81)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # not readable here, or not a config we know: the worker checks the loaded model
     return None

@@ -165,6 +165,11 @@ class GenerationSpec(_Strict):
     guidance: float = Field(7.0, ge=0.0, le=100.0, description="classifier-free guidance scale (finite, 0..100)")
     height: int | None = Field(None, ge=16, le=8192, description="pixels; default: the model's native resolution")
     width: int | None = Field(None, ge=16, le=8192)
+    num_frames: int | None = Field(
+        None, ge=1, le=1025,
+        description="video models only (Wan: 4k+1, LTX-Video: 8k+1, the VAE's temporal compression); default: the model's "
+        "own. A video unit is stored as one frame-strip PNG (jobs.runformat.frame_strip)",
+    )
     scheduler: Literal["default", "flow_euler", "flow_dpmpp"] = Field(
         "default", description="default = the pipeline's own; flow_* are valid flow-matching samplers (paper bug §5.11 avoided)"
     )
@@ -430,6 +435,10 @@ class Sweep(_Strict):
             raise ValueError(f"analysis.baseline: {self.analysis.baseline!r} is not an arm name (arms: {names})")
         geo = self.model.geometry()
         height, width = self.resolution()
+        if geo is not None and self.generation.num_frames is not None:
+            problem = geo.frames_error(self.generation.num_frames)
+            if problem:
+                raise ValueError(f"generation.num_frames: {problem} ({self.model.label})")
         if geo is not None and geo.modules:
             self._check_patterns(geo)
         if geo is not None and geo.family in ("sd3", "flux"):  # token-level checks need a joint [image | text] layout

@@ -17,7 +17,9 @@ batch is still untouched by its neighbours' interventions (its rows are the stoc
 Families: SD3 / SD3.5 and SDXL (CFG batch [uncond, cond]); PixArt-Σ (the same, T5 with attention masks);
 Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded guidance scale, there is no
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
-used).
+used). Wan 2.1 (video): 5-D latents [1, C, latent frames, h, w]; WanPipeline runs CFG as two denoiser calls per
+step, cond × A then uncond × A, and `call_groups` tells the session which elements each call's rows are; a
+unit's image is the video's frame strip (`jobs.runformat.frame_strip`).
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -44,7 +46,8 @@ from workers.loading import LoadedPipeline
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux")
+_FLOW_FAMILIES = ("sd3", "flux", "wan")
+VIDEO_FAMILIES = ("wan",)  # pipelines that return frames: a unit's image is their frame strip (jobs.runformat)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class EncodedPrompt:
     t5_uncond: tuple[bool, ...] | None
     height: int
     width: int
+    frames: int = 1  # video frames generated (the pipeline's num_frames); 1 for image models
     text_cond: tuple[TextKey, ...] = ()  # the denoiser's text keys [CLIP | T5] as encoded (prompt edits included)
     text_uncond: tuple[TextKey, ...] = ()
 
@@ -122,8 +126,10 @@ def make_scheduler(pipe, kind: str):
     base = pipe.scheduler.config
     if kind == "default":
         return pipe.scheduler
+    # Wan's default (UniPC over flow sigmas) names its shift `flow_shift`; the flow-matching schedulers call it `shift`
+    shift = base.get("shift", base.get("flow_shift", 3.0))
     if kind == "flow_euler":
-        return FlowMatchEulerDiscreteScheduler.from_config(base)
+        return FlowMatchEulerDiscreteScheduler.from_config(base, **({} if "shift" in base else {"shift": shift}))
     if kind == "flow_dpmpp":
         extra = {}
         if base.get("use_dynamic_shifting"):  # Flux: resolution-dependent shift (mu), as its Euler default does
@@ -134,16 +140,21 @@ def make_scheduler(pipe, kind: str):
             solver_order=2,
             prediction_type="flow_prediction",
             use_flow_sigmas=True,
-            flow_shift=base.get("shift", 3.0),
+            flow_shift=shift,
             **extra,
         )
     raise ValueError(f"unknown scheduler {kind!r} (default, flow_euler, flow_dpmpp)")
 
 
-def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) -> torch.Tensor:
-    """Batch-1 initial latents in the shape the pipeline's `latents=` expects (Flux: packed)."""
+def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int, frames: int = 1) -> torch.Tensor:
+    """Batch-1 initial latents in the shape the pipeline's `latents=` expects (Flux: packed; video: 5-D
+    [1, C, latent frames, h, w] for `frames` video frames)."""
     pipe = loaded.pipe
     generator = torch.Generator("cpu").manual_seed(seed)
+    if loaded.family in VIDEO_FAMILIES:
+        geo = loaded.geometry
+        shape = (1, loaded.denoiser.config.in_channels, geo.latent_frames(frames), height // geo.vae_scale, width // geo.vae_scale)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=loaded.device, dtype=loaded.dtype)
     if loaded.family == "flux":
         channels = pipe.transformer.config.in_channels // 4
         h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
@@ -165,6 +176,16 @@ def resolution(loaded: LoadedPipeline, generation: GenerationSpec) -> tuple[int,
     return height, width
 
 
+def num_frames(loaded: LoadedPipeline, generation: GenerationSpec) -> int:
+    """Video frames to generate: generation.num_frames, else the model's default (1 for image models)."""
+    geo = loaded.geometry
+    frames = generation.num_frames or geo.default_frames
+    problem = geo.frames_error(frames)
+    if problem:
+        raise ValueError(f"generation.num_frames: {problem} ({loaded.description})")
+    return frames
+
+
 def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpec, edit: PromptEdit | None = None) -> EncodedPrompt:
     """Run the text encoders once for a group (family-specific), with CFG negatives when the family uses them.
 
@@ -174,6 +195,7 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
+    frames = num_frames(loaded, generation)
     msl = generation.max_sequence_length
     if edit is not None and edit.max_length and edit.applies_to("t5"):
         msl = edit.max_length  # also the length of SD3's zero T5 slots when T5 is absent
@@ -215,6 +237,14 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             )
             t5_cond = tuple(bool(x) for x in mask[0].tolist())
             t5_uncond = None if nmask is None else tuple(bool(x) for x in nmask[0].tolist())
+        elif family == "wan":  # UMT5 only; embeddings past the last real token are zeroed (attended: no mask)
+            pe, npe = pipe.encode_prompt(
+                prompt=prompt, negative_prompt="", do_classifier_free_guidance=use_cfg, num_videos_per_prompt=1,
+                max_sequence_length=msl, device=device,
+            )
+            embeds = dict(prompt_embeds=pe, negative_prompt_embeds=npe)
+            extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl, num_frames=frames)
+            t5_cond, t5_uncond = (), None  # set from the log below
         else:
             raise ValueError(f"unknown family {family!r}")
     zero = {"clip": loaded.geometry.clip_tokens, "t5": msl}
@@ -223,7 +253,7 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if t5_cond is not None:  # which T5 slots hold real tokens, as encoded (an edit may change length or padding)
         t5_cond = tuple(k.kind != "padding" for k in text_cond if k.segment == "t5")
         t5_uncond = tuple(k.kind != "padding" for k in text_uncond if k.segment == "t5") if use_cfg else t5_uncond
-    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
+    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, frames, text_cond, text_uncond)
 
 
 def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
@@ -232,6 +262,19 @@ def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[
     if not encoded.use_cfg:
         return cond
     return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+
+
+def call_groups(loaded: LoadedPipeline, arms: list[ArmSpec], encoded: EncodedPrompt) -> list[list[int]]:
+    """The batch_plans elements of each denoiser call of a step, in call order, when a step calls the denoiser more
+    than once: WanPipeline runs CFG as two calls, cond (elements A..2A-1) then uncond (0..A-1). [] otherwise."""
+    if loaded.family != "wan" or not encoded.use_cfg:
+        return []
+    n = len(arms)
+    return [list(range(n, 2 * n)), list(range(n))]
+
+
+def denoiser_calls_per_step(loaded: LoadedPipeline, encoded: EncodedPrompt) -> int:
+    return max(len(call_groups(loaded, [ArmSpec(name="_")], encoded)), 1)
 
 
 def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
@@ -287,6 +330,7 @@ def run_batch(
         ctx = RunContext(
             elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
             num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
+            frames=loaded.geometry.latent_frames(encoded.frames), call_groups=call_groups(loaded, arms, encoded),
             start_step=start_step, step=start_step - 1,
         )
     outputs: list[torch.Tensor] = []
@@ -330,7 +374,7 @@ def run_batch(
     seconds = time.perf_counter() - start
     if ctx is not None and ctx.step + 1 != generation.steps:
         raise RuntimeError(f"arms {[a.name for a in arms]}: the denoiser ran {ctx.step + 1} times for {generation.steps} steps")
-    images = list(output.images)
+    images = list(output.images) if loaded.family not in VIDEO_FAMILIES else video_units(output.frames, output_type)
     if len(images) != n:
         raise RuntimeError(f"the pipeline returned {len(images)} images for a batch of {n} arms")
     run = BatchRun(arms=arms, images=images, context=ctx, seconds=seconds, denoiser_outputs=outputs)
@@ -339,6 +383,15 @@ def run_batch(
         run.trajectory = trajectory
         run.sigmas = [float(x) for x in scheduler.sigmas]
     return run
+
+
+def video_units(videos, output_type: str) -> list:
+    """A video pipeline's output → one unit image per video: its frame strip (jobs.runformat, the rule's owner)."""
+    if output_type != "pil":
+        return list(videos)
+    from jobs.runformat import frame_strip
+
+    return [frame_strip(list(frames)) for frames in videos]
 
 
 _COMPILE_MODES = {"inductor": "default"}
@@ -473,7 +526,7 @@ def generate_group(
     loaded.check_layers(arms, recording)
     encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
     encoded = encodings[None]
-    latents = initial_latents(loaded, seed, encoded.height, encoded.width)
+    latents = initial_latents(loaded, seed, encoded.height, encoded.width, encoded.frames)
     results: dict[str, ArmResult] = {}
     baseline: ArmResult | None = None
     for arm in (a for a in arms if a.intervention is None):

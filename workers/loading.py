@@ -6,7 +6,8 @@ toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manif
 (workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
 in the target dtype.
 
-Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), chosen by the pipeline class.
+Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), "wan" (Wan 2.1 text-to-video),
+chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
 for a reference run.
 """
@@ -24,6 +25,7 @@ import torch
 from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
+from workers.processors.wan import install_wan_processors
 from workers.session import LayerInfo, SinkSession
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,6 +91,7 @@ _PIPELINE_FAMILY = {
     "FluxPipeline": "flux",
     "PixArtSigmaPipeline": "pixart",
     "PixArtAlphaPipeline": "pixart",
+    "WanPipeline": "wan",
 }
 
 
@@ -128,7 +131,7 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
     family = _PIPELINE_FAMILY.get(class_name)
     if family is None:
         raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
-    if not model.load_t5 and family in ("flux", "pixart"):
+    if not model.load_t5 and family in ("flux", "pixart", "wan"):
         raise ValueError(f"{model.label}: load_t5=false is only possible for SD3 ({class_name} conditions on T5 alone)")
     pipeline_class = getattr(diffusers, class_name)
     source = model.hub_id or model.path
@@ -147,6 +150,8 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
 
 
 def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
+    if family == "wan":
+        return _measured_video_geometry(pipe, family, random_weights)
     common = dict(vae_scale=pipe.vae_scale_factor, random_weights=random_weights)
     if family == "sdxl":
         unet = pipe.unet
@@ -175,11 +180,25 @@ def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
     )
 
 
+def _measured_video_geometry(pipe, family: str, random_weights: bool) -> Geometry:
+    """Video pipelines name their VAE factors per axis (spatial, temporal) and have no default sample size."""
+    cfg = pipe.transformer.config
+    # wan: cross-attention keys are the UMT5 tokens (the pipeline's default 512); VAE 8× space, 4× time.
+    # WanPipeline's call defaults to 480 × 832 px, 81 frames; sinkscope's default is square (a tiny preset sets its own)
+    return Geometry(
+        family="wan", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size[1], clip_tokens=0,
+        t5_tokens=512, vae_scale=pipe.vae_scale_factor_spatial, random_weights=random_weights,
+        default_resolution=getattr(pipe, "default_sample_size", 60) * pipe.vae_scale_factor_spatial,
+        temporal_scale=pipe.vae_scale_factor_temporal, default_frames=getattr(pipe, "default_num_frames", 81),
+    )
+
+
 _INSTALL = {
     "sd3": install_sd3_processors,
     "sdxl": install_sdxl_processors,
     "flux": install_flux_processors,
     "pixart": install_pixart_processors,
+    "wan": install_wan_processors,
 }
 _TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transformer
 

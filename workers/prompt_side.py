@@ -23,12 +23,14 @@ TOKENIZER_SEGMENTS = {
     "sdxl": {"tokenizer": "clip", "tokenizer_2": "clip"},
     "flux": {"tokenizer": "clip", "tokenizer_2": "t5"},  # Flux's CLIP is pooled only: it has no text keys
     "pixart": {"tokenizer": "t5"},
+    "wan": {"tokenizer": "t5"},  # UMT5
 }
 KEY_SOURCES = {
     "sd3": (("tokenizer", "clip"), ("tokenizer_3", "t5")),
     "sdxl": (("tokenizer", "clip"),),
     "flux": (("tokenizer_2", "t5"),),
     "pixart": (("tokenizer", "t5"),),
+    "wan": (("tokenizer", "t5"),),
 }
 
 

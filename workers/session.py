@@ -6,7 +6,8 @@ and behave exactly like stock diffusers while no `RunContext` is active. A run (
 several arms (each with its own intervention, branch and unit seed): the processors look every decision up
 per element, never per batch position.
 
-The step index comes from a forward pre-hook on the denoiser: the n-th denoiser call of a run is step n,
+The step index comes from a forward pre-hook on the denoiser: the n-th denoiser call of a run is step n (with
+`RunContext.call_groups`, the n-th group of calls: WanPipeline calls its transformer for cond, then uncond),
 and its timestep is checked against `scheduler.timesteps[n]` (the paper instead set the step in a callback
 that runs after the scheduler step, an off-by-one: paper-spec §5.2, §5.10).
 """
@@ -92,6 +93,15 @@ class RunContext:
     active_steps: list[frozenset[int] | None] = field(default_factory=list)  # per element
     records: list[CallRecord] = field(default_factory=list)
     probe: Callable | None = None  # workers.verify: called with every intervened call's tensors (None in normal runs)
+    # pipelines that call the denoiser more than once per step (WanPipeline: cond, then uncond, each a batch of
+    # its own): per call of a step, the `elements` its batch rows are, in row order; empty: one call over all
+    call_groups: list[list[int]] = field(default_factory=list)
+    calls: int = 0  # denoiser calls so far in this run
+    current: list[int] | None = None  # the elements of the denoiser call in progress (None: all)
+
+    def call_elements(self) -> list[int]:
+        """The element index of each batch row of the denoiser call in progress."""
+        return list(range(len(self.elements))) if self.current is None else self.current
 
     def intervention_active(self, element: int, layer_name: str, block_index: int | None) -> Intervention | None:
         """The element's intervention if it acts at this layer, branch and step, else None."""
@@ -118,7 +128,7 @@ class RunContext:
         """Whether any element records or intervenes at this layer and step (cheap; lets processors skip work)."""
         return any(
             self.records_layer(e, layer_name, block_index) or self.intervention_active(e, layer_name, block_index) is not None
-            for e in range(len(self.elements))
+            for e in self.call_elements()
         )
 
 
@@ -152,6 +162,13 @@ class SinkSession:
         if ctx is None:
             return None
         scheduler = self.pipe.scheduler
+        per_step = max(len(ctx.call_groups), 1)
+        call = ctx.calls % per_step  # which of the step's denoiser calls this is
+        ctx.calls += 1
+        ctx.current = ctx.call_groups[call] if ctx.call_groups else None
+        if call:  # a further call of the same step (Wan's unconditional pass): same step, timestep and sigma
+            self._check_batch(ctx, args, kwargs)
+            return None
         ctx.step += 1
         step = ctx.step
         local = step - ctx.start_step  # index into the timesteps this call iterates over (a prefix run's are cut)
@@ -169,9 +186,7 @@ class SinkSession:
             tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
             if not math.isclose(got, expected, rel_tol=tol, abs_tol=1e-4):
                 raise RuntimeError(f"transformer call {step} got timestep {got}, scheduler expects {expected}")
-        batch = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        if batch is not None and batch.shape[0] != len(ctx.elements):
-            raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {len(ctx.elements)} elements")
+        self._check_batch(ctx, args, kwargs)
         context = kwargs.get("encoder_hidden_states")
         ctx.num_text_tokens = None if context is None else int(context.shape[1])
         ctx.timestep = expected
@@ -186,6 +201,13 @@ class SinkSession:
                 for plan in ctx.elements
             ]
         return None
+
+    @staticmethod
+    def _check_batch(ctx: RunContext, args, kwargs) -> None:
+        batch = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+        planned = len(ctx.call_elements())
+        if batch is not None and batch.shape[0] != planned:
+            raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {planned} elements for this call")
 
     def close(self) -> None:
         self._hook.remove()

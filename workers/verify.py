@@ -41,7 +41,7 @@ import torch
 import workers.processors.common as common
 from manifests.schema import ArmSpec
 from workers import prompt_side
-from workers.generate import EncodedPrompt, chunks, encode_prompt, initial_latents, prompt_edit, run_batch
+from workers.generate import EncodedPrompt, chunks, denoiser_calls_per_step, encode_prompt, initial_latents, prompt_edit, run_batch
 from workers.identification import KeyLayout
 from workers.loading import LoadedPipeline
 
@@ -395,7 +395,8 @@ def verify_sweep(
     for prompt in prompts[:max_prompts]:
         seed = sweep.seeds.seed(prompt.prompt_id, 0)
         encoded = encode_prompt(loaded, prompt.text, gen)
-        latents = initial_latents(loaded, seed, encoded.height, encoded.width)
+        latents = initial_latents(loaded, seed, encoded.height, encoded.width, encoded.frames)
+        calls = gen.steps * denoiser_calls_per_step(loaded, encoded)
         stock_by_size: dict[int, object] = {}
         for chunk in chunks(list(sweep.arms), gen.arms_per_batch):
             # (a) no-op: interventions stripped, recording on, vs the stock processors at the same batch shape
@@ -405,7 +406,7 @@ def verify_sweep(
                 with stock_processors(loaded):
                     stock_by_size[len(chunk)] = run_batch(loaded, encoded, stripped, seed, latents, gen, None, sinks=False, capture_outputs=True)
             stock = stock_by_size[len(chunk)]
-            outputs_equal = len(ours.denoiser_outputs) == len(stock.denoiser_outputs) == gen.steps and all(
+            outputs_equal = len(ours.denoiser_outputs) == len(stock.denoiser_outputs) == calls and all(
                 torch.equal(a, b) for a, b in zip(ours.denoiser_outputs, stock.denoiser_outputs)
             )
             worst = max((float((a - b).abs().max()) for a, b in zip(ours.denoiser_outputs, stock.denoiser_outputs)), default=math.inf)

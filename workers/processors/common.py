@@ -158,9 +158,9 @@ def apply_sinks(
     """
     batch, heads = q.shape[:2]
     if elements is None:
-        if batch != len(ctx.elements):
-            raise RuntimeError(f"{layer.name}: batch of {batch} but the run plans {len(ctx.elements)} elements")
-        elements = list(range(batch))
+        elements = ctx.call_elements()  # the run's elements, or those of this denoiser call (Wan's separate CFG calls)
+        if batch != len(elements):
+            raise RuntimeError(f"{layer.name}: batch of {batch} but the denoiser call plans {len(elements)} elements")
     layer_name, block_index = layer.name, layer.block_index
     active = {}
     for pos, e in enumerate(elements):
