@@ -264,17 +264,16 @@ def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[
     return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
 
 
-def call_groups(loaded: LoadedPipeline, arms: list[ArmSpec], encoded: EncodedPrompt) -> list[list[int]]:
+def call_groups(loaded: LoadedPipeline, num_arms: int, encoded: EncodedPrompt) -> list[list[int]]:
     """The batch_plans elements of each denoiser call of a step, in call order, when a step calls the denoiser more
     than once: WanPipeline runs CFG as two calls, cond (elements A..2A-1) then uncond (0..A-1). [] otherwise."""
     if loaded.family != "wan" or not encoded.use_cfg:
         return []
-    n = len(arms)
-    return [list(range(n, 2 * n)), list(range(n))]
+    return [list(range(num_arms, 2 * num_arms)), list(range(num_arms))]
 
 
 def denoiser_calls_per_step(loaded: LoadedPipeline, encoded: EncodedPrompt) -> int:
-    return max(len(call_groups(loaded, [ArmSpec(name="_")], encoded)), 1)
+    return max(len(call_groups(loaded, 1, encoded)), 1)
 
 
 def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
@@ -330,7 +329,7 @@ def run_batch(
         ctx = RunContext(
             elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
             num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
-            frames=loaded.geometry.latent_frames(encoded.frames), call_groups=call_groups(loaded, arms, encoded),
+            frames=loaded.geometry.latent_frames(encoded.frames), call_groups=call_groups(loaded, len(arms), encoded),
             start_step=start_step, step=start_step - 1,
         )
     outputs: list[torch.Tensor] = []
