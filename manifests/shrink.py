@@ -55,7 +55,8 @@ def shrink(data: dict, family: str, source_layers: int, prompts: int = 2, steps:
     out["generation"] = generation
     recording = dict(data.get("recording", {}))
     if "layers" in recording:
-        recording["layers"] = sorted(_map_layers(list(recording["layers"]), source_layers, target_layers))
+        mapped = _map_layers(list(recording["layers"]), source_layers, target_layers)  # integers first, then patterns
+        recording["layers"] = sorted(mapped, key=lambda layer: (isinstance(layer, str), layer if isinstance(layer, int) else 0, str(layer)))
     out["recording"] = recording
     for arm in out["arms"]:
         iv = arm.get("intervention")
