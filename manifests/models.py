@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Geometry:
-    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ) | wan (Wan 2.1, video)
+    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ) | wan (Wan 2.1, video) | ltx (LTX-Video)
     num_layers: int  # attention blocks addressable by integer index
     heads: int
     patch_size: int = 2
@@ -93,6 +93,11 @@ def wan_modules(num_layers: int) -> tuple[str, ...]:
     return tuple(f"blocks.{i}.{a}" for i in range(num_layers) for a in ("attn1", "attn2"))
 
 
+def ltx_modules(num_layers: int) -> tuple[str, ...]:
+    """LTX-Video: `transformer_blocks.{i}.attn1` (self-attention over frames × patches), `.attn2` (cross-attention to T5)."""
+    return pixart_modules(num_layers)  # the same module names as PixArt's blocks
+
+
 def sdxl_modules(attentions: dict[str, int]) -> tuple[str, ...]:
     """`attentions`: '<block>.attentions.<j>' -> transformer blocks in it (in unet.attn_processors order)."""
     return tuple(
@@ -129,6 +134,10 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     # 64² px, 5 frames (2 latent frames) by default
     "tiny-wan": Geometry("wan", num_layers=2, heads=4, clip_tokens=0, t5_tokens=512, default_resolution=64, random_weights=True,
                          modules=wan_modules(2), temporal_scale=4, default_frames=5),
+    # LTX-Video-like: integer layer i = transformer_blocks.{i}.attn2 (cross-attention to T5, masked padding), attn1 by
+    # pattern; VAE 8× in space (LTX-Video's: 32×), 8× in time; 64² px, 9 frames (2 latent frames of 8 × 8 patches)
+    "tiny-ltx-video": Geometry("ltx", num_layers=2, heads=4, patch_size=1, clip_tokens=0, t5_tokens=128, default_resolution=64,
+                               random_weights=True, modules=ltx_modules(2), temporal_scale=8, default_frames=9),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
     # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
@@ -156,6 +165,10 @@ HUB_GEOMETRY: dict[str, Geometry] = {
                                                  modules=wan_modules(30), temporal_scale=4, default_frames=81),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": Geometry("wan", num_layers=40, heads=40, clip_tokens=0, t5_tokens=512, default_resolution=480,
                                                 modules=wan_modules(40), temporal_scale=4, default_frames=81),
+    # LTX-Video (0.9.x, 2 B): 28 blocks × 32 heads × 64, patch 1 on a 32× / 8× VAE; T5 × 128 (the pipeline's default);
+    # 512 px (the pipeline's default is 512 × 704), 161 frames
+    "Lightricks/LTX-Video": Geometry("ltx", num_layers=28, heads=32, patch_size=1, vae_scale=32, clip_tokens=0, t5_tokens=128,
+                                     default_resolution=512, modules=ltx_modules(28), temporal_scale=8, default_frames=161),
 }
 
 
@@ -179,6 +192,10 @@ def geometry_from_folder(path: Path) -> Geometry | None:
         if name == "WanTransformer3DModel":
             return Geometry("wan", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], clip_tokens=0, t5_tokens=512,
                             default_resolution=480, modules=wan_modules(cfg["num_layers"]), temporal_scale=4, default_frames=81)
+        if name == "LTXVideoTransformer3DModel":
+            return Geometry("ltx", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 1),
+                            vae_scale=32, clip_tokens=0, t5_tokens=128, default_resolution=512, modules=ltx_modules(cfg["num_layers"]),
+                            temporal_scale=8, default_frames=161)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # not readable here, or not a config we know: the worker checks the loaded model
     return None

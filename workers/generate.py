@@ -19,7 +19,8 @@ Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded gu
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
 used). Wan 2.1 (video): 5-D latents [1, C, latent frames, h, w]; WanPipeline runs CFG as two denoiser calls per
 step, cond × A then uncond × A, and `call_groups` tells the session which elements each call's rows are; a
-unit's image is the video's frame strip (`jobs.runformat.frame_strip`).
+unit's image is the video's frame strip (`jobs.runformat.frame_strip`). LTX-Video: its latents packed into tokens
+(1×1×1 patches, frame by frame), one CFG batch [uncond, cond], T5 padding masked in cross-attention as PixArt's.
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -46,8 +47,8 @@ from workers.loading import LoadedPipeline
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux", "wan")
-VIDEO_FAMILIES = ("wan",)  # pipelines that return frames: a unit's image is their frame strip (jobs.runformat)
+_FLOW_FAMILIES = ("sd3", "flux", "wan", "ltx")
+VIDEO_FAMILIES = ("wan", "ltx")  # pipelines that return frames: a unit's image is their frame strip (jobs.runformat)
 
 
 @dataclass
@@ -153,8 +154,16 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int, 
     generator = torch.Generator("cpu").manual_seed(seed)
     if loaded.family in VIDEO_FAMILIES:
         geo = loaded.geometry
-        shape = (1, loaded.denoiser.config.in_channels, geo.latent_frames(frames), height // geo.vae_scale, width // geo.vae_scale)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=loaded.device, dtype=loaded.dtype)
+        cfg = loaded.denoiser.config
+        if loaded.family == "ltx":  # LTXPipeline takes its latents packed into tokens [1, frames·h·w, C·patch volume]
+            channels = cfg.in_channels // (cfg.patch_size * cfg.patch_size * cfg.patch_size_t)
+        else:
+            channels = cfg.in_channels
+        shape = (1, channels, geo.latent_frames(frames), height // geo.vae_scale, width // geo.vae_scale)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if loaded.family == "ltx":
+            noise = pipe._pack_latents(noise, cfg.patch_size, cfg.patch_size_t)
+        return noise.to(device=loaded.device, dtype=loaded.dtype)
     if loaded.family == "flux":
         channels = pipe.transformer.config.in_channels // 4
         h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
@@ -243,6 +252,14 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
                 max_sequence_length=msl, device=device,
             )
             embeds = dict(prompt_embeds=pe, negative_prompt_embeds=npe)
+            extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl, num_frames=frames)
+            t5_cond, t5_uncond = (), None  # set from the log below
+        elif family == "ltx":  # T5 only, encoded unmasked; the transformer masks the padding keys (−10000), as PixArt's
+            pe, mask, npe, nmask = pipe.encode_prompt(
+                prompt=prompt, negative_prompt="", do_classifier_free_guidance=use_cfg, num_videos_per_prompt=1,
+                max_sequence_length=msl, device=device,
+            )
+            embeds = dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=npe, negative_prompt_attention_mask=nmask)
             extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl, num_frames=frames)
             t5_cond, t5_uncond = (), None  # set from the log below
         else:
@@ -353,11 +370,15 @@ def run_batch(
     stock_denoiser = _use_compiled_denoiser(loaded, generation.compile)
     loaded.session.context = ctx
     start = time.perf_counter()
+    if loaded.family == "ltx":  # a timestep-conditioned LTX VAE (0.9.1+) adds decode noise: drawn from the group seed
+        extra = {**encoded.extra, "generator": torch.Generator("cpu").manual_seed(seed)}
+    else:
+        extra = encoded.extra
     try:
         output = pipe(
             **{name: _repeat(value, n) for name, value in encoded.embeds.items()},
             latents=_repeat(latents, n), num_inference_steps=generation.steps, height=encoded.height, width=encoded.width,
-            output_type=output_type, **encoded.extra,
+            output_type=output_type, **extra,
         )
         if str(loaded.device).startswith("cuda"):
             torch.cuda.synchronize()

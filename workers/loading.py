@@ -6,7 +6,7 @@ toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manif
 (workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
 in the target dtype.
 
-Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), "wan" (Wan 2.1 text-to-video),
+Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), "wan" (Wan 2.1 text-to-video), "ltx" (LTX-Video),
 chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
 for a reference run.
@@ -25,6 +25,7 @@ import torch
 from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
+from workers.processors.ltx import install_ltx_processors
 from workers.processors.wan import install_wan_processors
 from workers.session import LayerInfo, SinkSession
 
@@ -92,6 +93,7 @@ _PIPELINE_FAMILY = {
     "PixArtSigmaPipeline": "pixart",
     "PixArtAlphaPipeline": "pixart",
     "WanPipeline": "wan",
+    "LTXPipeline": "ltx",
 }
 
 
@@ -131,7 +133,7 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
     family = _PIPELINE_FAMILY.get(class_name)
     if family is None:
         raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
-    if not model.load_t5 and family in ("flux", "pixart", "wan"):
+    if not model.load_t5 and family in ("flux", "pixart", "wan", "ltx"):
         raise ValueError(f"{model.label}: load_t5=false is only possible for SD3 ({class_name} conditions on T5 alone)")
     pipeline_class = getattr(diffusers, class_name)
     source = model.hub_id or model.path
@@ -150,7 +152,7 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
 
 
 def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
-    if family == "wan":
+    if family in ("wan", "ltx"):
         return _measured_video_geometry(pipe, family, random_weights)
     common = dict(vae_scale=pipe.vae_scale_factor, random_weights=random_weights)
     if family == "sdxl":
@@ -181,15 +183,19 @@ def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
 
 
 def _measured_video_geometry(pipe, family: str, random_weights: bool) -> Geometry:
-    """Video pipelines name their VAE factors per axis (spatial, temporal) and have no default sample size."""
+    """Video pipelines name their VAE factors per axis (spatial, temporal) and have no default sample size (a tiny
+    preset sets `default_sample_size` / `default_num_frames` on its pipeline). Cross-attention keys are the T5 tokens
+    at the pipeline's default length (Wan: UMT5 × 512; LTX-Video: T5 × 128, padding masked)."""
     cfg = pipe.transformer.config
-    # wan: cross-attention keys are the UMT5 tokens (the pipeline's default 512); VAE 8× space, 4× time.
-    # WanPipeline's call defaults to 480 × 832 px, 81 frames; sinkscope's default is square (a tiny preset sets its own)
+    if family == "wan":  # WanPipeline's call defaults to 480 × 832 px, 81 frames; sinkscope's default is square
+        spatial, temporal, patch, t5_tokens, side, frames = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal, cfg.patch_size[1], 512, 60, 81
+    else:  # LTXPipeline's call defaults to 512 × 704 px, 161 frames
+        spatial, temporal, patch, t5_tokens, side, frames = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio, cfg.patch_size, 128, 16, 161
     return Geometry(
-        family="wan", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size[1], clip_tokens=0,
-        t5_tokens=512, vae_scale=pipe.vae_scale_factor_spatial, random_weights=random_weights,
-        default_resolution=getattr(pipe, "default_sample_size", 60) * pipe.vae_scale_factor_spatial,
-        temporal_scale=pipe.vae_scale_factor_temporal, default_frames=getattr(pipe, "default_num_frames", 81),
+        family=family, num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=patch, clip_tokens=0,
+        t5_tokens=t5_tokens, vae_scale=spatial, random_weights=random_weights,
+        default_resolution=getattr(pipe, "default_sample_size", side) * spatial,
+        temporal_scale=temporal, default_frames=getattr(pipe, "default_num_frames", frames),
     )
 
 
@@ -199,6 +205,7 @@ _INSTALL = {
     "flux": install_flux_processors,
     "pixart": install_pixart_processors,
     "wan": install_wan_processors,
+    "ltx": install_ltx_processors,
 }
 _TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transformer
 

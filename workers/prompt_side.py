@@ -24,6 +24,7 @@ TOKENIZER_SEGMENTS = {
     "flux": {"tokenizer": "clip", "tokenizer_2": "t5"},  # Flux's CLIP is pooled only: it has no text keys
     "pixart": {"tokenizer": "t5"},
     "wan": {"tokenizer": "t5"},  # UMT5
+    "ltx": {"tokenizer": "t5"},
 }
 KEY_SOURCES = {
     "sd3": (("tokenizer", "clip"), ("tokenizer_3", "t5")),
@@ -31,6 +32,7 @@ KEY_SOURCES = {
     "flux": (("tokenizer_2", "t5"),),
     "pixart": (("tokenizer", "t5"),),
     "wan": (("tokenizer", "t5"),),
+    "ltx": (("tokenizer", "t5"),),
 }
 
 

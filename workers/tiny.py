@@ -44,6 +44,10 @@ TINY_PIXART_ALPHA = "tiny-pixart-alpha"  # PixArt-α-like (PixArtAlphaPipeline, 
 # Wan 2.1-like video model: 2 blocks (self attn1 over frames × patches with 3-D RoPE + cross attn2 over UMT5), 4 heads × 16,
 # Wan's causal 3-D VAE (temporal scale 4, spatial 8), UniPC flow sampler: 64 px, 5 frames → 2 latent frames of 4 × 4 patches
 TINY_WAN = "tiny-wan"
+# LTX-Video-like: 2 blocks (self attn1 + cross attn2 over T5 with its padding masked), 4 heads × 12, LTX's RoPE and its
+# causal VAE at 8× space (LTX-Video's is 32×, which would leave 2 × 2 patches at 64 px) and 8× time: 64 px, 9 frames →
+# 2 latent frames of 8 × 8 patches; FLUX-style dynamic-shift Euler with LTX-Video's shift settings
+TINY_LTX = "tiny-ltx-video"
 
 
 def tiny_family(name: str) -> str:
@@ -56,13 +60,15 @@ def tiny_family(name: str) -> str:
         return "pixart"
     if name == TINY_WAN:
         return "wan"
+    if name == TINY_LTX:
+        return "ltx"
     if name in TINY_PRESETS:
         return "sd3"
     raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(all_presets())}")
 
 
 def all_presets() -> list[str]:
-    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA, TINY_WAN]
+    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA, TINY_WAN, TINY_LTX]
 
 
 def _tiny_clip_config():
@@ -197,6 +203,40 @@ def _build_tiny_wan():
     return pipe
 
 
+def _build_tiny_ltx():
+    """LTX-Video-like: LTXPipeline with its transformer, causal video VAE, T5 encoder and dynamic-shift Euler sampler."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    from workers.tokenizer import load_t5_tokenizer
+
+    tokenizer = load_t5_tokenizer(model_max_length=128)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=16, out_channels=16, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=12,
+            cross_attention_dim=48, num_layers=2, caption_channels=T5_HIDDEN,
+        )
+        _randomise_qk_norms(transformer)
+        text_encoder = _tiny_t5(len(tokenizer))
+        # three space-time downsampling levels without LTX's 4 × 4 input patching: 8× in space and in time
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=16, block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+            down_block_types=("LTXVideoDownBlock3D",) * 3, layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
+            decoder_inject_noise=(False,) * 4, downsample_type=("conv",) * 3, upsample_residual=(False,) * 3,
+            upsample_factor=(1,) * 3, patch_size=1, patch_size_t=1,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # LTX-Video's scheduler config
+        use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
+    )
+    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size, pipe.default_num_frames = 8, 9  # 64 px, 9 frames (workers.loading reads them)
+    for module in (transformer, text_encoder, vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _build_tiny_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -243,6 +283,8 @@ def build_tiny_pipeline(name: str):
         return _build_tiny_pixart(alpha=name == TINY_PIXART_ALPHA)
     if family == "wan":
         return _build_tiny_wan()
+    if family == "ltx":
+        return _build_tiny_ltx()
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection

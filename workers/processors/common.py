@@ -121,6 +121,24 @@ def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
     return out
 
 
+def install_dispatcher_processors(transformer, session, processor_class, block_index) -> list[LayerInfo]:
+    """Put `processor_class(session, info)` on every attention module of a dispatcher-attention transformer (Wan,
+    LTX-Video), keeping each stock processor's attention backend; `block_index(module name)` gives the integer
+    index of the integer-addressable modules (None: glob only)."""
+    stock = transformer.attn_processors
+    names = [name.removesuffix(".processor") for name in stock]
+    layers = layer_ids([(name, block_index(name)) for name in names])
+    processors = {}
+    for info in layers:
+        proc = processor_class(session, info)
+        original = stock[f"{info.name}.processor"]
+        proc._attention_backend = getattr(original, "_attention_backend", None)
+        proc._parallel_config = getattr(original, "_parallel_config", None)
+        processors[f"{info.name}.processor"] = proc
+    transformer.set_attn_processor(processors)
+    return layers
+
+
 def _budget(iv, heads: int) -> int:
     if iv.selection == "static":
         return len(iv.indices or [])

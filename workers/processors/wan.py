@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_wan import _get_added_kv_projecti
 import torch
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, layer_ids
+from workers.processors.common import apply_sinks, install_dispatcher_processors
 from workers.session import LayerInfo
 
 _CROSS = re.compile(r"^blocks\.(\d+)\.attn2$")
@@ -119,14 +119,4 @@ def block_index(module_name: str) -> int | None:
 
 def install_wan_processors(transformer, session) -> list[LayerInfo]:
     """Replace every WanAttention processor; `blocks.{i}.attn2` is integer layer i, attn1 by glob."""
-    stock = transformer.attn_processors
-    layers = layer_ids([(name.removesuffix(".processor"), block_index(name.removesuffix(".processor"))) for name in stock])
-    processors = {}
-    for info in layers:
-        proc = WanSinkAttnProcessor(session, info)
-        original = stock[f"{info.name}.processor"]
-        proc._attention_backend = getattr(original, "_attention_backend", None)
-        proc._parallel_config = getattr(original, "_parallel_config", None)
-        processors[f"{info.name}.processor"] = proc
-    transformer.set_attn_processor(processors)
-    return layers
+    return install_dispatcher_processors(transformer, session, WanSinkAttnProcessor, block_index)
