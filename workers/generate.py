@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -464,6 +465,7 @@ def _run_from(scheduler, start: int) -> None:
     begins at `start` (also when the pipeline itself calls set_begin_index(0), as Flux's does)."""
     set_timesteps, set_begin_index = scheduler.set_timesteps, scheduler.set_begin_index
 
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature (LTX's retrieve_timesteps: does it take sigmas?)
     def set_timesteps_from(*args, **kwargs):
         set_timesteps(*args, **kwargs)
         scheduler.timesteps = scheduler.timesteps[start:]
