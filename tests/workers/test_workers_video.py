@@ -159,3 +159,66 @@ def test_wan_run_writes_frame_strips_and_scores_a_frame(tmp_path):
 
     metrics = load_run(run_dir).metrics
     assert len(metrics) == 1 and metrics.value.iloc[0] > 0  # the intervened arm's LPIPS to the baseline, on its middle frame
+
+
+# --- LTX-Video -------------------------------------------------------------------------------------------
+
+LTX_GEN = GenerationSpec(steps=2, guidance=3.0, num_frames=9, max_sequence_length=24)
+LTX_SIDE = 8  # tiny-ltx-video at 64 px, 9 frames: 2 latent frames of 8 × 8 patches
+
+
+@pytest.fixture(scope="module")
+def tiny_ltx(_private_cache):
+    return load_pipeline(ModelSpec(preset="tiny-ltx-video"), device="cpu")
+
+
+def test_ltx_noop_is_stock_and_padding_is_never_a_sink(tiny_ltx):
+    assert tiny_ltx.family == "ltx" and [(i.name, i.layer_id) for i in tiny_ltx.layers][:2] == [
+        ("transformer_blocks.0.attn1", 2), ("transformer_blocks.0.attn2", 0)]
+    latents = initial_latents(tiny_ltx, 4, 64, 64, 9)
+    assert latents.shape == (1, FRAMES * LTX_SIDE * LTX_SIDE, 16)  # packed into tokens
+    stock = build_tiny_pipeline("tiny-ltx-video")
+    video = stock(PROMPT, latents=latents.clone(), num_frames=9, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+                  max_sequence_length=24, output_type="pil").frames[0]
+    rec = RecordingSpec(layers=[0, 1, "transformer_blocks.*.attn1"], topk=3, branches=["cond", "uncond"])
+    base = generate_group(tiny_ltx, PROMPT, 4, [ArmSpec(name="base")], LTX_GEN, rec)[0]
+    assert np.array_equal(np.asarray(base.image), np.asarray(rf.frame_strip(video)))  # bit-exact, every frame
+    rows = base.sink_rows.to_pandas()
+    real = sum(tiny_ltx.pipe.tokenizer(PROMPT, max_length=24, padding="max_length", truncation=True).attention_mask)
+    assert 0 < real < 24
+    cross = rows[rows.layer_name.str.endswith("attn2")]
+    for branch, attended in (("cond", real), ("uncond", 1)):  # the "" prompt attends to its EOS only
+        part = cross[cross.branch == branch]
+        assert len(part) and (part.sink_position < attended).all() and (part.sink_region != "text:padding").all()
+        assert all(j < attended for idx in part.topk_idx for j in idx)  # masked padding is never ranked
+    image = rows[rows.layer_name.str.endswith("attn1")]
+    assert (image.sink_frame < FRAMES).all() and (image.sink_row < LTX_SIDE).all() and (image.sink_col < LTX_SIDE).all()
+    for idx, frame, row, col in image[["sink_idx", "sink_frame", "sink_row", "sink_col"]].itertuples(index=False):
+        assert (frame, row, col) == (idx // LTX_SIDE**2, idx % LTX_SIDE**2 // LTX_SIDE, idx % LTX_SIDE)
+
+
+def test_ltx_token_order_is_frame_row_col(tiny_ltx):
+    """LTXPipeline's packing and LTX's RoPE coordinates both put latent (frame, row, col) at key index f·R·C + r·C + c."""
+    cells = torch.arange(FRAMES * LTX_SIDE * LTX_SIDE, dtype=torch.float32).view(1, 1, FRAMES, LTX_SIDE, LTX_SIDE)
+    packed = tiny_ltx.pipe._pack_latents(cells, 1, 1)
+    assert torch.equal(packed.flatten(), torch.arange(FRAMES * LTX_SIDE * LTX_SIDE, dtype=torch.float32))
+    coords = tiny_ltx.denoiser.rope._prepare_video_coords(1, FRAMES, LTX_SIDE, LTX_SIDE, None, "cpu")[0]
+    expected = [(j // LTX_SIDE**2, j % LTX_SIDE**2 // LTX_SIDE, j % LTX_SIDE) for j in range(len(coords))]
+    assert [tuple(int(x) for x in c) for c in coords] == expected
+
+
+def test_ltx_interventions_change_the_video_and_prefix_sharing_is_exact(tiny_ltx):
+    rec = RecordingSpec(layers=[1, "transformer_blocks.1.attn1"], topk=2)
+    arms = [ArmSpec(name="base"),
+            ArmSpec(name="cross", intervention={"selection": "topk", "k": 1, "layers": [1], "mass_queries": "all",
+                                                "query_scope": "all", "score_op": "remove", "cfg_branch": "cond"}),
+            ArmSpec(name="late", intervention={"preset": "fixed.random", "layers": ["transformer_blocks.1.attn1"], "k": 2,
+                                               "step_window": {"start": 0.5, "end": 1.0}})]
+    shared = generate_group(tiny_ltx, PROMPT, 6, arms, LTX_GEN, rec)
+    alone = generate_group(tiny_ltx, PROMPT, 6, arms, LTX_GEN.model_copy(update={"prefix_sharing": False}), rec)
+    assert [r.start_step for r in shared] == [0, 0, 1]
+    for x, y in zip(shared, alone):
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image)) and x.sink_rows.equals(y.sink_rows)
+    for arm in shared[1:]:
+        assert not np.array_equal(np.asarray(arm.image), np.asarray(shared[0].image))
+        assert arm.sink_rows.to_pandas().intervened.any()
