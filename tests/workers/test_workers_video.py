@@ -222,3 +222,10 @@ def test_ltx_interventions_change_the_video_and_prefix_sharing_is_exact(tiny_ltx
     for arm in shared[1:]:
         assert not np.array_equal(np.asarray(arm.image), np.asarray(shared[0].image))
         assert arm.sink_rows.to_pandas().intervened.any()
+
+
+def test_wan_zeroes_padding_so_comma_padding_changes_nothing(tiny_wan):
+    """docs/interventions.md: WanPipeline zeroes the embeddings past the last real token, whatever token filled them."""
+    arms = [ArmSpec(name="base"), ArmSpec(name="comma", intervention="prompt.comma_padding")]
+    base, comma = generate_group(tiny_wan, PROMPT, 1, arms, GEN, RecordingSpec())
+    assert np.array_equal(np.asarray(base.image), np.asarray(comma.image))
