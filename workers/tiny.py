@@ -176,6 +176,16 @@ def _build_tiny_pixart(alpha: bool = False):
     return pipe
 
 
+def _video_pipeline(pipe, frames: int):
+    """A tiny video pipeline made ready: eval mode, progress bar off, and its defaults of 64 px (8 latent pixels) and
+    `frames` frames, which video pipelines lack and workers.loading reads."""
+    pipe.default_sample_size, pipe.default_num_frames = 8, frames
+    for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _build_tiny_wan():
     """Wan 2.1 T2V-like: WanPipeline with its own transformer, causal VAE, UMT5 encoder and UniPC flow sampler."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -195,12 +205,8 @@ def _build_tiny_wan():
         vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
     # Wan 2.1 T2V's scheduler config: UniPC over flow sigmas, shift 3 (its 480p setting)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
-    pipe.default_sample_size, pipe.default_num_frames = 8, 5  # 64 px, 5 frames (workers.loading reads them)
-    for module in (transformer, text_encoder, vae):
-        module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _video_pipeline(WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer),
+                           frames=5)
 
 
 def _build_tiny_ltx():
@@ -229,12 +235,8 @@ def _build_tiny_ltx():
     scheduler = FlowMatchEulerDiscreteScheduler(  # LTX-Video's scheduler config
         use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
     )
-    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
-    pipe.default_sample_size, pipe.default_num_frames = 8, 9  # 64 px, 9 frames (workers.loading reads them)
-    for module in (transformer, text_encoder, vae):
-        module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _video_pipeline(LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer),
+                           frames=9)
 
 
 def _build_tiny_sdxl():

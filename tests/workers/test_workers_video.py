@@ -1,6 +1,7 @@
 """Video DiTs: Wan 2.1 (two CFG calls per step, 3-D RoPE over frames × patches), stored as frame strips."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,7 +139,7 @@ def test_wan_run_writes_frame_strips_and_scores_a_frame(tmp_path):
     """The example sweep through the real worker: strips on disk, per-frame key places in sink_steps, LPIPS on one frame."""
     from orchestrate.cli import app
 
-    data = yaml.safe_load(open("manifests/examples/wan_tiny.yaml").read())
+    data = yaml.safe_load((Path(__file__).parents[2] / "manifests" / "examples" / "wan_tiny.yaml").read_text())
     data.update(output_root=str(tmp_path / "runs"), prompts={"set": "geneval-balanced-100", "limit": 1})
     data["arms"] = data["arms"][:2]
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))

@@ -121,6 +121,18 @@ def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
     return out
 
 
+class DispatcherSinkProcessor:
+    """Base of the processors for diffusers' attention-dispatcher classes (Wan, LTX-Video): the backend attributes
+    diffusers' `set_attention_backend` writes on a processor, and the session and layer every processor needs."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, session, layer: LayerInfo):
+        self.session = session
+        self.layer = layer
+
+
 def install_dispatcher_processors(transformer, session, processor_class, block_index) -> list[LayerInfo]:
     """Put `processor_class(session, info)` on every attention module of a dispatcher-attention transformer (Wan,
     LTX-Video), keeping each stock processor's attention backend; `block_index(module name)` gives the integer

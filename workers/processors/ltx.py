@@ -21,21 +21,14 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, install_dispatcher_processors
+from workers.processors.common import DispatcherSinkProcessor, apply_sinks, install_dispatcher_processors
 from workers.processors.sdxl import apply_masked_sinks
 from workers.session import LayerInfo
 
 _CROSS = re.compile(r"^transformer_blocks\.(\d+)\.attn2$")
 
 
-class LTXSinkAttnProcessor:
-    _attention_backend = None  # diffusers' set_attention_backend writes these, as on its own processor
-    _parallel_config = None
-
-    def __init__(self, session, layer: LayerInfo):
-        self.session = session
-        self.layer = layer
-
+class LTXSinkAttnProcessor(DispatcherSinkProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         batch_size, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         if attention_mask is not None:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import re
 
+import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_added_kv_projections, _get_qkv_projections
 
-import torch
-
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, install_dispatcher_processors
+from workers.processors.common import DispatcherSinkProcessor, apply_sinks, install_dispatcher_processors
 from workers.session import LayerInfo
 
 _CROSS = re.compile(r"^blocks\.(\d+)\.attn2$")
@@ -44,14 +43,7 @@ def _rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: tor
     return out.type_as(hidden_states)
 
 
-class WanSinkAttnProcessor:
-    _attention_backend = None  # diffusers' set_attention_backend writes these, as on its own processor
-    _parallel_config = None
-
-    def __init__(self, session, layer: LayerInfo):
-        self.session = session
-        self.layer = layer
-
+class WanSinkAttnProcessor(DispatcherSinkProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         encoder_hidden_states_img = None
         if attn.add_k_proj is not None:
