@@ -55,8 +55,9 @@ class Geometry:
     def text_tokens(self) -> int:
         return self.clip_tokens + self.t5_tokens
 
-    def total_tokens(self, height: int, width: int) -> int:
-        return self.image_tokens(height, width) + self.text_tokens()
+    def total_tokens(self, height: int, width: int, frames: int = 1) -> int:
+        """Keys of a joint sequence: image tokens (of every latent frame of a `frames`-frame video) and text tokens."""
+        return self.image_tokens(height, width) * self.latent_frames(frames) + self.text_tokens()
 
 
 # The toy preset: trained weights shipped in the package (workers/toy), SD3's architecture at toy scale, trained on

@@ -4,7 +4,7 @@ without sharing (the baseline cache across sweeps, trajectory prefix sharing wit
 Measured on one H200 (benchmarks/RESULTS.md, bench_worker.py): SD3-medium stock transformer step at 1024² with
 CFG 51.8 ms; the paper configuration (record 3 layers, one intervention) 1.08× that; VAE decode ≈ 90 ms. 20
 steps then cost ≈ 1.21 s an image, ≈ 2,970 images per GPU-hour, the group throughput measured there. Cost is
-scaled linearly with the number of tokens and layers; the tiny random models run on a CPU at about 30 ms a step, the toy model (397 keys) at about 0.27 s.
+scaled linearly with the number of tokens (a video's: every latent frame's patches; decode per frame) and layers; the tiny random models run on a CPU at about 30 ms a step, the toy model (397 keys) at about 0.27 s.
 
 Sharing, as the workers do it (docs/design.md "Baseline cache", "Prefix sharing"):
 - a baseline (an arm without intervention) is generated once per identity: model, prompt text, seed,
@@ -33,7 +33,7 @@ CPU_TINY_DECODE_S = 0.05
 CPU_TOY_STEP_S = 0.27  # toy-sd3, 64², CFG: 45 CPU-s for 17 images × 10 steps (benchmarks/RESULTS.md, toy world)
 CPU_TOY_DECODE_S = 0.1
 GPU_LABEL = "H200 GPU"
-_PREFIX_FAMILIES = ("sd3", "flux")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
+_PREFIX_FAMILIES = ("sd3", "flux", "ltx")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
 _PREFIX_SCHEDULERS = ("default", "flow_euler")
 
 
@@ -41,6 +41,7 @@ def step_and_decode_seconds(sweep: Sweep) -> tuple[float, float, str]:
     """(seconds per denoising step, seconds per decode, where) for one image of this sweep."""
     geometry = sweep.model.geometry()
     height, width = sweep.resolution()
+    frames = sweep.generation.num_frames or (geometry.default_frames if geometry is not None else 1)
     if sweep.model.preset in MODEL_NOTES:  # the toy presets (trained, CPU-sized: docs/toy.md)
         return CPU_TOY_STEP_S, CPU_TOY_DECODE_S, "CPU (toy model)"
     if geometry is not None and geometry.random_weights and sweep.model.preset not in REAL_SCALE_PRESETS:
@@ -48,12 +49,12 @@ def step_and_decode_seconds(sweep: Sweep) -> tuple[float, float, str]:
     if geometry is None or geometry.family == "sdxl":
         # a UNet's cost does not follow the transformer token count; scaled by pixels from the SD3 step
         scale = height * width / 1024**2
-    else:
-        scale = geometry.total_tokens(height, width) / REFERENCE_TOKENS * geometry.num_layers / 24
+    else:  # a video's tokens are every latent frame's patches (linear: attention's quadratic part is not modelled)
+        scale = geometry.total_tokens(height, width, frames) / REFERENCE_TOKENS * geometry.num_layers / 24
     step = H200_SD3_STEP_S * RECORDING_OVERHEAD * scale
     if sweep.generation.compile == "inductor":
         step /= COMPILE_SPEEDUP
-    return step, H200_VAE_1024_S * (height * width) / 1024**2, GPU_LABEL
+    return step, H200_VAE_1024_S * (height * width) / 1024**2 * frames, GPU_LABEL
 
 
 def seconds_per_image(sweep: Sweep) -> tuple[float, str]:

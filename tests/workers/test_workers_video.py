@@ -230,3 +230,16 @@ def test_wan_zeroes_padding_so_comma_padding_changes_nothing(tiny_wan):
     arms = [ArmSpec(name="base"), ArmSpec(name="comma", intervention="prompt.comma_padding")]
     base, comma = generate_group(tiny_wan, PROMPT, 1, arms, GEN, RecordingSpec())
     assert np.array_equal(np.asarray(base.image), np.asarray(comma.image))
+
+
+def test_plan_estimate_counts_every_latent_frame():
+    from manifests import read_sweep_file
+    from orchestrate.estimate import step_and_decode_seconds
+
+    path = Path(__file__).parents[2] / "manifests" / "atlas" / "wan21_t2v_1_3b.yaml"
+    sweep = read_sweep_file(path)[0]
+    single = sweep.model_copy(update={"generation": sweep.generation.model_copy(update={"num_frames": 1})})
+    geo = sweep.model.geometry()
+    (step, decode, _), (step1, decode1, _) = step_and_decode_seconds(sweep), step_and_decode_seconds(single)
+    assert step / step1 == pytest.approx(geo.total_tokens(480, 832, 33) / geo.total_tokens(480, 832))
+    assert geo.total_tokens(480, 832, 33) == 9 * 30 * 52 + 512 and decode / decode1 == pytest.approx(33)
