@@ -83,8 +83,8 @@ def prefix_applies(sweep: Sweep) -> bool:
     return (
         sweep.generation.prefix_sharing
         and any(arm.intervention is None for arm in sweep.arms)  # the baseline's run supplies the prefix
-        and family in _PREFIX_FAMILIES
         and sweep.generation.scheduler in _PREFIX_SCHEDULERS
+        and (family in _PREFIX_FAMILIES or (family == "wan" and sweep.generation.scheduler == "flow_euler"))
     )
 
 

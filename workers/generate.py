@@ -131,7 +131,9 @@ def make_scheduler(pipe, kind: str):
     # Wan's default (UniPC over flow sigmas) names its shift `flow_shift`; the flow-matching schedulers call it `shift`
     shift = base.get("shift", base.get("flow_shift", 3.0))
     if kind == "flow_euler":
-        return FlowMatchEulerDiscreteScheduler.from_config(base, **({} if "shift" in base else {"shift": shift}))
+        if "shift" in base:  # already a flow-matching config (SD3, Flux, LTX-Video)
+            return FlowMatchEulerDiscreteScheduler.from_config(base)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=base.get("num_train_timesteps", 1000), shift=shift)
     if kind == "flow_dpmpp":
         extra = {}
         if base.get("use_dynamic_shifting"):  # Flux: resolution-dependent shift (mu), as its Euler default does

@@ -243,3 +243,16 @@ def test_plan_estimate_counts_every_latent_frame():
     (step, decode, _), (step1, decode1, _) = step_and_decode_seconds(sweep), step_and_decode_seconds(single)
     assert step / step1 == pytest.approx(geo.total_tokens(480, 832, 33) / geo.total_tokens(480, 832))
     assert geo.total_tokens(480, 832, 33) == 9 * 30 * 52 + 512 and decode / decode1 == pytest.approx(33)
+
+
+def test_wan_prefix_sharing_with_flow_euler_is_exact(tiny_wan):
+    """Wan's default UniPC is multistep (no prefix); under flow_euler a late arm starts from the baseline's latents,
+    its two CFG calls a step still counted as one step."""
+    arms = [ArmSpec(name="base"), ArmSpec(name="late", intervention={"preset": "fixed.random", "layers": ["blocks.1.attn1"], "k": 2,
+                                                                     "step_window": {"start": 0.5, "end": 1.0}})]
+    gen, rec = GEN.model_copy(update={"scheduler": "flow_euler"}), RecordingSpec(layers=[0], branches=["cond", "uncond"])
+    shared = generate_group(tiny_wan, PROMPT, 2, arms, gen, rec)
+    alone = generate_group(tiny_wan, PROMPT, 2, arms, gen.model_copy(update={"prefix_sharing": False}), rec)
+    assert [r.start_step for r in shared] == [0, 1] and [r.start_step for r in generate_group(tiny_wan, PROMPT, 2, arms, GEN, rec)] == [0, 0]
+    for x, y in zip(shared, alone):
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image)) and x.sink_rows.equals(y.sink_rows)
