@@ -8,7 +8,7 @@ import pytest
 from manifests import SweepError, parse_sweep
 from manifests.models import HUB_GEOMETRY, PRESET_GEOMETRY
 
-TINY = ["tiny-sd3", "tiny-sd3-deep", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart"]
+TINY = ["tiny-sd3", "tiny-sd3-deep", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart", "tiny-wan", "tiny-ltx-video"]
 
 
 @pytest.mark.slow
