@@ -235,14 +235,19 @@ def sinkscope_cache_root() -> Path:
 
 
 class CacheSpec(_Strict):
-    """Reuse of generated baselines across runs (jobs.baseline_cache). Not part of the config hash: a reused
-    baseline is bit-identical to the one the run would generate."""
+    """Reuse of generated units across runs (jobs.baseline_cache). Not part of the config hash: a reused unit
+    is bit-identical to the one the run would generate."""
 
     baselines: str = Field(
         "auto",
         description="auto: $SINKSCOPE_CACHE/baselines (default ~/.cache/sinkscope/baselines); off: generate every "
         "baseline; or a folder (shared storage on a cluster). The environment variable SINKSCOPE_BASELINE_CACHE "
         "(off | a folder) overrides it",
+    )
+    units: bool = Field(
+        True,
+        description="also reuse intervened units from the same cache (an arm whose model, settings, prompt, seed, "
+        "recording, resolved intervention, batch and workers' code equal a cached one's); false: baselines only",
     )
 
 

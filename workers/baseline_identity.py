@@ -1,4 +1,9 @@
-"""Everything that determines a baseline's pixels and records, as plain data (the baseline cache's identity).
+"""Everything that determines a unit's pixels and records, as plain data (the unit cache's identity).
+
+A baseline's identity is `baseline_identity`; an intervened unit's is its group's baseline identity plus what
+`manifests.grouping.chunk_identity` adds (its resolved intervention, and the whole batch when it ran batched):
+`unit_identity`. The processors' code is in `code_version`, so a change to how an intervention computes
+never reuses an old image.
 
 `jobs.baseline_cache` hashes this dict into an entry key, so two baselines share an entry only if every field
 here is equal: the model's weights (a hub snapshot's commit and its files' content hashes, a local folder's
@@ -119,6 +124,14 @@ def baseline_identity(loaded: LoadedPipeline, model: ModelSpec, prompt: str, see
         "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
         "recording": recording.model_dump(mode="json"),
     }
+
+
+def unit_identity(group_identity: dict, chunk: list, position: int, step: int) -> dict:
+    """The cache identity of intervened arm `chunk[position]`, run in `chunk` from step `step` (group_plan's
+    call), in the group whose baseline identity is `group_identity` (a baseline identity needs no baseline arm)."""
+    from manifests.grouping import chunk_identity
+
+    return {**group_identity, "unit": chunk_identity(chunk, position, step)}
 
 
 def latents_to_bytes(trajectory: dict[int, torch.Tensor], final: torch.Tensor, sigmas: list[float]) -> bytes:

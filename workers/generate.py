@@ -31,11 +31,13 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from manifests.grouping import chunks, group_plan, latents_needed, prompt_edit, start_step  # noqa: F401 (re-exported)
 from manifests.interventions import PromptEdit
 from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
@@ -63,12 +65,18 @@ class ArmResult:
 
 
 @dataclass
-class ReusedBaseline:
-    """A baseline taken from elsewhere (jobs' baseline cache) instead of generated: what generate_group needs of it."""
+class ReusedUnit:
+    """An arm's result taken from elsewhere (jobs' unit cache) instead of generated: its image and sink rows."""
 
     image: object  # PIL.Image.Image
     png: bytes
     sink_rows: pa.Table
+
+
+@dataclass
+class ReusedBaseline(ReusedUnit):
+    """A reused baseline: also the latents that prefix-sharing arms of the group start from."""
+
     trajectory: dict  # step -> latents entering that step (the steps the producer captured)
     final_latents: object
     sigmas: list[float]
@@ -234,24 +242,6 @@ def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[
     return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
 
 
-def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
-    return None if arm.intervention is None else arm.intervention.prompt
-
-
-def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
-    """Consecutive chunks of at most `arms_per_batch` arms with the same prompt edit (they share one encoding),
-    in the given order (a pure function of the arm list)."""
-    if arms_per_batch < 1:
-        raise ValueError(f"arms_per_batch must be ≥ 1, got {arms_per_batch}")
-    out: list[list[ArmSpec]] = []
-    for arm in arms:
-        if out and len(out[-1]) < arms_per_batch and prompt_edit(out[-1][0]) == prompt_edit(arm):
-            out[-1].append(arm)
-        else:
-            out.append([arm])
-    return out
-
-
 def _repeat(value, n: int):
     if not isinstance(value, torch.Tensor):
         return value
@@ -413,35 +403,6 @@ def _capture_steps(scheduler, trajectory: dict, start: int) -> None:
     scheduler.step = step_and_keep
 
 
-def start_step(arm: ArmSpec, num_steps: int, sigmas: list[float] | None) -> int:
-    """The first step at which the arm's intervention acts (a baseline: never, num_steps).
-
-    Before it the arm computes exactly what the baseline computes: same latents, no intervention (random draws
-    are seeded per step, never by how many came before), so those steps can be taken from the baseline.
-    """
-    if arm.intervention is None:
-        return num_steps
-    return arm.intervention.first_active_step(num_steps, sigmas)
-
-
-def group_plan(arms: list[ArmSpec], generation: GenerationSpec, start_steps: dict[str, int]) -> list[tuple[int, list[ArmSpec]]]:
-    """(start step, chunk of arms) per pipeline call, in order: a pure function of the arm list and the settings.
-
-    Baselines run first and alone (batch 1: the exact stock image, whatever arms_per_batch is, so one cached
-    baseline serves every sweep). The other arms are chunked by `arms_per_batch` in sweep order within cohorts of
-    equal start step: step 0 first, then each later start step (those chunks start from the baseline's latents).
-    """
-    baselines = [arm for arm in arms if arm.intervention is None]
-    plan = [(0, [arm]) for arm in baselines]
-    cohorts: dict[int, list[ArmSpec]] = {}
-    for arm in arms:
-        if arm.intervention is not None:
-            cohorts.setdefault(start_steps.get(arm.name, 0), []).append(arm)
-    for step in sorted(cohorts):
-        plan += [(step, chunk) for chunk in chunks(cohorts[step], generation.arms_per_batch)]
-    return plan
-
-
 def generate_group(
     loaded: LoadedPipeline,
     prompt: str,
@@ -451,6 +412,7 @@ def generate_group(
     recording: RecordingSpec,
     *,
     reused: dict[str, ReusedBaseline] | None = None,
+    reuse_chunk: Callable[[int, list[ArmSpec]], dict[str, ReusedUnit] | None] | None = None,
 ) -> list[ArmResult]:
     """Run every arm of one (prompt, seed) group; one ArmResult per arm, in the order given.
 
@@ -459,6 +421,10 @@ def generate_group(
     single-step scheduler (PREFIX_SCHEDULERS), an arm whose intervention starts at step s > 0 then runs only
     steps s.. from the baseline's latents entering step s, and its sink rows of steps < s are the baseline's:
     bit-identical to running it from step 0 on its own (tests/workers/test_sharing.py).
+
+    `reuse_chunk(start step, chunk)`: asked before each pipeline call of intervened arms (e.g. jobs' unit cache);
+    results for every arm of the chunk stand in for running it, None runs it. A chunk is reused whole or not at
+    all: running part of a batch would change its GEMM shapes, so the rest would no longer be what it keys.
     """
     _maybe_inject_fault(prompt)
     if not arms:
@@ -471,9 +437,14 @@ def generate_group(
     if unknown:
         raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
-    encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
-    encoded = encodings[None]
-    latents = initial_latents(loaded, seed, encoded.height, encoded.width)
+    encodings: dict = {}  # one per distinct prompt edit of the group, made when a pipeline call needs it
+
+    def encoding(edit: PromptEdit | None) -> EncodedPrompt:
+        if edit not in encodings:  # a group whose every unit is reused runs no text encoder
+            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        return encodings[edit]
+
+    latents = initial_latents(loaded, seed, *resolution(loaded, generation))
     results: dict[str, ArmResult] = {}
     baseline: ArmResult | None = None
     for arm in (a for a in arms if a.intervention is None):
@@ -486,7 +457,7 @@ def generate_group(
             results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, trajectory=r.trajectory,
                                           final_latents=r.final_latents, sigmas=r.sigmas)
         else:
-            run = run_batch(loaded, encoded, [arm], seed, latents, generation, recording, capture_latents=True)
+            run = run_batch(loaded, encoding(None), [arm], seed, latents, generation, recording, capture_latents=True)
             results[arm.name] = ArmResult(arm.name, run.images[0], records_to_table(run.context.records), run.seconds,
                                           trajectory={0: latents, **run.trajectory}, final_latents=run.final_latents,
                                           sigmas=run.sigmas)
@@ -503,11 +474,15 @@ def generate_group(
     for step, chunk in group_plan(arms, generation, starts):
         if chunk[0].intervention is None:
             continue  # baselines: above
-        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
-        if edit not in encodings:
-            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        hit = reuse_chunk(step, chunk) if reuse_chunk is not None else None
+        if hit is not None:
+            for arm in chunk:
+                r = hit[arm.name]
+                results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, start_step=step)
+            continue
         source = baseline.trajectory[step] if step else latents
-        run = run_batch(loaded, encodings[edit], chunk, seed, source, generation, recording, start_step=step)
+        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
+        run = run_batch(loaded, encoding(edit), chunk, seed, source, generation, recording, start_step=step)
         prefix_rows = baseline.sink_rows.filter(pc.less(baseline.sink_rows.column("step"), step)) if step else None
         for arm, image in zip(chunk, run.images):
             rows = records_to_table([r for r in run.context.records if r.arm == arm.name])
@@ -516,11 +491,3 @@ def generate_group(
             results[arm.name] = ArmResult(arm=arm.name, image=image, sink_rows=rows, seconds=run.seconds / len(chunk),
                                           start_step=step)
     return [results[name] for name in names]
-
-
-def latents_needed(arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
-    """The baseline latents a group's prefix-sharing arms start from (what a cached baseline must hold for them)."""
-    if not generation.prefix_sharing:
-        return []
-    steps = {start_step(arm, generation.steps, sigmas) for arm in arms if arm.intervention is not None}
-    return sorted(step for step in steps if 0 < step < generation.steps)
