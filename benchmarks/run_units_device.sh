@@ -14,4 +14,4 @@ export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)";
   nproc; date -u; } 2>&1 | tee $OUT/env.txt
 timeout ${BENCH_S:-260} python3 benchmarks/bench_sharing.py --json $OUT/units.json --sections ${SECTIONS:-units,batching} \
-  --prompts ${PROMPTS:-2} --groups ${GROUPS:-2} 2>&1 | grep -v "kept in float32" | tee $OUT/units.txt
+  --prompts ${PROMPTS:-2} --groups ${NGROUPS:-2} 2>&1 | grep -v "kept in float32" | tee $OUT/units.txt

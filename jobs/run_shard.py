@@ -163,7 +163,7 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
             reuse_chunk = _unit_lookup(cache, loaded, sweep, first, lookups) if cache is not None and sweep.cache.units else None
             results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
                                              reused=reused, reuse_chunk=reuse_chunk)
-            to_publish = _latents_to_publish(lookups, results, sweep, arm_specs)  # device → host here, not in the writer
+            to_publish = _latents_to_publish(loaded, lookups, results, sweep, arm_specs)  # device → host here, not in the writer
             generated_s = time.perf_counter() - group_started
             if pending is not None:
                 settle()
@@ -201,7 +201,7 @@ def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -
         if entry is None:
             continue
         trajectory, final, sigmas = latents_from_bytes(entry.latents)
-        needed = workers.latents_needed(arm_specs, sweep.generation, sigmas)
+        needed = workers.prefix_latents_needed(loaded, arm_specs, sweep.generation, sigmas)
         if not set(needed) <= set(trajectory):
             out[arm.name].held = tuple(entry.latent_steps)
             log.info("baseline %s: cache entry %s lacks the latents of steps %s, regenerating", arm.name, entry.path,
@@ -252,7 +252,7 @@ def _unit_lookup(cache: BaselineCache, loaded, sweep, first: dict, lookups: dict
     return reuse_chunk
 
 
-def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
+def _latents_to_publish(loaded, lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
     """Per baseline generated here (a cache miss): its serialised latents and which steps they hold, made on the
     GPU's thread (a copy from the writer thread would queue behind the next group's kernels)."""
     import workers
@@ -267,7 +267,7 @@ def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, t
             out[result.arm] = (b"", [])
             continue
         # the steps this group needs, and those the entry it replaces held (its other consumers need them)
-        steps = sorted(set(workers.latents_needed(arm_specs, sweep.generation, result.sigmas)) | set(lookup.held))
+        steps = sorted(set(workers.prefix_latents_needed(loaded, arm_specs, sweep.generation, result.sigmas)) | set(lookup.held))
         out[result.arm] = (latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas), steps)
     for result in results:  # the trajectory is no longer needed: free it before the next group
         result.trajectory = None

@@ -375,6 +375,12 @@ def supports_prefix(loaded: LoadedPipeline, generation: GenerationSpec) -> bool:
     return type(scheduler).__name__ in PREFIX_SCHEDULERS and not scheduler.config.get("stochastic_sampling", False)
 
 
+def prefix_latents_needed(loaded: LoadedPipeline, arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
+    """The baseline latents this group's prefix arms start from on this pipeline (none where its sampler cannot
+    start mid-trajectory): what a cached baseline must hold, and what its entry is published with."""
+    return latents_needed(arms, generation, sigmas) if supports_prefix(loaded, generation) else []
+
+
 def _run_from(scheduler, start: int) -> None:
     """Make the pipeline's loop begin at step `start` of the same schedule, as diffusers' img2img pipelines do:
     the full schedule is computed, the pipeline iterates over timesteps[start:], and the scheduler's step index
