@@ -405,7 +405,7 @@ def _print_plan(manifest, cost) -> None:
         f"{len(manifest.prompts)} prompts × {s.seeds.count} seeds × {len(s.arms)} arms = [bold]{manifest.num_units}[/bold] units "
         f"in [bold]{len(manifest.shard_ids)}[/bold] shards ({s.sharding.prompts_per_shard} prompts per shard)"
     )
-    console.print(estimate.describe(s, manifest.num_units))
+    console.print(estimate.describe(s, cost))
     console.print(estimate.describe_sharing(cost) + " (a cache shared with other runs saves more)")
 
 

@@ -5,8 +5,8 @@ Measured on one H200 (benchmarks/RESULTS.md; bench_worker.py, bench_sharing.py):
 at 1024² with CFG 51.8 ms; a baseline with paper-configuration recording 1.08× that (1.19–1.25 s an image at 20
 steps with the ≈ 90 ms VAE decode); an intervened arm 1.13× (Table-2-A1-like, M1a at 12), and 1.32× for the
 selections drawn on the host per head (`random`, `modality_random`: a host sync and a loop over heads every
-intervened step); besides its pipeline calls a group costs ≈ 0.45 s (text encoding, sink records to Arrow, cache
-look-ups, initial latents). Cost is scaled linearly with the number of tokens and layers; the tiny random models
+intervened step); outside the pipeline calls, ≈ 0.15 s per generated image (sink records to Arrow, per-call
+set-up) and ≈ 0.07 s per group (text encoding, initial latents, cache look-ups). Cost is scaled linearly with the number of tokens and layers; the tiny random models
 run on a CPU at about 30 ms a step, the toy model (397 keys) at about 0.27 s.
 
 Sharing, as the workers do it (docs/design.md "Unit cache", "Prefix sharing"), with the sweeps run in the order
@@ -37,8 +37,10 @@ RECORDING_OVERHEAD = 1.08  # a baseline, paper-configuration recording ≈ 1.077
 ARM_STEP_FACTOR = 1.13 / RECORDING_OVERHEAD  # M1a at 12, record 6/12/18: 1.26 s an image
 HOST_SELECTION_STEP_FACTOR = 1.32 / RECORDING_OVERHEAD  # fixed.random / modality_random: ≈ 1.45 s an image
 HOST_SELECTIONS = ("random", "modality_random")  # drawn on the host per (element, head) (workers.identification)
-H200_GROUP_S = 0.45  # a group's seconds outside its pipeline calls (RESULTS.md, "unit cache": 0.41–0.48)
-CPU_GROUP_S = 0.13  # the same for the tiny models on a CPU (bench_sharing.py --small)
+# host time outside the pipeline calls (RESULTS.md, "unit cache": 3.86 s for 22 images in 8 groups, 3.26 s for 18 in 8):
+H200_IMAGE_HOST_S = 0.15  # per generated image (sink records to Arrow, per-call set-up, latents to the host)
+H200_GROUP_S = 0.07  # per group (text encoding, initial latents, cache look-ups)
+CPU_GROUP_S = 0.13  # a group of the tiny models on a CPU, images included (bench_sharing.py --small)
 H200_VAE_1024_S = 0.09
 REFERENCE_TOKENS = 4096 + 333
 COMPILE_SPEEDUP = 4.22 / 3.52  # generation.compile: inductor, s per 3-arm group eager / compiled (RESULTS.md, issue 13)
@@ -85,6 +87,10 @@ def arm_step_factor(arm, where: str) -> float:
 
 def group_seconds(where: str) -> float:
     return H200_GROUP_S if where == GPU_LABEL else CPU_GROUP_S
+
+
+def image_host_seconds(where: str) -> float:
+    return H200_IMAGE_HOST_S if where == GPU_LABEL else 0.0
 
 
 def baseline_identity(sweep: Sweep, prompt: str, seed: int) -> str:
@@ -179,7 +185,7 @@ def sweep_cost(manifest: Manifest, cache: PlanCache | None = None) -> SweepCost:
     units_shared = shared and sweep.cache.units
     step, decode, where = step_and_decode_seconds(sweep)
     n = sweep.generation.steps
-    image = {arm.name: n * step * arm_step_factor(arm, where) + decode for arm in sweep.arms}
+    image = {arm.name: n * step * arm_step_factor(arm, where) + decode + image_host_seconds(where) for arm in sweep.arms}
     arm_step = {arm.name: step * arm_step_factor(arm, where) for arm in sweep.arms}
     starts = arm_start_steps(sweep)
     needed = {s for s in starts.values() if 0 < s < n}
@@ -229,21 +235,13 @@ def hours_or_minutes(seconds: float, where: str) -> str:
     return f"{seconds / 3600:.2f} GPU-hours" if where.endswith("GPU") else f"{seconds / 60:.1f} CPU-minutes"
 
 
-def describe(sweep: Sweep, num_units: int) -> str:
+def describe(sweep: Sweep, cost: SweepCost) -> str:
     per_image, where = seconds_per_image(sweep)
-    groups = num_units // max(len(sweep.arms), 1)
-    total = sweep_seconds_without(sweep, groups)
     return (
-        f"estimate: ≈{per_image:.2f} s per baseline image on {where} (paper-configuration recording; intervened arms "
-        f"and the {group_seconds(where):.2f} s per group on top, benchmarks/RESULTS.md) → "
-        f"≈{hours_or_minutes(total, where)} for {num_units} images without sharing"
+        f"estimate: ≈{per_image:.2f} s per baseline image's steps and decode on {where} (paper-configuration recording; "
+        f"intervened arms and host time on top, benchmarks/RESULTS.md) → "
+        f"≈{hours_or_minutes(cost.seconds_without, where)} for {cost.units} images without sharing"
     )
-
-
-def sweep_seconds_without(sweep: Sweep, groups: int) -> float:
-    step, decode, where = step_and_decode_seconds(sweep)
-    per_group = sum(sweep.generation.steps * step * arm_step_factor(arm, where) + decode for arm in sweep.arms)
-    return groups * (per_group + group_seconds(where))
 
 
 def describe_sharing(cost: SweepCost) -> str:
