@@ -250,6 +250,12 @@ class CacheSpec(_Strict):
         "recording, resolved intervention, batch and workers' code equal a cached one's); false: baselines only",
     )
 
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off` (what the docs say to write) as false: take it as "off"."""
+        return "off" if v is False else v
+
 
 class ShardingSpec(_Strict):
     prompts_per_shard: int = Field(8, ge=1, le=100_000)

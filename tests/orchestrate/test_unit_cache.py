@@ -104,3 +104,11 @@ def test_a_baseline_republished_for_more_latents_keeps_the_steps_it_held(tmp_pat
     assert BaselineCache(cache).get(entry.stem).latent_steps == [1, 2]
     again = _run(tmp_path, "late-again", cache, [BASELINE, {"name": "late", "intervention": LATE}], units_cache=False)
     assert _units(again).loc["baseline", "reused_from"] == str(entry)
+
+
+def test_an_unquoted_yaml_off_turns_the_cache_off():
+    from manifests.schema import CacheSpec
+
+    assert CacheSpec.model_validate({"baselines": False}).baselines == "off"  # `baselines: off` in YAML 1.1
+    with pytest.raises(ValueError):
+        CacheSpec.model_validate({"baselines": True})
