@@ -103,17 +103,36 @@ def _slice_sweeps(folder: Path, res: int, steps: int, prompts: int, preset: str,
     return paths
 
 
-def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
-    import os
+def _run_sweep(loaded, sweep_path: Path, runs: Path, mode: str, pixels: dict):
+    """Create the run of one sweep file and run all its shards through `run_shard` with the pipeline already loaded
+    here; keeps every image's pixels under (sweep, image path)[mode]. Returns (run, manifest, GPU seconds)."""
+    import importlib
 
     import PIL.Image
 
-    import importlib
-
     from jobs.run_shard import run_shard
+    from orchestrate.create import create_run
 
     run_shard_module = importlib.import_module("jobs.run_shard")  # the module (jobs/__init__ exports the function)
-    from orchestrate.create import build_manifest, create_run
+    run, manifest, _ = create_run(sweep_path, str(runs))
+    run_shard_module._PIPELINES.clear()  # run_shard's per-process pipeline: the one already loaded here
+    run_shard_module._PIPELINES[manifest.sweep.model.model_dump_json()] = loaded
+    sync(loaded.device)
+    t0 = time.perf_counter()
+    for shard in manifest.shard_ids:
+        run_shard(run.root, shard)
+    sync(loaded.device)
+    seconds = time.perf_counter() - t0
+    for png in sorted(run.images_dir.rglob("*.png")):
+        key = (manifest.sweep.name, png.relative_to(run.images_dir).as_posix())
+        pixels.setdefault(key, {})[mode] = np.asarray(PIL.Image.open(png))
+    return run, manifest, seconds
+
+
+def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
+    import os
+
+    from orchestrate.create import build_manifest
     from orchestrate.estimate import plan_costs
 
     work = Path(tempfile.mkdtemp(prefix="bench-sharing-"))
@@ -132,19 +151,9 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
             os.environ["SINKSCOPE_BASELINE_CACHE"] = str(work / "cache")
         seconds, units = 0.0, 0
         for p in paths:
-            run, manifest, _ = create_run(p, str(folder / "runs"))
-            run_shard_module._PIPELINES.clear()  # run_shard's per-process pipeline: the one already loaded here
-            run_shard_module._PIPELINES[manifest.sweep.model.model_dump_json()] = loaded
-            sync(loaded.device)
-            t0 = time.perf_counter()
-            for shard in manifest.shard_ids:
-                run_shard(run.root, shard)
-            sync(loaded.device)
-            seconds += time.perf_counter() - t0
+            run, manifest, took = _run_sweep(loaded, p, folder / "runs", mode, pixels)
+            seconds += took
             units += manifest.num_units
-            for png in sorted(run.images_dir.rglob("*.png")):
-                key = (manifest.sweep.name, png.relative_to(run.images_dir).as_posix())
-                pixels.setdefault(key, {})[mode] = np.asarray(PIL.Image.open(png))
         predicted = plan_costs([build_manifest(p)[0] for p in paths])
         rows.append(dict(mode=mode, images=units, seconds=seconds, images_per_hour=units / seconds * 3600,
                          predicted_seconds=sum(c.seconds_without if mode == "off" else c.seconds_with for c in predicted),
@@ -189,17 +198,11 @@ def _unit_sweeps(folder: Path, res: int, steps: int, prompts: int, preset: str, 
 
 
 def units_section(loaded, res, steps, prompts, preset, dtype, layers):
-    import importlib
-    import os
-
-    import PIL.Image
     import pyarrow.dataset as pads
 
-    from jobs.run_shard import run_shard
-    from orchestrate.create import build_manifest, create_run
+    from orchestrate.create import build_manifest
     from orchestrate.estimate import plan_costs
 
-    run_shard_module = importlib.import_module("jobs.run_shard")
     work = Path(tempfile.mkdtemp(prefix="bench-units-"))
     rows, pixels = [], {}
     for mode in ("off", "baselines", "units"):
@@ -212,15 +215,8 @@ def units_section(loaded, res, steps, prompts, preset, dtype, layers):
             p.write_text(yaml.safe_dump(raw))
         seconds, units, groups, call_seconds, per_sweep = 0.0, 0, 0, 0.0, {}
         for p in paths:
-            run, manifest, _ = create_run(p, str(folder / "runs"))
-            run_shard_module._PIPELINES.clear()
-            run_shard_module._PIPELINES[manifest.sweep.model.model_dump_json()] = loaded
-            sync(loaded.device)
-            t0 = time.perf_counter()
-            for shard in manifest.shard_ids:
-                run_shard(run.root, shard)
-            sync(loaded.device)
-            seconds += time.perf_counter() - t0
+            run, manifest, took = _run_sweep(loaded, p, folder / "runs", mode, pixels)
+            seconds += took
             units += manifest.num_units
             groups += len(manifest.prompts)
             table = pads.dataset(run.tables_dir / "units", format="parquet").to_table()
@@ -231,9 +227,6 @@ def units_section(loaded, res, steps, prompts, preset, dtype, layers):
                 kind: statistics.mean(ts) if ts else None
                 for kind, ts in (("baseline", [t for a, t in made if a == "baseline"]), ("arm", [t for a, t in made if a != "baseline"]))
             }
-            for png in sorted(run.images_dir.rglob("*.png")):
-                key = (manifest.sweep.name, png.relative_to(run.images_dir).as_posix())
-                pixels.setdefault(key, {})[mode] = np.asarray(PIL.Image.open(png))
         plan = plan_costs([build_manifest(p)[0] for p in paths])
         predicted = sum(c.seconds_without if mode == "off" else c.seconds_with for c in plan)
         generated = units if mode == "off" else sum(c.images_generated for c in plan)
