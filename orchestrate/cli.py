@@ -411,7 +411,7 @@ def _print_plan(manifest, cost) -> None:
 
 def _plan_many(costs) -> None:
     table = Table(title=f"{len(costs)} sweeps, one cache (in this order)")
-    columns = ("sweep", "images", "baselines", "reused", "again", "arms", "reused ", "prefix steps", "without sharing", "with sharing")
+    columns = ("sweep", "images", "baselines", "reused", "again", "arms", "arms reused", "prefix steps", "without sharing", "with sharing")
     for name in columns:
         table.add_column(name, justify="left" if name == "sweep" else "right")
     for c in costs:
