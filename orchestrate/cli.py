@@ -342,8 +342,8 @@ def plan(
 
     Every file is checked (syntax, keys, values, the model folder, the prompt file, that the output root is
     writable); exits 2 if any of them is invalid, after reporting all of them. With several sweeps (or a folder),
-    a table of them and the total follows, baselines shared across the sweeps in the order given (one baseline
-    cache for all of them).
+    a table of them and the total follows, run in the order given with one cache: baselines and intervened units
+    reused, baselines generated again for latents, prefix steps taken from baselines.
     """
     paths: list[Path] = []
     for path in sweeps:
