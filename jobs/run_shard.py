@@ -238,7 +238,7 @@ def _unit_lookup(cache: BaselineCache, loaded, sweep, first: dict, lookups: dict
     def reuse_chunk(step: int, chunk) -> dict | None:
         entries = {}
         for position, arm in enumerate(chunk):
-            identity = unit_identity(group, chunk, position, step)
+            identity = unit_identity(group, chunk, position, step, sweep.generation.steps)
             key = identity_key(identity)
             lookups[arm.name] = _Lookup(key, identity)
             entries[arm.name] = cache.get(key)

@@ -58,21 +58,34 @@ def group_plan(arms: list[ArmSpec], generation: GenerationSpec, start_steps: dic
     return plan
 
 
-def chunk_identity(chunk: list[ArmSpec], position: int, step: int) -> dict:
+def resolved_intervention(arm: ArmSpec, num_steps: int) -> dict | None:
+    """The arm's intervention as the processors act on it: a fraction window becomes the exact steps it names
+    (the processors read a window only through `active_steps`), and a window naming every step is no window, so
+    e.g. `step_window: {start: 0, end: 1}` (with or without the paper's gating) keys as the unwindowed arm. A sigma
+    window needs the schedule and stays as written."""
+    if arm.intervention is None:
+        return None
+    spec = arm.intervention.model_dump(mode="json")
+    window = arm.intervention.step_window
+    if window is not None and (window.start is not None or window.end is not None):
+        steps = window.active_steps(num_steps)
+        spec["step_window"] = None if steps == list(range(num_steps)) else {"active_steps": steps}
+    return spec
+
+
+def chunk_identity(chunk: list[ArmSpec], position: int, step: int, num_steps: int) -> dict:
     """What, beyond the group's baseline identity, decides the pixels and records of arm `chunk[position]`.
 
-    Its resolved intervention; and when it ran batched with other arms, the whole batch (every arm's intervention
-    in order, its position, the batch's start step): GEMM shapes and so rounding follow the batch, and a batch
-    that starts at step s > 0 ran steps < s as the baseline did, batch 1. An arm run alone is bit-identical
-    whatever its start step (prefix sharing's guarantee), so its start step is left out.
+    Its resolved intervention (`resolved_intervention`); and when it ran batched with other arms, the whole batch
+    (every arm's resolved intervention in order, its position, the batch's start step): GEMM shapes and so
+    rounding follow the batch, and a batch that starts at step s > 0 ran steps < s as the baseline did, batch 1.
+    An arm run alone is bit-identical whatever its start step (prefix sharing's guarantee), so its start step
+    is left out.
     """
-    def spec(arm: ArmSpec):
-        return arm.intervention.model_dump(mode="json") if arm.intervention is not None else None
-
     batch = None
     if len(chunk) > 1:
-        batch = {"interventions": [spec(arm) for arm in chunk], "position": position, "start_step": step}
-    return {"intervention": spec(chunk[position]), "batch": batch}
+        batch = {"interventions": [resolved_intervention(arm, num_steps) for arm in chunk], "position": position, "start_step": step}
+    return {"intervention": resolved_intervention(chunk[position], num_steps), "batch": batch}
 
 
 def latents_needed(arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:

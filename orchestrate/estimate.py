@@ -192,7 +192,7 @@ def sweep_cost(manifest: Manifest, cache: PlanCache | None = None) -> SweepCost:
     baselines = [arm for arm in sweep.arms if arm.intervention is None]
     calls = [(start, chunk) for start, chunk in group_plan(list(sweep.arms), sweep.generation, starts)
              if chunk[0].intervention is not None]
-    chunk_keys = [[json.dumps(chunk_identity(chunk, i, start), sort_keys=True) for i in range(len(chunk))] for start, chunk in calls]
+    chunk_keys = [[json.dumps(chunk_identity(chunk, i, start, n), sort_keys=True) for i in range(len(chunk))] for start, chunk in calls]
     groups = len(manifest.prompts) * sweep.seeds.count
     generated = regenerated = reused_units = saved_steps = 0
     seconds_with = 0.0

@@ -135,12 +135,13 @@ def baseline_identity(loaded: LoadedPipeline, model: ModelSpec, prompt: str, see
     }
 
 
-def unit_identity(group_identity: dict, chunk: list, position: int, step: int) -> dict:
+def unit_identity(group_identity: dict, chunk: list, position: int, step: int, num_steps: int) -> dict:
     """The cache identity of intervened arm `chunk[position]`, run in `chunk` from step `step` (group_plan's
-    call), in the group whose baseline identity is `group_identity` (a baseline identity needs no baseline arm)."""
+    call) of `num_steps`, in the group whose baseline identity is `group_identity` (a baseline identity needs no
+    baseline arm)."""
     from manifests.grouping import chunk_identity
 
-    return {**group_identity, "unit": chunk_identity(chunk, position, step)}
+    return {**group_identity, "unit": chunk_identity(chunk, position, step, num_steps)}
 
 
 def latents_to_bytes(trajectory: dict[int, torch.Tensor], final: torch.Tensor, sigmas: list[float]) -> bytes:

@@ -35,9 +35,13 @@ def test_intervened_units_are_reused_bit_for_bit_across_runs(tmp_path, monkeypat
     consumer = _run(tmp_path, "consumer", cache, [BASELINE, {"name": "sink2", "intervention": SINK},
                                                    {"name": "random2", "intervention": RANDOM},
                                                    {"name": "late2", "intervention": LATE},
-                                                   {"name": "other", "intervention": OTHER}])
+                                                   {"name": "other", "intervention": OTHER},
+                                                   # a window naming every step acts as no window: the same unit
+                                                   {"name": "windowed", "intervention": {**SINK, "step_window": {"start": 0.0, "end": 1.0}}}])
     units = _units(consumer)
     entries = {str(p) for p in BaselineCache(cache).entries()}
+    assert units.loc["windowed", "reused_from"] == units.loc["sink2", "reused_from"]
+    assert _same(consumer, "windowed", reference, "sink")
     for arm in ("baseline", "sink2", "random2", "late2"):
         assert units.loc[arm, "reused_from"] in entries and units.loc[arm, "seconds"] == 0.0, arm
     assert units.loc["late2", "start_step"] == 2  # provenance keeps where its trajectory would have started
@@ -81,7 +85,7 @@ def test_chunk_identity_follows_what_changes_the_computation():
     renamed = ArmSpec(name="c", intervention=SINK)
 
     def key(chunk, position, step=0):
-        return identity_key({"group": 1, "unit": chunk_identity(chunk, position, step)})
+        return identity_key({"group": 1, "unit": chunk_identity(chunk, position, step, 4)})
 
     assert key([sink], 0) == key([renamed], 0)  # the arm's name is not in it
     assert key([sink], 0) == key([sink], 0, step=2)  # alone: bit-identical from any start step
@@ -90,6 +94,12 @@ def test_chunk_identity_follows_what_changes_the_computation():
     assert key([sink, rnd], 0) != key([rnd, sink], 1)
     assert key([sink, rnd], 0) != key([sink, rnd], 0, step=2)
     assert key([sink, rnd], 0) == key([renamed, rnd], 0)
+    # a window naming every step is no window, with or without the paper's gating; one naming fewer steps is not
+    for window in ({"start": 0.0, "end": 1.0}, {"start": 0.0, "end": 1.0, "legacy_paper_gating": True}):
+        assert key([ArmSpec(name="w", intervention={**SINK, "step_window": window})], 0) == key([sink], 0)
+    late = ArmSpec(name="late", intervention={**SINK, "step_window": {"start": 0.5, "end": 1.0}})
+    late_by_other_bounds = ArmSpec(name="late", intervention={**SINK, "step_window": {"start": 0.4, "end": 0.9}})
+    assert key([late], 0) != key([sink], 0) and key([late], 0) == key([late_by_other_bounds], 0)  # steps 2, 3 of 4
 
 
 @pytest.mark.slow
