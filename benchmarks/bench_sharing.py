@@ -15,6 +15,8 @@ Sections (each prints its table as soon as it is done, so a time limit keeps wha
            image bit-identical across the three, and the seconds a group costs beyond its units' pipeline calls.
   batching a 4-arm Table-2-fixed-like group (baseline + three arms at 12, record 6/12/18) at arms_per_batch 1, 2, 3:
            seconds per group and images/hour.
+  records  host side only: `records_to_table` over one paper-configuration image's records (20 steps × layers
+           6/12/18 × CFG branches × 24 heads = 2,880 rows; removal at 12), synthetic values (image keys): seconds per image.
   options  one transformer step (stock processors, CFG batch 2): eager; replayed from a CUDA graph (and whether it
            equals eager bit for bit); VAE decode alone; decode on a second stream while the transformer steps run.
   steps    bench_worker's step table (stock, paper configuration exact and strided, all 24 layers): the step ratios.
@@ -272,6 +274,37 @@ def batching_section(loaded, res, steps, groups):
     return rows
 
 
+def records_section(repeats: int = 5):
+    """Seconds `records_to_table` takes for one paper-configuration image (the host time outside the pipeline call)."""
+    from workers.recorder import records_to_table
+    from workers.session import CallRecord
+
+    heads, generator = 24, torch.Generator("cpu").manual_seed(0)
+    records = []
+    for step in range(20):
+        for layer in (6, 12, 18):
+            for branch in ("uncond", "cond"):
+                acts = layer == 12
+                records.append(CallRecord(
+                    arm="sink", branch=branch, element=0, step=step, timestep=1000.0 - 50 * step, sigma=1.0 - step / 20,
+                    layer=layer, layer_name=f"transformer_blocks.{layer}.attn", heads=heads, num_image=4096, num_clip=77,
+                    t5_valid=None, topk_idx=torch.randint(0, 4096, (heads, 5), generator=generator),
+                    topk_mass=torch.rand(heads, 5, generator=generator), max_mass=torch.rand(heads, generator=generator),
+                    entropy=torch.rand(heads, generator=generator), top5=torch.rand(heads, generator=generator),
+                    selected=torch.randint(0, 4096, (heads, 1), generator=generator) if acts else None,
+                    removed_mass_after=torch.rand(heads, generator=generator) if acts else None, image_size=(1024, 1024)))
+    records_to_table(records)  # warm-up (imports, region tables)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rows = records_to_table(records).num_rows
+        times.append(time.perf_counter() - t0)
+    row = dict(rows=rows, seconds_per_image=statistics.median(times))
+    print(f"\n(records) records_to_table, one paper-configuration image ({rows} rows): {row['seconds_per_image'] * 1e3:.1f} ms "
+          f"(median of {repeats}, host CPU tensors)", flush=True)
+    return row
+
+
 def _time(fn, iters, device):
     times = []
     for _ in range(iters):
@@ -425,6 +458,9 @@ def main():
         save()
     if "batching" in sections:
         result["batching"] = batching_section(loaded, res, args.steps, args.groups)
+        save()
+    if "records" in sections:
+        result["records"] = records_section()
         save()
     if "options" in sections:
         result["options"] = options_section(loaded, res, args.iters)
