@@ -421,6 +421,11 @@ def _plan_many(costs) -> None:
     console.print(table)
     console.print("baselines reused: taken from the cache; again: cached by an earlier sweep without the latents this "
                   "sweep's prefix arms need, so generated again; arms reused: intervened units taken from the cache")
+    again = [c for c in costs if c.baselines_regenerated]
+    if again:
+        console.print(f"hint: {', '.join(c.name for c in again)} generate{'s' if len(again) == 1 else ''} "
+                      f"{sum(c.baselines_regenerated for c in again)} baselines again for their prefix latents; run "
+                      f"{'it' if len(again) == 1 else 'them'} before the sweeps that share their baselines to avoid that")
     for where in sorted({c.where for c in costs}):
         part = [c for c in costs if c.where == where]
         without, with_ = sum(c.seconds_without for c in part), sum(c.seconds_with for c in part)

@@ -153,5 +153,10 @@ def test_plan_of_a_folder_prints_totals_with_and_without_sharing(tmp_path):
     flat = " ".join(result.output.split())
     assert ("total on CPU (tiny random model): 10 images in 4 groups; 2 of 4 baselines reused (0 generated again for "
             "latents), 2 of 6 intervened units reused → 6 generated, 4 steps taken from baselines") in flat
+    assert "hint:" not in flat
+    tiny_sweep(folder, name="three", prompts=2, arms=[BASE, {"name": "early", "intervention": {**LATE["intervention"], "step_window": {"start": 0.25, "end": 1.0}}}],
+               generation=gen)
+    hinted = " ".join(CliRunner().invoke(app, ["plan", str(folder)], env={"COLUMNS": "200"}).output.split())
+    assert "hint: three generates 2 baselines again for their prefix latents" in hinted
     single = CliRunner().invoke(app, ["plan", str(folder / "one.yaml")], env={"COLUMNS": "200"})
     assert single.exit_code == 0 and "with sharing: 4 images generated" in " ".join(single.output.split())
