@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Geometry:
-    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ)
+    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ) | qwen_image
     num_layers: int  # attention blocks addressable by integer index
     heads: int
     patch_size: int = 2
@@ -67,6 +67,10 @@ def pixart_modules(num_layers: int) -> tuple[str, ...]:
     return tuple(f"transformer_blocks.{i}.{a}" for i in range(num_layers) for a in ("attn1", "attn2"))
 
 
+def qwen_image_modules(num_layers: int) -> tuple[str, ...]:
+    return tuple(f"transformer_blocks.{i}.attn" for i in range(num_layers))
+
+
 def sdxl_modules(attentions: dict[str, int]) -> tuple[str, ...]:
     """`attentions`: '<block>.attentions.<j>' -> transformer blocks in it (in unet.attn_processors order)."""
     return tuple(
@@ -99,6 +103,10 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     # PixArt-α (PixArtAlphaPipeline): the same transformer blocks, 120 T5 tokens
     "tiny-pixart-alpha": Geometry("pixart", num_layers=2, heads=4, clip_tokens=0, t5_tokens=120, default_resolution=64, random_weights=True,
                                   modules=pixart_modules(2)),
+    # Qwen-Image: integer layer i = transformer_blocks.{i}.attn (joint [text | image] attention); text: the prompt's
+    # Qwen2.5-VL tokens at their own length (≤ 1024, the "t5" text segment), not padded
+    "tiny-qwen-image": Geometry("qwen_image", num_layers=2, heads=4, clip_tokens=0, t5_tokens=1024, default_resolution=64,
+                                random_weights=True, modules=qwen_image_modules(2)),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
     # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
@@ -121,6 +129,8 @@ HUB_GEOMETRY: dict[str, Geometry] = {
                                                                 modules=pixart_modules(28)),
     "PixArt-alpha/PixArt-XL-2-1024-MS": Geometry("pixart", num_layers=28, heads=16, clip_tokens=0, t5_tokens=120,
                                                  modules=pixart_modules(28)),
+    # Qwen-Image (transformer/config.json: 60 layers, 24 heads × 128, patch 2; text encoder Qwen2.5-VL-7B)
+    "Qwen/Qwen-Image": Geometry("qwen_image", num_layers=60, heads=24, clip_tokens=0, t5_tokens=1024, modules=qwen_image_modules(60)),
 }
 
 
@@ -138,6 +148,9 @@ def geometry_from_folder(path: Path) -> Geometry | None:
         if name == "FluxTransformer2DModel":
             return Geometry("flux", num_layers=cfg["num_layers"] + cfg["num_single_layers"], heads=cfg["num_attention_heads"],
                             clip_tokens=0, t5_tokens=512, modules=flux_modules(cfg["num_layers"], cfg["num_single_layers"]))
+        if name == "QwenImageTransformer2DModel":
+            return Geometry("qwen_image", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 2),
+                            clip_tokens=0, t5_tokens=1024, modules=qwen_image_modules(cfg["num_layers"]))
         if name == "PixArtTransformer2DModel":
             return Geometry("pixart", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"],
                             patch_size=cfg.get("patch_size", 2), clip_tokens=0, t5_tokens=300, modules=pixart_modules(cfg["num_layers"]))

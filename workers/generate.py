@@ -17,7 +17,9 @@ batch is still untouched by its neighbours' interventions (its rows are the stoc
 Families: SD3 / SD3.5 and SDXL (CFG batch [uncond, cond]); PixArt-Σ (the same, T5 with attention masks);
 Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded guidance scale, there is no
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
-used).
+used); Qwen-Image (workers.qwen_encoding: `generation.guidance` is its `true_cfg_scale`; the pipeline calls the
+transformer twice per step, cond × A then uncond × A, and the session hands each call the elements of its branch
+from the same [uncond × A, cond × A] plan list).
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -41,10 +43,11 @@ from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
 from workers import prompt_side
 from workers.loading import LoadedPipeline
+from workers.qwen_encoding import encode_qwen_image, qwen_image_latents
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux")
+_FLOW_FAMILIES = ("sd3", "flux", "qwen_image")
 
 
 @dataclass
@@ -149,6 +152,8 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) 
         h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
         noise = torch.randn((1, channels, h, w), generator=generator, dtype=torch.float32)
         return pipe._pack_latents(noise, 1, channels, h, w).to(device=loaded.device, dtype=loaded.dtype)
+    if loaded.family == "qwen_image":
+        return qwen_image_latents(pipe, generator, height, width).to(device=loaded.device, dtype=loaded.dtype)
     denoiser = loaded.denoiser
     shape = (1, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -174,6 +179,13 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
+    if family == "qwen_image":  # workers.qwen_encoding: its own template, length and true-CFG negative
+        embeds, extra, use_cfg, text_cond, text_uncond = encode_qwen_image(
+            pipe, prompt, generation.guidance, generation.max_sequence_length, edit, pipe._execution_device
+        )
+        t5_cond = tuple(k.kind != "padding" for k in text_cond)
+        t5_uncond = tuple(k.kind != "padding" for k in text_uncond) if use_cfg else None
+        return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
     msl = generation.max_sequence_length
     if edit is not None and edit.max_length and edit.applies_to("t5"):
         msl = edit.max_length  # also the length of SD3's zero T5 slots when T5 is absent
@@ -236,6 +248,20 @@ def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[
 
 def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
     return None if arm.intervention is None else arm.intervention.prompt
+
+
+def check_prompt_edits(loaded: LoadedPipeline, arms: list[ArmSpec]) -> None:
+    """Fail early, naming the arm and the model, on a prompt edit that makes no sense for the loaded family."""
+    for arm in arms:
+        edit = prompt_edit(arm)
+        why = edit.unsupported_reason(loaded.family) if edit is not None else None
+        if why:
+            raise ValueError(f"arm {arm.name!r}: intervention.prompt: {why} ({loaded.description})")
+
+
+def denoiser_calls_per_step(loaded: LoadedPipeline, encoded: EncodedPrompt) -> int:
+    """Qwen-Image's true CFG calls the denoiser once per branch; the other families batch both branches."""
+    return 2 if loaded.family == "qwen_image" and encoded.use_cfg else 1
 
 
 def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
@@ -471,6 +497,7 @@ def generate_group(
     if unknown:
         raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
+    check_prompt_edits(loaded, arms)
     encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
     encoded = encodings[None]
     latents = initial_latents(loaded, seed, encoded.height, encoded.width)

@@ -6,7 +6,8 @@ toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manif
 (workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
 in the target dtype.
 
-Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), chosen by the pipeline class.
+Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), "qwen_image" (Qwen-Image),
+chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
 for a reference run.
 """
@@ -24,6 +25,7 @@ import torch
 from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
+from workers.processors.qwen_image import install_qwen_image_processors
 from workers.session import LayerInfo, SinkSession
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,7 +38,7 @@ class ModelNotAvailableError(FileNotFoundError):
 @dataclass
 class LoadedPipeline:
     pipe: object  # diffusers StableDiffusion3Pipeline, StableDiffusionXLPipeline, FluxPipeline or PixArtSigmaPipeline
-    family: str  # "sd3" | "sdxl" | "flux" | "pixart"
+    family: str  # "sd3" | "sdxl" | "flux" | "pixart" | "qwen_image"
     random_weights: bool
     geometry: Geometry  # measured on the loaded model, not taken from the manifests table
     description: str
@@ -89,6 +91,7 @@ _PIPELINE_FAMILY = {
     "FluxPipeline": "flux",
     "PixArtSigmaPipeline": "pixart",
     "PixArtAlphaPipeline": "pixart",
+    "QwenImagePipeline": "qwen_image",
 }
 
 
@@ -128,7 +131,7 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
     family = _PIPELINE_FAMILY.get(class_name)
     if family is None:
         raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
-    if not model.load_t5 and family in ("flux", "pixart"):
+    if not model.load_t5 and family in ("flux", "pixart", "qwen_image"):
         raise ValueError(f"{model.label}: load_t5=false is only possible for SD3 ({class_name} conditions on T5 alone)")
     pipeline_class = getattr(diffusers, class_name)
     source = model.hub_id or model.path
@@ -168,6 +171,12 @@ def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
             family="pixart", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
             clip_tokens=0, t5_tokens=t5_tokens, default_resolution=cfg.sample_size * pipe.vae_scale_factor, **common,
         )
+    if family == "qwen_image":  # 2×2 latent packing (patch size 2); the text is the prompt's Qwen2.5-VL tokens, ≤ 1024
+        return Geometry(
+            family="qwen_image", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
+            clip_tokens=0, t5_tokens=pipe.tokenizer_max_length, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
+            **common,
+        )
     return Geometry(
         family="sd3", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
         clip_tokens=pipe.tokenizer_max_length, t5_tokens=256, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
@@ -180,8 +189,9 @@ _INSTALL = {
     "sdxl": install_sdxl_processors,
     "flux": install_flux_processors,
     "pixart": install_pixart_processors,
+    "qwen_image": install_qwen_image_processors,
 }
-_TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transformer
+_TIMESTEP_SCALE = {"flux": 1000.0, "qwen_image": 1000.0}  # FluxPipeline and QwenImagePipeline pass t / 1000 to the transformer
 
 
 def _build_preset(name: str, device: str, dtype: torch.dtype):
