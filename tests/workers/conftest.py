@@ -61,3 +61,8 @@ def tiny_flux_loaded(_private_cache):
 @pytest.fixture(scope="session")
 def tiny_pixart_loaded(_private_cache):
     return _load_tiny("tiny-pixart")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_loaded(_private_cache):
+    return _load_tiny("tiny-qwen-image")
