@@ -100,7 +100,7 @@ class StepWindow(BaseModel):
 
 
 # families whose pipelines never pad the text (manifests.models.Geometry.family)
-UNPADDED_FAMILIES = ("qwen_image",)
+UNPADDED_FAMILIES = ("qwen_image", "z_image")
 
 
 class PromptEdit(BaseModel):
@@ -139,8 +139,9 @@ class PromptEdit(BaseModel):
         return segment in self.encoders
 
     def unsupported_reason(self, family: str) -> str | None:
-        """Why this edit makes no sense on a model family (None: it does). Qwen-Image's pipeline encodes each
-        prompt at its own length: there are no padding slots to fill or drop, only a maximum length to truncate to."""
+        """Why this edit makes no sense on a model family (None: it does). Qwen-Image's and Z-Image's pipelines pass
+        the denoiser each prompt's real tokens only: there are no tokenizer padding slots to fill or drop (Z-Image's
+        own caption padding is a learned embedding, not a token), only a maximum length to truncate to."""
         if family in UNPADDED_FAMILIES:
             if self.pad_token is not None or self.pad_text is not None or self.padding_slots is not None:
                 return ("pad_token / pad_text / padding_slots edit padding, but this model's pipeline encodes each prompt at "

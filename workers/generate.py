@@ -19,7 +19,8 @@ Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded gu
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
 used); Qwen-Image (workers.qwen_encoding: `generation.guidance` is its `true_cfg_scale`; the pipeline calls the
 transformer twice per step, cond × A then uncond × A, and the session hands each call the elements of its branch
-from the same [uncond × A, cond × A] plan list).
+from the same [uncond × A, cond × A] plan list); Z-Image (`generation.guidance` > 0 enables CFG, pos + g·(pos − neg);
+one call with the batch [cond × A, uncond × A], lists of latents and captions).
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -43,11 +44,11 @@ from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
 from workers import prompt_side
 from workers.loading import LoadedPipeline
-from workers.qwen_encoding import encode_qwen_image, qwen_image_latents
+from workers.qwen_encoding import check_z_image_size, encode_qwen_image, encode_z_image, qwen_image_latents
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux", "qwen_image")
+_FLOW_FAMILIES = ("sd3", "flux", "qwen_image", "z_image")
 
 
 @dataclass
@@ -157,6 +158,8 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) 
     denoiser = loaded.denoiser
     shape = (1, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if loaded.family == "z_image":  # ZImagePipeline keeps its latents in float32 whatever the model dtype
+        return noise.to(device=loaded.device)
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
 
@@ -179,8 +182,11 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
-    if family == "qwen_image":  # workers.qwen_encoding: its own template, length and true-CFG negative
-        embeds, extra, use_cfg, text_cond, text_uncond = encode_qwen_image(
+    if family in ("qwen_image", "z_image"):  # workers.qwen_encoding: their own templates, lengths and CFG
+        if family == "z_image":
+            check_z_image_size(height, width, pipe.vae_scale_factor, loaded.geometry.patch_size)
+        encode = encode_qwen_image if family == "qwen_image" else encode_z_image
+        embeds, extra, use_cfg, text_cond, text_uncond = encode(
             pipe, prompt, generation.guidance, generation.max_sequence_length, edit, pipe._execution_device
         )
         t5_cond = tuple(k.kind != "padding" for k in text_cond)
@@ -238,12 +244,14 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
 
 
-def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
-    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A]."""
+def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt, cond_first: bool = False) -> list[ElementPlan]:
+    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A] (`cond_first`:
+    [cond × A, uncond × A], ZImagePipeline's)."""
     cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond, encoded.text_cond) for arm in arms]
     if not encoded.use_cfg:
         return cond
-    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+    uncond = [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms]
+    return cond + uncond if cond_first else uncond + cond
 
 
 def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
@@ -311,7 +319,7 @@ def run_batch(
     ctx = None
     if sinks:
         ctx = RunContext(
-            elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
+            elements=batch_plans(arms, seed, encoded, cond_first=loaded.family == "z_image"), recording=recording if recording and recording.layers else None,
             num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
             start_step=start_step, step=start_step - 1,
         )
@@ -320,6 +328,8 @@ def run_batch(
     if capture_outputs:
         def keep(module, args, result):
             first = result[0] if isinstance(result, tuple) else getattr(result, "sample", result)
+            if isinstance(first, list):  # Z-Image returns one tensor per element
+                first = torch.stack(first)
             outputs.append(first.detach().to("cpu", copy=True))
 
         hook = loaded.denoiser.register_forward_hook(keep)

@@ -7,7 +7,7 @@ toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manif
 in the target dtype.
 
 Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), "qwen_image" (Qwen-Image),
-chosen by the pipeline class.
+"z_image" (Z-Image), chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
 for a reference run.
 """
@@ -25,7 +25,9 @@ import torch
 from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
+from workers.processors.common import denoiser_processors
 from workers.processors.qwen_image import install_qwen_image_processors
+from workers.processors.z_image import install_z_image_processors
 from workers.session import LayerInfo, SinkSession
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,7 +40,7 @@ class ModelNotAvailableError(FileNotFoundError):
 @dataclass
 class LoadedPipeline:
     pipe: object  # diffusers StableDiffusion3Pipeline, StableDiffusionXLPipeline, FluxPipeline or PixArtSigmaPipeline
-    family: str  # "sd3" | "sdxl" | "flux" | "pixart" | "qwen_image"
+    family: str  # "sd3" | "sdxl" | "flux" | "pixart" | "qwen_image" | "z_image"
     random_weights: bool
     geometry: Geometry  # measured on the loaded model, not taken from the manifests table
     description: str
@@ -92,6 +94,7 @@ _PIPELINE_FAMILY = {
     "PixArtSigmaPipeline": "pixart",
     "PixArtAlphaPipeline": "pixart",
     "QwenImagePipeline": "qwen_image",
+    "ZImagePipeline": "z_image",
 }
 
 
@@ -131,7 +134,7 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
     family = _PIPELINE_FAMILY.get(class_name)
     if family is None:
         raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
-    if not model.load_t5 and family in ("flux", "pixart", "qwen_image"):
+    if not model.load_t5 and family in ("flux", "pixart", "qwen_image", "z_image"):
         raise ValueError(f"{model.label}: load_t5=false is only possible for SD3 ({class_name} conditions on T5 alone)")
     pipeline_class = getattr(diffusers, class_name)
     source = model.hub_id or model.path
@@ -177,6 +180,11 @@ def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
             clip_tokens=0, t5_tokens=pipe.tokenizer_max_length, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
             **common,
         )
+    if family == "z_image":  # single stream [image | caption]; caption = the prompt's Qwen3 tokens, padded to 32s; 1024 px
+        return Geometry(
+            family="z_image", num_layers=cfg.n_layers, heads=cfg.n_heads, patch_size=cfg.all_patch_size[0], clip_tokens=0,
+            t5_tokens=512, default_resolution=getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor, **common,
+        )
     return Geometry(
         family="sd3", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
         clip_tokens=pipe.tokenizer_max_length, t5_tokens=256, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
@@ -190,8 +198,10 @@ _INSTALL = {
     "flux": install_flux_processors,
     "pixart": install_pixart_processors,
     "qwen_image": install_qwen_image_processors,
+    "z_image": install_z_image_processors,
 }
-_TIMESTEP_SCALE = {"flux": 1000.0, "qwen_image": 1000.0}  # FluxPipeline and QwenImagePipeline pass t / 1000 to the transformer
+_TIMESTEP_SCALE = {"flux": 1000.0, "qwen_image": 1000.0, "z_image": -1000.0}  # the pipelines pass t / 1000 (Z-Image: (1000 − t) / 1000)
+_TIMESTEP_OFFSET = {"z_image": 1000.0}
 
 
 def _build_preset(name: str, device: str, dtype: torch.dtype):
@@ -248,9 +258,9 @@ def prepare_pipeline(pipe, family: str, *, random_weights: bool, device: str, dt
             f"{label}: the manifests geometry table says {expected.num_layers} layers × {expected.heads} heads, "
             f"the loaded model has {geometry.num_layers} × {geometry.heads}: fix manifests/models.py"
         )
-    session = SinkSession(pipe, timestep_scale=_TIMESTEP_SCALE.get(family, 1.0))
+    session = SinkSession(pipe, timestep_scale=_TIMESTEP_SCALE.get(family, 1.0), timestep_offset=_TIMESTEP_OFFSET.get(family, 0.0))
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
-    stock = dict(denoiser.attn_processors)
+    stock = denoiser_processors(denoiser)
     layers = _INSTALL[family](denoiser, session)
     t5 = ""
     if family == "sd3" and not random_weights:

@@ -24,6 +24,7 @@ TOKENIZER_SEGMENTS = {
     "flux": {"tokenizer": "clip", "tokenizer_2": "t5"},  # Flux's CLIP is pooled only: it has no text keys
     "pixart": {"tokenizer": "t5"},
     "qwen_image": {"tokenizer": "t5"},  # Qwen2.5-VL's tokens take the sequence-text ("t5") segment
+    "z_image": {"tokenizer": "t5"},  # Qwen3's likewise
 }
 KEY_SOURCES = {
     "sd3": (("tokenizer", "clip"), ("tokenizer_3", "t5")),
@@ -31,6 +32,7 @@ KEY_SOURCES = {
     "flux": (("tokenizer_2", "t5"),),
     "pixart": (("tokenizer", "t5"),),
     "qwen_image": (("tokenizer", "t5"),),
+    "z_image": (("tokenizer", "t5"),),
 }
 # the tokenizer `padding` of the calls whose ids reach the encoder, where it is not "max_length": Qwen-Image
 # tokenizes its chat-template prompt at its own length (padding=True, i.e. to the longest of one)

@@ -140,14 +140,15 @@ def layer_matches(layers: list[int | str], layer_name: str, block_index: int | N
 class SinkSession:
     """Holds the active RunContext and keeps its step counter in sync with the denoiser calls.
 
-    `timestep_scale`: the factor between the timestep the denoiser receives and `scheduler.timesteps`
-    (Flux's pipeline passes t / 1000).
+    `timestep_scale`, `timestep_offset`: `scheduler.timesteps` = scale · (the denoiser's timestep) + offset
+    (Flux's pipeline passes t / 1000; Z-Image's (1000 − t) / 1000).
     """
 
-    def __init__(self, pipe, timestep_scale: float = 1.0):
+    def __init__(self, pipe, timestep_scale: float = 1.0, timestep_offset: float = 0.0):
         self.pipe = pipe
         self.context: RunContext | None = None
         self.timestep_scale = timestep_scale
+        self.timestep_offset = timestep_offset  # Z-Image passes (1000 − t) / 1000: scale −1000, offset 1000
         denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         self._hook = denoiser.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
         self._split_cfg = False
@@ -191,9 +192,10 @@ class SinkSession:
         scheduler = self.pipe.scheduler
         ctx.call_elements, new_step = self._branch_elements(ctx)
         planned = len(ctx.elements) if ctx.call_elements is None else len(ctx.call_elements)
-        batch = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        if batch is not None and batch.shape[0] != planned:
-            raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {planned} elements for this call")
+        batch = kwargs.get("hidden_states", kwargs.get("sample", kwargs.get("x", args[0] if args else None)))
+        size = len(batch) if isinstance(batch, list) else None if batch is None else batch.shape[0]  # Z-Image: a list
+        if size is not None and size != planned:
+            raise RuntimeError(f"transformer batch of {size} but the run plans {planned} elements for this call")
         context = kwargs.get("encoder_hidden_states")
         ctx.num_text_tokens = None if context is None else int(context.shape[1])
         if not new_step:  # the uncond call of a step whose cond call was counted
@@ -210,7 +212,7 @@ class SinkSession:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         # reading a device tensor waits for the GPU: check it once per run there, every step on the CPU
         if timestep is not None and (timestep.device.type == "cpu" or local == 0):
-            got = float(timestep.flatten()[0]) * self.timestep_scale
+            got = float(timestep.flatten()[0]) * self.timestep_scale + self.timestep_offset
             # the pipeline may cast t to the model dtype first (Flux: bf16), so allow that rounding
             tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
             if not math.isclose(got, expected, rel_tol=tol, abs_tol=1e-4):

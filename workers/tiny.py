@@ -41,7 +41,7 @@ TINY_SDXL = "tiny-sdxl"  # UNet (8, 16, 32) channels, 4 heads everywhere, 11 tra
 TINY_FLUX = "tiny-flux"  # FLUX.1-dev-like: 2 joint + 2 single blocks, 4 heads × 16, RoPE, guidance embedding, 64 px
 TINY_PIXART = "tiny-pixart"  # PixArt-Σ-like: 2 blocks (self attn1 + cross attn2 over T5), 4 heads × 8, 64 px
 TINY_PIXART_ALPHA = "tiny-pixart-alpha"  # PixArt-α-like (PixArtAlphaPipeline, T5 × 120); the same blocks as tiny-pixart
-QWEN_PRESETS = {"tiny-qwen-image": "qwen_image"}  # preset -> family; built by workers.tiny_qwen (Qwen text encoders)
+QWEN_PRESETS = {"tiny-qwen-image": "qwen_image", "tiny-z-image": "z_image"}  # preset -> family; built by workers.tiny_qwen (Qwen text encoders)
 
 
 def tiny_family(name: str) -> str:

@@ -71,12 +71,12 @@ def stock_processors(loaded: LoadedPipeline):
     if not loaded.stock_processors:
         raise ValueError(f"{loaded.description}: no stock processors were kept at load time")
     denoiser = loaded.denoiser
-    ours = dict(denoiser.attn_processors)
-    denoiser.set_attn_processor(dict(loaded.stock_processors))  # set_attn_processor empties the dict it gets
+    ours = common.denoiser_processors(denoiser)
+    common.set_denoiser_processors(denoiser, loaded.stock_processors)
     try:
         yield
     finally:
-        denoiser.set_attn_processor(ours)
+        common.set_denoiser_processors(denoiser, ours)
 
 
 def _dtype_eps(dtype: torch.dtype) -> float:
@@ -343,9 +343,13 @@ def check_prompt_edit(check: _Check, loaded: LoadedPipeline, stock: EncodedPromp
                 if len(a) != (edit.max_length or len(b)):
                     check.fail(f"{where}: {len(a)} zero slots, expected {edit.max_length or len(b)}")
                 continue
+            if loaded.family in UNPADDED_FAMILIES:  # no tokenizer padding reaches the denoiser: max_length only truncates
+                real_b = [k.token for k in b if k.kind != "padding"]
+                real_a = [k.token for k in a if k.kind != "padding"]
+                if real_a != real_b[: edit.max_length or len(real_b)]:
+                    check.fail(f"{where}: tokens {real_a}, expected the first {edit.max_length} of {real_b}")
+                continue
             length = edit.max_length or len(b)
-            if loaded.family in UNPADDED_FAMILIES:  # the text is never padded: max_length only truncates
-                length = min(length, len(b))
             if edit.padding_slots is not None:
                 length = min(length, cond_real[segment] + edit.padding_slots)
             if len(a) != length:

@@ -300,3 +300,21 @@ def apply_sinks(
             )
         )
     return attn_out
+
+
+def denoiser_processors(denoiser) -> dict:
+    """"<module>.processor" -> processor of every attention module: diffusers' `attn_processors`, or, for a model
+    without diffusers' AttentionMixin (ZImageTransformer2DModel), the same mapping read from its Attention modules."""
+    if hasattr(type(denoiser), "attn_processors"):
+        return dict(denoiser.attn_processors)
+    return {f"{name}.processor": module.processor for name, module in denoiser.named_modules()
+            if hasattr(module, "set_processor") and hasattr(module, "processor")}
+
+
+def set_denoiser_processors(denoiser, processors: dict) -> None:
+    """Install a `denoiser_processors`-shaped mapping (the inverse of it)."""
+    if hasattr(type(denoiser), "set_attn_processor"):
+        denoiser.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it gets
+        return
+    for name, processor in processors.items():
+        denoiser.get_submodule(name.removesuffix(".processor")).set_processor(processor)
