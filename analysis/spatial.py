@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     from .run import RunData
 
 WINDOW_COUNT = 3  # early / middle / late thirds of the recorded steps
-JOINT_FAMILIES = ("sd3", "flux", "qwen_image")  # image and text keys in one sequence; others attend to text by cross-attention
+JOINT_FAMILIES = ("sd3", "flux", "qwen_image", "z_image")  # image and text keys in one sequence; others attend to text by cross-attention
 # families whose text keys are a chat-template turn at the prompt's own length: not re-tokenized here (the recorder's
 # sink_token column names them)
-_UNTOKENIZED_FAMILIES = ("qwen_image",)
+_UNTOKENIZED_FAMILIES = ("qwen_image", "z_image")
 
 
 @dataclass

@@ -33,7 +33,7 @@ CPU_TINY_DECODE_S = 0.05
 CPU_TOY_STEP_S = 0.27  # toy-sd3, 64², CFG: 45 CPU-s for 17 images × 10 steps (benchmarks/RESULTS.md, toy world)
 CPU_TOY_DECODE_S = 0.1
 GPU_LABEL = "H200 GPU"
-_PREFIX_FAMILIES = ("sd3", "flux", "qwen_image")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
+_PREFIX_FAMILIES = ("sd3", "flux", "qwen_image", "z_image")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
 _PREFIX_SCHEDULERS = ("default", "flow_euler")
 
 

@@ -66,3 +66,8 @@ def tiny_pixart_loaded(_private_cache):
 @pytest.fixture(scope="session")
 def tiny_qwen_image_loaded(_private_cache):
     return _load_tiny("tiny-qwen-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image_loaded(_private_cache):
+    return _load_tiny("tiny-z-image")
