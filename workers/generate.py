@@ -287,6 +287,8 @@ def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
 
 
 def _repeat(value, n: int):
+    if isinstance(value, list):  # Z-Image: one caption tensor per element
+        return value * n
     if not isinstance(value, torch.Tensor):
         return value
     return value.repeat(n, *([1] * (value.ndim - 1)))
