@@ -12,7 +12,7 @@ Sharing, as the workers do it (docs/design.md "Baseline cache", "Prefix sharing"
   code, which are the same within one catalogue run); every other baseline unit with that identity is reused;
 - an arm whose intervention starts at step s > 0 (a fraction window; sigma windows are counted from step 0
   here, as the schedule is not known without the model) costs only its steps s.., if the sweep has a baseline
-  arm, `generation.prefix_sharing` is on and the sampler is the flow-matching Euler (SD3 / Flux default).
+  arm, `generation.prefix_sharing` is on and the sampler is the flow-matching Euler (SD3 / Flux / Qwen-Image / Z-Image default).
 """
 
 from __future__ import annotations

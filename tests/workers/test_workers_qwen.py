@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention_reference import reference_attention, reference_mass, reference_selection, scope_rows
+from attention_reference import reference_attention, reference_mass, reference_selection, run_processor, scope_rows
 from manifests import ArmSpec, GenerationSpec, ModelSpec, PromptSpec, RecordingSpec, Sweep, load_bundled_prompts
 from manifests.interventions import Intervention, PromptEdit
 from manifests.keys import ImageGrid, key_region
@@ -50,17 +50,6 @@ def _context(ivs, branches):
     return ctx
 
 
-def _call(loaded, ctx, *args):
-    attn = loaded.denoiser.get_submodule(NAME)
-    stock = loaded.stock_processors[f"{NAME}.processor"](attn, *args)
-    loaded.session.context = ctx
-    try:
-        ours = attn.processor(attn, *args)
-    finally:
-        loaded.session.context = None
-    return attn, stock, ours
-
-
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "text-mask"])
 def test_qwen_image_processor_noop_is_bit_exact_and_matches_fp64(tiny_qwen_image_loaded, masked):
     loaded = tiny_qwen_image_loaded
@@ -68,12 +57,12 @@ def test_qwen_image_processor_noop_is_bit_exact_and_matches_fp64(tiny_qwen_image
     valid = [9, 5, 2] if masked else [9, 9, 9]  # attended text tokens per element (a mask: prompts of different lengths)
     mask = torch.tensor([[j < n for j in range(9)] for n in valid]) if masked else None
     with torch.no_grad():  # recorded, not intervened: the stock bits
-        _, stock, ours = _call(loaded, _context([None] * 3, ("cond",) * 3), image, text, mask, None, rotary)
+        _, stock, ours = run_processor(loaded, NAME, _context([None] * 3, ("cond",) * 3), image, text, mask, None, rotary)
     assert all(torch.equal(a, b) for a, b in zip(ours, stock))
     iv = Intervention(selection="topk", k=2, layers=[1], score_op="remove", query_scope="all", mass_queries="all")
     ctx = _context([iv] * 3, ("cond",) * 3)
     with torch.no_grad():
-        attn, stock, ours = _call(loaded, ctx, image, text, mask, None, rotary)
+        attn, stock, ours = run_processor(loaded, NAME, ctx, image, text, mask, None, rotary)
         q, k, v = _qkv_fp64(attn, image, text, rotary)
     records = {r.element: r for r in ctx.records}
     for b, n in enumerate(valid):

@@ -318,3 +318,11 @@ def set_denoiser_processors(denoiser, processors: dict) -> None:
         return
     for name, processor in processors.items():
         denoiser.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+
+
+def keep_dispatch_settings(processor, original):
+    """Carry the stock processor's attention-dispatcher settings (`set_attention_backend`, context parallelism) over
+    to ours, so `dispatch_attention_fn` runs the same backend; returns `processor`."""
+    processor._attention_backend = getattr(original, "_attention_backend", None)
+    processor._parallel_config = getattr(original, "_parallel_config", None)
+    return processor

@@ -26,20 +26,19 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, layer_ids
+from workers.processors.common import apply_sinks, keep_dispatch_settings, layer_ids
 from workers.session import LayerInfo
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 
 
 class QwenImageSinkAttnProcessor:
-    _attention_backend = None  # diffusers' set_attention_backend writes these, as on its own processor
+    _attention_backend = None  # diffusers' set_attention_backend writes these (keep_dispatch_settings at install)
     _parallel_config = None
 
     def __init__(self, session, layer: LayerInfo):
-        self.session = session
-        self.layer = layer
-        self._orders: dict = {}
+        self.session, self.layer = session, layer
+        self._orders: dict = {}  # (image, text, device) -> index orders Qwen ↔ canonical
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
                  image_rotary_emb=None):
@@ -147,13 +146,9 @@ def install_qwen_image_processors(transformer, session) -> list[LayerInfo]:
     stock = transformer.attn_processors
     names = [name.removesuffix(".processor") for name in stock]
     layers = layer_ids([(name, block_index(name)) for name in names])
-    processors = {}
-    for info in layers:
-        proc = QwenImageSinkAttnProcessor(session, info)
-        original = stock[f"{info.name}.processor"]
-        proc._attention_backend = getattr(original, "_attention_backend", None)
-        proc._parallel_config = getattr(original, "_parallel_config", None)
-        processors[f"{info.name}.processor"] = proc
-    transformer.set_attn_processor(processors)
+    transformer.set_attn_processor({
+        f"{info.name}.processor": keep_dispatch_settings(QwenImageSinkAttnProcessor(session, info), stock[f"{info.name}.processor"])
+        for info in layers
+    })
     session.track_cfg_calls(transformer)
     return layers

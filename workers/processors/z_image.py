@@ -29,7 +29,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, layer_ids
+from workers.processors.common import apply_sinks, keep_dispatch_settings, layer_ids
 from workers.session import LayerInfo
 
 SEQ_MULTI_OF = 32  # diffusers.models.transformers.transformer_z_image.SEQ_MULTI_OF: sequences are padded to it
@@ -164,8 +164,5 @@ def install_z_image_processors(transformer, session) -> list[LayerInfo]:
     layers = layer_ids([(name, _kind(name)[1]) for name in names])
     for info in layers:
         module = transformer.get_submodule(info.name)
-        proc = ZImageSinkAttnProcessor(session, info, _kind(info.name)[0], shape)
-        proc._attention_backend = getattr(module.processor, "_attention_backend", None)
-        proc._parallel_config = getattr(module.processor, "_parallel_config", None)
-        module.set_processor(proc)
+        module.set_processor(keep_dispatch_settings(ZImageSinkAttnProcessor(session, info, _kind(info.name)[0], shape), module.processor))
     return layers
