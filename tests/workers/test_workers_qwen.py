@@ -1,18 +1,20 @@
-"""Qwen-Image (double-stream joint attention [text | image], Qwen RoPE, true CFG in two denoiser calls per step)."""
+"""Qwen-Image (double-stream joint attention [text | image], Qwen RoPE, true CFG in two denoiser calls per step).
+
+`orchestrate verify` of manifests/examples/qwen_image_tiny.yaml (tests/manifests/test_examples.py) checks its arms.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from attention_reference import reference_attention, reference_mass, reference_selection, run_processor, scope_rows
-from manifests import ArmSpec, GenerationSpec, ModelSpec, PromptSpec, RecordingSpec, Sweep, load_bundled_prompts
+from manifests import ArmSpec, GenerationSpec, RecordingSpec, Sweep
 from manifests.interventions import Intervention, PromptEdit
 from manifests.keys import ImageGrid, key_region
 from workers import generate_group
 from workers.generate import encode_prompt, initial_latents
 from workers.session import ElementPlan, RunContext
 from workers.tiny import build_tiny_pipeline
-from workers.verify import verify_sweep
 
 PROMPT = "a photo of a cat and a dog"
 GEN = GenerationSpec(steps=2, guidance=4.0, height=64, width=64)
@@ -118,18 +120,3 @@ def test_qwen_image_prompt_edits_truncate_or_are_refused(tiny_qwen_image_loaded)
         generate_group(loaded, PROMPT, 5, [ArmSpec(name="b"), arm], GEN, RecordingSpec())
     with pytest.raises(ValueError, match=r"arms\[0\] \(commas\).intervention.prompt.*tiny-qwen-image"):
         Sweep(name="q", model={"preset": "tiny-qwen-image"}, prompts={"set": "geneval", "limit": 1}, arms=[arm.model_dump()])
-
-
-@pytest.mark.slow  # ~18 s on 2 cores
-def test_qwen_image_verify_passes(tiny_qwen_image_loaded):
-    arms = [ArmSpec(name="base"),
-            ArmSpec(name="m1", intervention={"preset": "fixed.m1", "layers": [0]}),
-            ArmSpec(name="text_rows", intervention={"selection": "static", "indices": [16], "layers": [1], "query_scope": "text",
-                                                    "score_op": "bias", "bias": -2.0, "value_op": "mean", "cfg_branch": "uncond"}),
-            ArmSpec(name="short", intervention={"score_op": "none", "prompt": {"max_length": 6}})]
-    sweep = Sweep.model_construct(name="v", model=ModelSpec.model_construct(preset="tiny-qwen-image"), prompts=PromptSpec(set="geneval", limit=1),
-                                  seeds=Sweep.model_fields["seeds"].default, generation=GEN.model_copy(update={"arms_per_batch": 2}),
-                                  arms=arms, recording=RecordingSpec(layers=[0]))
-    results = verify_sweep(tiny_qwen_image_loaded, sweep, load_bundled_prompts("geneval")[:1], max_prompts=1)
-    assert all(r["passed"] for r in results), [r for r in results if not r["passed"]]
-    assert {r["check"] for r in results if r["arm"] == "short"} == {"noop", "prompt"}

@@ -1,18 +1,20 @@
-"""Z-Image (single-stream [image | caption] blocks, caption pad tokens, refiners, CFG batch [cond, uncond])."""
+"""Z-Image (single-stream [image | caption] blocks, caption pad tokens, refiners, CFG batch [cond, uncond]).
+
+`orchestrate verify` of manifests/examples/z_image_tiny.yaml (tests/manifests/test_examples.py) checks its arms.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from attention_reference import reference_attention, reference_mass, reference_selection, scope_rows
-from manifests import ArmSpec, GenerationSpec, ModelSpec, PromptSpec, RecordingSpec, Sweep, load_bundled_prompts
+from manifests import ArmSpec, GenerationSpec, RecordingSpec
 from manifests.interventions import Intervention, PromptEdit
 from manifests.keys import ImageGrid, key_region
 from workers import generate_group
 from workers.generate import encode_prompt, initial_latents
 from workers.session import ElementPlan, RunContext
 from workers.tiny import build_tiny_pipeline
-from workers.verify import verify_sweep
 
 # long enough that the cond caption (template + prompt) pads to 64 while the uncond "" pads to 32: a masked batch
 PROMPT = "a photo of a cat and a dog sitting on a red sofa next to a blue lamp in a bright living room with two green plants"
@@ -80,7 +82,6 @@ def test_z_image_processor_noop_is_bit_exact_and_matches_fp64_with_a_batch_mask(
         assert torch.equal(ours[b, 64 + n :], stock[b, 64 + n :])  # padded rows: stock
 
 
-@pytest.mark.slow  # 5–13 s on 2 shared cores
 def test_z_image_run_is_stock_records_cond_first_batch_and_interventions_change_output(tiny_z_image_loaded):
     loaded = tiny_z_image_loaded
     assert loaded.family == "z_image" and [(i.name, i.layer_id) for i in loaded.layers] == [
@@ -122,18 +123,3 @@ def test_z_image_prompt_edits_truncate_or_are_refused(tiny_z_image_loaded):
         generate_group(loaded, PROMPT, 5, [ArmSpec(name="b"), arm], GEN, RecordingSpec())
     with pytest.raises(ValueError, match="64×48 gives 48 image patches on Z-Image, not a multiple of 32"):
         encode_prompt(loaded, PROMPT, GEN.model_copy(update={"width": 48}))
-
-
-@pytest.mark.slow  # ~15 s on 2 cores
-def test_z_image_verify_passes(tiny_z_image_loaded):
-    arms = [ArmSpec(name="base"),
-            ArmSpec(name="m1", intervention={"preset": "fixed.m1", "layers": [0]}),
-            ArmSpec(name="caption", intervention={"selection": "topk", "k": 1, "layers": ["context_refiner.*"], "query_scope": "all",
-                                                  "mass_queries": "all", "score_op": "bias", "bias": -2.0, "cfg_branch": "uncond"}),
-            ArmSpec(name="short", intervention={"score_op": "none", "prompt": {"max_length": 6}})]
-    sweep = Sweep.model_construct(name="v", model=ModelSpec.model_construct(preset="tiny-z-image"), prompts=PromptSpec(set="geneval", limit=1),
-                                  seeds=Sweep.model_fields["seeds"].default, generation=GEN.model_copy(update={"arms_per_batch": 2}),
-                                  arms=arms, recording=RecordingSpec(layers=[0], mass_queries="all"))  # the caption refiner has no image queries
-    results = verify_sweep(tiny_z_image_loaded, sweep, load_bundled_prompts("geneval")[:1], max_prompts=1)
-    assert all(r["passed"] for r in results), [r for r in results if not r["passed"]]
-    assert {r["check"] for r in results if r["arm"] == "short"} == {"noop", "prompt"}
