@@ -120,3 +120,23 @@ def test_qwen_image_prompt_edits_truncate_or_are_refused(tiny_qwen_image_loaded)
         generate_group(loaded, PROMPT, 5, [ArmSpec(name="b"), arm], GEN, RecordingSpec())
     with pytest.raises(ValueError, match=r"arms\[0\] \(commas\).intervention.prompt.*tiny-qwen-image"):
         Sweep(name="q", model={"preset": "tiny-qwen-image"}, prompts={"set": "geneval", "limit": 1}, arms=[arm.model_dump()])
+
+
+def test_qwen_families_load_from_a_local_folder(tiny_qwen_image_loaded, tiny_z_image_loaded, tmp_path):
+    """Real loading (model.path / hub id → the pipeline class → family, geometry from transformer/config.json)."""
+    from manifests import ModelSpec
+    from workers import load_pipeline
+
+    for preset, tiny in (("tiny-qwen-image", tiny_qwen_image_loaded), ("tiny-z-image", tiny_z_image_loaded)):
+        folder = tmp_path / preset
+        pipe = build_tiny_pipeline(preset)
+        pipe.save_pretrained(folder)
+        spec = ModelSpec(path=str(folder))
+        assert (spec.geometry().family, spec.geometry().num_layers) == (tiny.family, 2)
+        loaded = load_pipeline(spec, device="cpu")
+        assert loaded.family == tiny.family and not loaded.random_weights
+        loaded.pipe.prompt_template_encode_start_idx = getattr(pipe, "prompt_template_encode_start_idx", None)
+        gen = GEN.model_copy(update={"max_sequence_length": 64})  # 2 steps: Qwen-Image's shift_terminal gives NaN sigmas at 1
+        ours = generate_group(loaded, PROMPT, 6, [ArmSpec(name="b")], gen, RecordingSpec())[0]
+        want = generate_group(tiny, PROMPT, 6, [ArmSpec(name="b")], gen, RecordingSpec())[0]
+        assert np.array_equal(np.asarray(ours.image), np.asarray(want.image)), preset
