@@ -25,10 +25,10 @@ import torch
 from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
-from workers.processors.common import denoiser_processors
+from workers.processors.common import MASS_SELECTIONS, denoiser_processors
 from workers.processors.qwen_image import install_qwen_image_processors
 from workers.processors.z_image import install_z_image_processors
-from workers.session import LayerInfo, SinkSession
+from workers.session import LayerInfo, SinkSession, layer_matches
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,6 +50,7 @@ class LoadedPipeline:
     attention_layers: list[str]  # module names the processors are installed on, e.g. "transformer_blocks.3.attn"
     layers: list[LayerInfo] = field(default_factory=list)  # the same modules: integer index and record id of each
     stock_processors: dict = field(default_factory=dict)  # "<module>.processor" -> diffusers' own processor
+    text_query_layers: tuple[str, ...] = ()  # modules whose queries are all text (Z-Image's caption refiner)
 
     @property
     def denoiser(self):
@@ -81,6 +82,22 @@ class LoadedPipeline:
             if arm.intervention is not None and arm.intervention.acts_on_attention:
                 for layer in arm.intervention.layers:
                     check(layer, f"arm {arm.name!r}: intervention")
+        self._check_text_query_layers(arms, recording)
+
+    def _check_text_query_layers(self, arms: list[ArmSpec], recording: RecordingSpec) -> None:
+        """Mass over image queries is undefined where a layer has text queries only: refuse it before any work."""
+        def reached(layers) -> list[str]:
+            return [info.name for info in self.layers if info.name in self.text_query_layers
+                    and layer_matches(list(layers), info.name, info.block_index)]
+
+        hint = "it has text queries only; identify over `mass_queries: all` (or text)"
+        if recording.stats and recording.mass_queries == "image" and (hit := reached(recording.layers)):
+            raise ValueError(f"recording.layers reach {hit[0]} of {self.description}: {hint} (recording.mass_queries)")
+        for arm in arms:
+            iv = arm.intervention
+            if iv is not None and iv.acts_on_attention and iv.selection in MASS_SELECTIONS and iv.mass_queries == "image":
+                if hit := reached(iv.layers):
+                    raise ValueError(f"arm {arm.name!r}: intervention.layers reach {hit[0]} of {self.description}: {hint}")
 
 
 def default_device() -> str:
@@ -202,6 +219,7 @@ _INSTALL = {
 }
 _TIMESTEP_SCALE = {"flux": 1000.0, "qwen_image": 1000.0, "z_image": -1000.0}  # the pipelines pass t / 1000 (Z-Image: (1000 − t) / 1000)
 _TIMESTEP_OFFSET = {"z_image": 1000.0}
+_TEXT_QUERY_LAYERS = {"z_image": "context_refiner.*"}  # family -> glob of its text-only self-attention modules
 
 
 def _build_preset(name: str, device: str, dtype: torch.dtype):
@@ -262,6 +280,7 @@ def prepare_pipeline(pipe, family: str, *, random_weights: bool, device: str, dt
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
     stock = denoiser_processors(denoiser)
     layers = _INSTALL[family](denoiser, session)
+    text_query = tuple(info.name for info in layers if fnmatch(info.name, _TEXT_QUERY_LAYERS.get(family, "")))
     t5 = ""
     if family == "sd3" and not random_weights:
         t5 = ", T5" if getattr(pipe, "text_encoder_3", None) is not None else ", no T5"
@@ -270,5 +289,5 @@ def prepare_pipeline(pipe, family: str, *, random_weights: bool, device: str, dt
     return LoadedPipeline(
         pipe=pipe, family=family, random_weights=random_weights, geometry=geometry, description=description,
         device=str(device), dtype=dtype, session=session, attention_layers=[info.name for info in layers],
-        layers=layers, stock_processors=stock,
+        layers=layers, stock_processors=stock, text_query_layers=text_query,
     )

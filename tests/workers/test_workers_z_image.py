@@ -123,3 +123,13 @@ def test_z_image_prompt_edits_truncate_or_are_refused(tiny_z_image_loaded):
         generate_group(loaded, PROMPT, 5, [ArmSpec(name="b"), arm], GEN, RecordingSpec())
     with pytest.raises(ValueError, match="64×48 gives 48 image patches on Z-Image, not a multiple of 32"):
         encode_prompt(loaded, PROMPT, GEN.model_copy(update={"width": 48}))
+
+
+def test_z_image_refuses_image_mass_on_the_caption_refiner_before_any_work(tiny_z_image_loaded):
+    refiner = ArmSpec(name="cap", intervention={"selection": "topk", "k": 1, "layers": ["context_refiner.*"], "query_scope": "all"})
+    with pytest.raises(ValueError, match="arm 'cap'.*context_refiner.0.attention.*text queries only"):
+        generate_group(tiny_z_image_loaded, PROMPT, 5, [refiner], GEN, RecordingSpec())
+    with pytest.raises(ValueError, match="recording.layers reach context_refiner.0.attention.*mass_queries"):
+        generate_group(tiny_z_image_loaded, PROMPT, 5, [ArmSpec(name="b")], GEN, RecordingSpec(layers=["*"]))
+    ok = refiner.model_copy(update={"intervention": refiner.intervention.model_copy(update={"mass_queries": "all"})})
+    generate_group(tiny_z_image_loaded, PROMPT, 5, [ok], GEN.model_copy(update={"steps": 1}), RecordingSpec(layers=["*"], mass_queries="all"))

@@ -25,6 +25,7 @@ from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_
 from workers.session import CallRecord, LayerInfo, RunContext
 
 _MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
+MASS_SELECTIONS = _MASS_SELECTIONS  # selections that rank keys by incoming mass (they need queries in mass_queries)
 
 
 @dataclass
