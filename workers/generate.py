@@ -44,6 +44,7 @@ from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
 from workers import prompt_side
 from workers.loading import LoadedPipeline
+from workers.processors.common import denoiser_processors, set_denoiser_processors
 from workers.qwen_encoding import check_z_image_size, encode_qwen_image, encode_z_image, qwen_image_latents
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
@@ -361,7 +362,7 @@ def run_batch(
         pipe.scheduler = original_scheduler
         if stock_denoiser is not None:
             eager, processors = stock_denoiser
-            eager.set_attn_processor(processors)
+            set_denoiser_processors(eager, processors)
             setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", eager)
         if hook is not None:
             hook.remove()
@@ -402,11 +403,11 @@ def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
     eager = loaded.denoiser
     cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
     if setting not in cache:
-        wrapped = {name: _OutsideGraph(proc) for name, proc in eager.attn_processors.items()}
+        wrapped = {name: _OutsideGraph(proc) for name, proc in denoiser_processors(eager).items()}
         cache[setting] = (torch.compile(eager, mode=_COMPILE_MODES[setting]), wrapped)
     compiled, wrapped = cache[setting]
-    processors = dict(eager.attn_processors)
-    eager.set_attn_processor(dict(wrapped))
+    processors = denoiser_processors(eager)
+    set_denoiser_processors(eager, wrapped)
     setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", compiled)
     return eager, processors
 
