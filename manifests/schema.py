@@ -477,6 +477,9 @@ class Sweep(_Strict):
                     raise ValueError(f"{where}.indices: index {max(iv.indices)} ≥ the {n_keys} keys of the model at {height}×{width}")
         for i, arm in enumerate(self.arms):
             edit = arm.intervention.prompt if arm.intervention is not None else None
+            why = edit.unsupported_reason(geo.family) if edit is not None and geo is not None else None
+            if why:
+                raise ValueError(f"arms[{i}] ({arm.name}).intervention.prompt: {why} ({self.model.label})")
             if edit is not None and edit.max_length and geo is not None and geo.clip_tokens and edit.applies_to("clip"):
                 if edit.max_length > geo.clip_tokens:
                     raise ValueError(

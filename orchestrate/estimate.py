@@ -20,7 +20,7 @@ given and one cache for all of them (a sweep with `cache.baselines: off` neither
   a batch is reused only when every arm of it is cached (`cache.units`, default on);
 - an arm whose intervention starts at step s > 0 (a fraction window; sigma windows are counted from step 0
   here, as the schedule is not known without the model) costs only its steps s.., if the sweep has a baseline
-  arm, `generation.prefix_sharing` is on and the sampler is the flow-matching Euler (SD3 / Flux default).
+  arm, `generation.prefix_sharing` is on and the sampler is the flow-matching Euler (SD3 / Flux / Qwen-Image / Z-Image default).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ CPU_TINY_DECODE_S = 0.05
 CPU_TOY_STEP_S = 0.27  # toy-sd3, 64², CFG: 45 CPU-s for 17 images × 10 steps (benchmarks/RESULTS.md, toy world)
 CPU_TOY_DECODE_S = 0.1
 GPU_LABEL = "H200 GPU"
-_PREFIX_FAMILIES = ("sd3", "flux")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
+_PREFIX_FAMILIES = ("sd3", "flux", "qwen_image", "z_image")  # their default sampler is the flow-matching Euler (workers.generate.PREFIX_SCHEDULERS)
 _PREFIX_SCHEDULERS = ("default", "flow_euler")
 
 

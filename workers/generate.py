@@ -17,7 +17,10 @@ batch is still untouched by its neighbours' interventions (its rows are the stoc
 Families: SD3 / SD3.5 and SDXL (CFG batch [uncond, cond]); PixArt-Σ (the same, T5 with attention masks);
 Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded guidance scale, there is no
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
-used).
+used); Qwen-Image (workers.qwen_encoding: `generation.guidance` is its `true_cfg_scale`; the pipeline calls the
+transformer twice per step, cond × A then uncond × A, and the session hands each call the elements of its branch
+from the same [uncond × A, cond × A] plan list); Z-Image (`generation.guidance` > 0 enables CFG, pos + g·(pos − neg);
+one call with the batch [cond × A, uncond × A], lists of latents and captions).
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -43,10 +46,12 @@ from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
 from workers import prompt_side
 from workers.loading import LoadedPipeline
+from workers.processors.common import denoiser_processors, set_denoiser_processors
+from workers.qwen_encoding import check_z_image_size, encode_qwen_image, encode_z_image, qwen_image_latents
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux")
+_FLOW_FAMILIES = ("sd3", "flux", "qwen_image", "z_image")
 
 
 @dataclass
@@ -157,9 +162,13 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) 
         h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
         noise = torch.randn((1, channels, h, w), generator=generator, dtype=torch.float32)
         return pipe._pack_latents(noise, 1, channels, h, w).to(device=loaded.device, dtype=loaded.dtype)
+    if loaded.family == "qwen_image":
+        return qwen_image_latents(pipe, generator, height, width).to(device=loaded.device, dtype=loaded.dtype)
     denoiser = loaded.denoiser
     shape = (1, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if loaded.family == "z_image":  # ZImagePipeline keeps its latents in float32 whatever the model dtype
+        return noise.to(device=loaded.device)
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
 
@@ -182,6 +191,16 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
+    if family in ("qwen_image", "z_image"):  # workers.qwen_encoding: their own templates, lengths and CFG
+        if family == "z_image":
+            check_z_image_size(height, width, pipe.vae_scale_factor, loaded.geometry.patch_size)
+        encode = encode_qwen_image if family == "qwen_image" else encode_z_image
+        embeds, extra, use_cfg, text_cond, text_uncond = encode(
+            pipe, prompt, generation.guidance, generation.max_sequence_length, edit, pipe._execution_device
+        )
+        t5_cond = tuple(k.kind != "padding" for k in text_cond)
+        t5_uncond = tuple(k.kind != "padding" for k in text_uncond) if use_cfg else None
+        return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
     msl = generation.max_sequence_length
     if edit is not None and edit.max_length and edit.applies_to("t5"):
         msl = edit.max_length  # also the length of SD3's zero T5 slots when T5 is absent
@@ -234,15 +253,33 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
 
 
-def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
-    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A]."""
+def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt, cond_first: bool = False) -> list[ElementPlan]:
+    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A] (`cond_first`:
+    [cond × A, uncond × A], ZImagePipeline's)."""
     cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond, encoded.text_cond) for arm in arms]
     if not encoded.use_cfg:
         return cond
-    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+    uncond = [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms]
+    return cond + uncond if cond_first else uncond + cond
+
+
+def check_prompt_edits(loaded: LoadedPipeline, arms: list[ArmSpec]) -> None:
+    """Fail early, naming the arm and the model, on a prompt edit that makes no sense for the loaded family."""
+    for arm in arms:
+        edit = prompt_edit(arm)
+        why = edit.unsupported_reason(loaded.family) if edit is not None else None
+        if why:
+            raise ValueError(f"arm {arm.name!r}: intervention.prompt: {why} ({loaded.description})")
+
+
+def denoiser_calls_per_step(loaded: LoadedPipeline, encoded: EncodedPrompt) -> int:
+    """Qwen-Image's true CFG calls the denoiser once per branch; the other families batch both branches."""
+    return 2 if loaded.family == "qwen_image" and encoded.use_cfg else 1
 
 
 def _repeat(value, n: int):
+    if isinstance(value, list):  # Z-Image: one caption tensor per element
+        return value * n
     if not isinstance(value, torch.Tensor):
         return value
     return value.repeat(n, *([1] * (value.ndim - 1)))
@@ -275,7 +312,7 @@ def run_batch(
     ctx = None
     if sinks:
         ctx = RunContext(
-            elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
+            elements=batch_plans(arms, seed, encoded, cond_first=loaded.family == "z_image"), recording=recording if recording and recording.layers else None,
             num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
             start_step=start_step, step=start_step - 1,
         )
@@ -284,6 +321,8 @@ def run_batch(
     if capture_outputs:
         def keep(module, args, result):
             first = result[0] if isinstance(result, tuple) else getattr(result, "sample", result)
+            if isinstance(first, list):  # Z-Image returns one tensor per element
+                first = torch.stack(first)
             outputs.append(first.detach().to("cpu", copy=True))
 
         hook = loaded.denoiser.register_forward_hook(keep)
@@ -313,7 +352,7 @@ def run_batch(
         pipe.scheduler = original_scheduler
         if stock_denoiser is not None:
             eager, processors = stock_denoiser
-            eager.set_attn_processor(processors)
+            set_denoiser_processors(eager, processors)
             setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", eager)
         if hook is not None:
             hook.remove()
@@ -354,11 +393,11 @@ def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
     eager = loaded.denoiser
     cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
     if setting not in cache:
-        wrapped = {name: _OutsideGraph(proc) for name, proc in eager.attn_processors.items()}
+        wrapped = {name: _OutsideGraph(proc) for name, proc in denoiser_processors(eager).items()}
         cache[setting] = (torch.compile(eager, mode=_COMPILE_MODES[setting]), wrapped)
     compiled, wrapped = cache[setting]
-    processors = dict(eager.attn_processors)
-    eager.set_attn_processor(dict(wrapped))
+    processors = denoiser_processors(eager)
+    set_denoiser_processors(eager, wrapped)
     setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", compiled)
     return eager, processors
 
@@ -443,6 +482,7 @@ def generate_group(
     if unknown:
         raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
+    check_prompt_edits(loaded, arms)
     encodings: dict = {}  # one per distinct prompt edit of the group, made when a pipeline call needs it
 
     def encoding(edit: PromptEdit | None) -> EncodedPrompt:

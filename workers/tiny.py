@@ -41,6 +41,7 @@ TINY_SDXL = "tiny-sdxl"  # UNet (8, 16, 32) channels, 4 heads everywhere, 11 tra
 TINY_FLUX = "tiny-flux"  # FLUX.1-dev-like: 2 joint + 2 single blocks, 4 heads × 16, RoPE, guidance embedding, 64 px
 TINY_PIXART = "tiny-pixart"  # PixArt-Σ-like: 2 blocks (self attn1 + cross attn2 over T5), 4 heads × 8, 64 px
 TINY_PIXART_ALPHA = "tiny-pixart-alpha"  # PixArt-α-like (PixArtAlphaPipeline, T5 × 120); the same blocks as tiny-pixart
+QWEN_PRESETS = {"tiny-qwen-image": "qwen_image", "tiny-z-image": "z_image"}  # preset -> family; built by workers.tiny_qwen (Qwen text encoders)
 
 
 def tiny_family(name: str) -> str:
@@ -53,11 +54,13 @@ def tiny_family(name: str) -> str:
         return "pixart"
     if name in TINY_PRESETS:
         return "sd3"
+    if name in QWEN_PRESETS:
+        return QWEN_PRESETS[name]
     raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(all_presets())}")
 
 
 def all_presets() -> list[str]:
-    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA]
+    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA, *QWEN_PRESETS]
 
 
 def _tiny_clip_config():
@@ -208,6 +211,10 @@ def build_tiny_pipeline(name: str):
         return _build_tiny_flux()
     if family == "pixart":
         return _build_tiny_pixart(alpha=name == TINY_PIXART_ALPHA)
+    if name in QWEN_PRESETS:
+        from workers.tiny_qwen import build_tiny_qwen
+
+        return build_tiny_qwen(name)
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection

@@ -25,6 +25,7 @@ from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_
 from workers.session import CallRecord, LayerInfo, RunContext
 
 _MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
+MASS_SELECTIONS = _MASS_SELECTIONS  # selections that rank keys by incoming mass (they need queries in mass_queries)
 
 
 @dataclass
@@ -300,3 +301,29 @@ def apply_sinks(
             )
         )
     return attn_out
+
+
+def denoiser_processors(denoiser) -> dict:
+    """"<module>.processor" -> processor of every attention module: diffusers' `attn_processors`, or, for a model
+    without diffusers' AttentionMixin (ZImageTransformer2DModel), the same mapping read from its Attention modules."""
+    if hasattr(type(denoiser), "attn_processors"):
+        return dict(denoiser.attn_processors)
+    return {f"{name}.processor": module.processor for name, module in denoiser.named_modules()
+            if hasattr(module, "set_processor") and hasattr(module, "processor")}
+
+
+def set_denoiser_processors(denoiser, processors: dict) -> None:
+    """Install a `denoiser_processors`-shaped mapping (the inverse of it)."""
+    if hasattr(type(denoiser), "set_attn_processor"):
+        denoiser.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it gets
+        return
+    for name, processor in processors.items():
+        denoiser.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+
+
+def keep_dispatch_settings(processor, original):
+    """Carry the stock processor's attention-dispatcher settings (`set_attention_backend`, context parallelism) over
+    to ours, so `dispatch_attention_fn` runs the same backend; returns `processor`."""
+    processor._attention_backend = getattr(original, "_attention_backend", None)
+    processor._parallel_config = getattr(original, "_parallel_config", None)
+    return processor
