@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Geometry:
-    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ) | wan (Wan 2.1, video) | ltx (LTX-Video)
+    family: str  # sd3 | sdxl | flux | pixart (PixArt-α and -Σ) | qwen_image | z_image | wan (Wan 2.1, video) | ltx (LTX-Video)
     num_layers: int  # attention blocks addressable by integer index
     heads: int
     patch_size: int = 2
@@ -97,6 +97,14 @@ def wan_modules(num_layers: int) -> tuple[str, ...]:
 def ltx_modules(num_layers: int) -> tuple[str, ...]:
     """LTX-Video: `transformer_blocks.{i}.attn1` (self-attention over frames × patches), `.attn2` (cross-attention to T5)."""
     return pixart_modules(num_layers)  # the same module names as PixArt's blocks
+def qwen_image_modules(num_layers: int) -> tuple[str, ...]:
+    return tuple(f"transformer_blocks.{i}.attn" for i in range(num_layers))
+
+
+def z_image_modules(num_layers: int, refiner_layers: int) -> tuple[str, ...]:
+    return (tuple(f"noise_refiner.{i}.attention" for i in range(refiner_layers))
+            + tuple(f"context_refiner.{i}.attention" for i in range(refiner_layers))
+            + tuple(f"layers.{i}.attention" for i in range(num_layers)))
 
 
 def sdxl_modules(attentions: dict[str, int]) -> tuple[str, ...]:
@@ -139,6 +147,14 @@ PRESET_GEOMETRY: dict[str, Geometry] = {
     # pattern; VAE 8× in space (LTX-Video's: 32×), 8× in time; 64² px, 9 frames (2 latent frames of 8 × 8 patches)
     "tiny-ltx-video": Geometry("ltx", num_layers=2, heads=4, patch_size=1, clip_tokens=0, t5_tokens=128, default_resolution=64,
                                random_weights=True, modules=ltx_modules(2), temporal_scale=8, default_frames=9),
+    # Qwen-Image: integer layer i = transformer_blocks.{i}.attn (joint [text | image] attention); text: the prompt's
+    # Qwen2.5-VL tokens at their own length (≤ 1024, the "t5" text segment), not padded
+    "tiny-qwen-image": Geometry("qwen_image", num_layers=2, heads=4, clip_tokens=0, t5_tokens=1024, default_resolution=64,
+                                random_weights=True, modules=qwen_image_modules(2)),
+    # Z-Image: integer layer i = layers.{i}.attention (single stream [image | caption]); the refiners by glob. VAE
+    # scale 4 so a 64-px image has 64 patches (Z-Image pads its image sequence to a multiple of 32)
+    "tiny-z-image": Geometry("z_image", num_layers=2, heads=4, vae_scale=4, clip_tokens=0, t5_tokens=512, default_resolution=64,
+                             random_weights=True, modules=z_image_modules(2, 1)),
     # SD3-medium's shapes (transformer 24 × 24 heads × 64, full VAE; tiny CLIP, no T5: 77 + 256 zero text tokens), 1024²
     "sd3-medium-random": Geometry("sd3", num_layers=24, heads=24, random_weights=True, modules=sd3_modules(24)),
     # trained toy (not random): 64² px, VAE scale 4 × patch 2 → 8 × 8 = 64 image tokens; 77 CLIP + 256 zero T5 tokens
@@ -170,6 +186,11 @@ HUB_GEOMETRY: dict[str, Geometry] = {
     # 512 px (the pipeline's default is 512 × 704), 161 frames
     "Lightricks/LTX-Video": Geometry("ltx", num_layers=28, heads=32, patch_size=1, vae_scale=32, clip_tokens=0, t5_tokens=128,
                                      default_resolution=512, modules=ltx_modules(28), temporal_scale=8, default_frames=161),
+    # Qwen-Image (transformer/config.json: 60 layers, 24 heads × 128, patch 2; text encoder Qwen2.5-VL-7B)
+    "Qwen/Qwen-Image": Geometry("qwen_image", num_layers=60, heads=24, clip_tokens=0, t5_tokens=1024, modules=qwen_image_modules(60)),
+    # Z-Image-Turbo (transformer/config.json: 30 layers, 30 heads × 128, 2 + 2 refiner layers; text encoder Qwen3-4B)
+    "Tongyi-MAI/Z-Image-Turbo": Geometry("z_image", num_layers=30, heads=30, clip_tokens=0, t5_tokens=512,
+                                         modules=z_image_modules(30, 2)),
 }
 
 
@@ -187,6 +208,12 @@ def geometry_from_folder(path: Path) -> Geometry | None:
         if name == "FluxTransformer2DModel":
             return Geometry("flux", num_layers=cfg["num_layers"] + cfg["num_single_layers"], heads=cfg["num_attention_heads"],
                             clip_tokens=0, t5_tokens=512, modules=flux_modules(cfg["num_layers"], cfg["num_single_layers"]))
+        if name == "QwenImageTransformer2DModel":
+            return Geometry("qwen_image", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 2),
+                            clip_tokens=0, t5_tokens=1024, modules=qwen_image_modules(cfg["num_layers"]))
+        if name == "ZImageTransformer2DModel":
+            return Geometry("z_image", num_layers=cfg["n_layers"], heads=cfg["n_heads"], patch_size=cfg.get("all_patch_size", [2])[0],
+                            clip_tokens=0, t5_tokens=512, modules=z_image_modules(cfg["n_layers"], cfg.get("n_refiner_layers", 2)))
         if name == "PixArtTransformer2DModel":
             return Geometry("pixart", num_layers=cfg["num_layers"], heads=cfg["num_attention_heads"],
                             patch_size=cfg.get("patch_size", 2), clip_tokens=0, t5_tokens=300, modules=pixart_modules(cfg["num_layers"]))

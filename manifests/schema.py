@@ -240,8 +240,8 @@ def sinkscope_cache_root() -> Path:
 
 
 class CacheSpec(_Strict):
-    """Reuse of generated baselines across runs (jobs.baseline_cache). Not part of the config hash: a reused
-    baseline is bit-identical to the one the run would generate."""
+    """Reuse of generated units across runs (jobs.baseline_cache). Not part of the config hash: a reused unit
+    is bit-identical to the one the run would generate."""
 
     baselines: str = Field(
         "auto",
@@ -249,6 +249,17 @@ class CacheSpec(_Strict):
         "baseline; or a folder (shared storage on a cluster). The environment variable SINKSCOPE_BASELINE_CACHE "
         "(off | a folder) overrides it",
     )
+    units: bool = Field(
+        True,
+        description="also reuse intervened units from the same cache (an arm whose model, settings, prompt, seed, "
+        "recording, resolved intervention, batch and workers' code equal a cached one's); false: baselines only",
+    )
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off` (what the docs say to write) as false: take it as "off"."""
+        return "off" if v is False else v
 
 
 class ShardingSpec(_Strict):
@@ -475,6 +486,9 @@ class Sweep(_Strict):
                     raise ValueError(f"{where}.indices: index {max(iv.indices)} ≥ the {n_keys} keys of the model at {height}×{width}")
         for i, arm in enumerate(self.arms):
             edit = arm.intervention.prompt if arm.intervention is not None else None
+            why = edit.unsupported_reason(geo.family) if edit is not None and geo is not None else None
+            if why:
+                raise ValueError(f"arms[{i}] ({arm.name}).intervention.prompt: {why} ({self.model.label})")
             if edit is not None and edit.max_length and geo is not None and geo.clip_tokens and edit.applies_to("clip"):
                 if edit.max_length > geo.clip_tokens:
                     raise ValueError(

@@ -11,8 +11,8 @@ import copy
 
 from manifests.models import PRESET_GEOMETRY
 
-TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "pixart": "tiny-pixart", "wan": "tiny-wan",
-                   "ltx": "tiny-ltx-video"}
+TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "pixart": "tiny-pixart",
+                   "qwen_image": "tiny-qwen-image", "z_image": "tiny-z-image", "wan": "tiny-wan", "ltx": "tiny-ltx-video"}
 # models whose architecture differs within their family: SD3.5's dual-attention `.attn2`, PixArt-α's pipeline
 TINY_FOR_HUB = {
     "stabilityai/stable-diffusion-3.5-medium": "tiny-sd35",

@@ -17,10 +17,14 @@ batch is still untouched by its neighbours' interventions (its rows are the stoc
 Families: SD3 / SD3.5 and SDXL (CFG batch [uncond, cond]); PixArt-Σ (the same, T5 with attention masks);
 Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded guidance scale, there is no
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
-used). Wan 2.1 (video): 5-D latents [1, C, latent frames, h, w]; WanPipeline runs CFG as two denoiser calls per
-step, cond × A then uncond × A, and `call_groups` tells the session which elements each call's rows are; a
-unit's image is the video's frame strip (`jobs.runformat.frame_strip`). LTX-Video: its latents packed into tokens
-(1×1×1 patches, frame by frame), one CFG batch [uncond, cond], T5 padding masked in cross-attention as PixArt's.
+used); Qwen-Image (workers.qwen_encoding: `generation.guidance` is its `true_cfg_scale`; the pipeline calls the
+transformer twice per step, cond × A then uncond × A, and the session hands each call the elements of its branch
+from the same [uncond × A, cond × A] plan list); Z-Image (`generation.guidance` > 0 enables CFG, pos + g·(pos − neg);
+one call with the batch [cond × A, uncond × A], lists of latents and captions). Wan 2.1 (video): 5-D latents
+[1, C, latent frames, h, w]; WanPipeline runs CFG as two denoiser calls per step, cond × A then uncond × A, handed
+their elements as Qwen-Image's are; a unit's image is the video's frame strip (`jobs.runformat.frame_strip`).
+LTX-Video: its latents packed into tokens (1×1×1 patches, frame by frame), one CFG batch [uncond, cond], T5 padding
+masked in cross-attention as PixArt's.
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -35,20 +39,24 @@ import functools
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from manifests.grouping import chunks, group_plan, latents_needed, prompt_edit, start_step  # noqa: F401 (re-exported)
 from manifests.interventions import PromptEdit
 from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
 from workers import prompt_side
 from workers.loading import LoadedPipeline
+from workers.processors.common import denoiser_processors, set_denoiser_processors
+from workers.qwen_encoding import check_z_image_size, encode_qwen_image, encode_z_image, qwen_image_latents
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux", "wan", "ltx")
+_FLOW_FAMILIES = ("sd3", "flux", "qwen_image", "z_image", "wan", "ltx")
 VIDEO_FAMILIES = ("wan", "ltx")  # pipelines that return frames: a unit's image is their frame strip (jobs.runformat)
 
 
@@ -68,12 +76,18 @@ class ArmResult:
 
 
 @dataclass
-class ReusedBaseline:
-    """A baseline taken from elsewhere (jobs' baseline cache) instead of generated: what generate_group needs of it."""
+class ReusedUnit:
+    """An arm's result taken from elsewhere (jobs' unit cache) instead of generated: its image and sink rows."""
 
     image: object  # PIL.Image.Image
     png: bytes
     sink_rows: pa.Table
+
+
+@dataclass
+class ReusedBaseline(ReusedUnit):
+    """A reused baseline: also the latents that prefix-sharing arms of the group start from."""
+
     trajectory: dict  # step -> latents entering that step (the steps the producer captured)
     final_latents: object
     sigmas: list[float]
@@ -90,9 +104,9 @@ class EncodedPrompt:
     t5_uncond: tuple[bool, ...] | None
     height: int
     width: int
-    frames: int = 1  # video frames generated (the pipeline's num_frames); 1 for image models
     text_cond: tuple[TextKey, ...] = ()  # the denoiser's text keys [CLIP | T5] as encoded (prompt edits included)
     text_uncond: tuple[TextKey, ...] = ()
+    frames: int = 1  # video frames generated (the pipeline's num_frames); 1 for image models
 
     @property
     def num_clip(self) -> int:
@@ -172,9 +186,13 @@ def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int, 
         h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
         noise = torch.randn((1, channels, h, w), generator=generator, dtype=torch.float32)
         return pipe._pack_latents(noise, 1, channels, h, w).to(device=loaded.device, dtype=loaded.dtype)
+    if loaded.family == "qwen_image":
+        return qwen_image_latents(pipe, generator, height, width).to(device=loaded.device, dtype=loaded.dtype)
     denoiser = loaded.denoiser
     shape = (1, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if loaded.family == "z_image":  # ZImagePipeline keeps its latents in float32 whatever the model dtype
+        return noise.to(device=loaded.device)
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
 
@@ -207,6 +225,16 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
+    if family in ("qwen_image", "z_image"):  # workers.qwen_encoding: their own templates, lengths and CFG
+        if family == "z_image":
+            check_z_image_size(height, width, pipe.vae_scale_factor, loaded.geometry.patch_size)
+        encode = encode_qwen_image if family == "qwen_image" else encode_z_image
+        embeds, extra, use_cfg, text_cond, text_uncond = encode(
+            pipe, prompt, generation.guidance, generation.max_sequence_length, edit, pipe._execution_device
+        )
+        t5_cond = tuple(k.kind != "padding" for k in text_cond)
+        t5_uncond = tuple(k.kind != "padding" for k in text_uncond) if use_cfg else None
+        return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
     frames = num_frames(loaded, generation)
     msl = generation.max_sequence_length
     if edit is not None and edit.max_length and edit.applies_to("t5"):
@@ -273,48 +301,36 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if t5_cond is not None:  # which T5 slots hold real tokens, as encoded (an edit may change length or padding)
         t5_cond = tuple(k.kind != "padding" for k in text_cond if k.segment == "t5")
         t5_uncond = tuple(k.kind != "padding" for k in text_uncond if k.segment == "t5") if use_cfg else t5_uncond
-    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, frames, text_cond, text_uncond)
+    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond, frames=frames)
 
 
-def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
-    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A]."""
+def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt, cond_first: bool = False) -> list[ElementPlan]:
+    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A] (`cond_first`:
+    [cond × A, uncond × A], ZImagePipeline's)."""
     cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond, encoded.text_cond) for arm in arms]
     if not encoded.use_cfg:
         return cond
-    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+    uncond = [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms]
+    return cond + uncond if cond_first else uncond + cond
 
 
-def call_groups(loaded: LoadedPipeline, num_arms: int, encoded: EncodedPrompt) -> list[list[int]]:
-    """The batch_plans elements of each denoiser call of a step, in call order, when a step calls the denoiser more
-    than once: WanPipeline runs CFG as two calls, cond (elements A..2A-1) then uncond (0..A-1). [] otherwise."""
-    if loaded.family != "wan" or not encoded.use_cfg:
-        return []
-    return [list(range(num_arms, 2 * num_arms)), list(range(num_arms))]
+def check_prompt_edits(loaded: LoadedPipeline, arms: list[ArmSpec]) -> None:
+    """Fail early, naming the arm and the model, on a prompt edit that makes no sense for the loaded family."""
+    for arm in arms:
+        edit = prompt_edit(arm)
+        why = edit.unsupported_reason(loaded.family) if edit is not None else None
+        if why:
+            raise ValueError(f"arm {arm.name!r}: intervention.prompt: {why} ({loaded.description})")
 
 
 def denoiser_calls_per_step(loaded: LoadedPipeline, encoded: EncodedPrompt) -> int:
-    return max(len(call_groups(loaded, 1, encoded)), 1)
-
-
-def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
-    return None if arm.intervention is None else arm.intervention.prompt
-
-
-def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
-    """Consecutive chunks of at most `arms_per_batch` arms with the same prompt edit (they share one encoding),
-    in the given order (a pure function of the arm list)."""
-    if arms_per_batch < 1:
-        raise ValueError(f"arms_per_batch must be ≥ 1, got {arms_per_batch}")
-    out: list[list[ArmSpec]] = []
-    for arm in arms:
-        if out and len(out[-1]) < arms_per_batch and prompt_edit(out[-1][0]) == prompt_edit(arm):
-            out[-1].append(arm)
-        else:
-            out.append([arm])
-    return out
+    """Qwen-Image's true CFG and WanPipeline call the denoiser once per branch; the other families batch both branches."""
+    return 2 if loaded.family in ("qwen_image", "wan") and encoded.use_cfg else 1
 
 
 def _repeat(value, n: int):
+    if isinstance(value, list):  # Z-Image: one caption tensor per element
+        return value * n
     if not isinstance(value, torch.Tensor):
         return value
     return value.repeat(n, *([1] * (value.ndim - 1)))
@@ -347,9 +363,9 @@ def run_batch(
     ctx = None
     if sinks:
         ctx = RunContext(
-            elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
+            elements=batch_plans(arms, seed, encoded, cond_first=loaded.family == "z_image"), recording=recording if recording and recording.layers else None,
             num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
-            frames=loaded.geometry.latent_frames(encoded.frames), call_groups=call_groups(loaded, len(arms), encoded),
+            frames=loaded.geometry.latent_frames(encoded.frames),
             start_step=start_step, step=start_step - 1,
         )
     outputs: list[torch.Tensor] = []
@@ -357,6 +373,8 @@ def run_batch(
     if capture_outputs:
         def keep(module, args, result):
             first = result[0] if isinstance(result, tuple) else getattr(result, "sample", result)
+            if isinstance(first, list):  # Z-Image returns one tensor per element
+                first = torch.stack(first)
             outputs.append(first.detach().to("cpu", copy=True))
 
         hook = loaded.denoiser.register_forward_hook(keep)
@@ -390,7 +408,7 @@ def run_batch(
         pipe.scheduler = original_scheduler
         if stock_denoiser is not None:
             eager, processors = stock_denoiser
-            eager.set_attn_processor(processors)
+            set_denoiser_processors(eager, processors)
             setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", eager)
         if hook is not None:
             hook.remove()
@@ -440,11 +458,11 @@ def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
     eager = loaded.denoiser
     cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
     if setting not in cache:
-        wrapped = {name: _OutsideGraph(proc) for name, proc in eager.attn_processors.items()}
+        wrapped = {name: _OutsideGraph(proc) for name, proc in denoiser_processors(eager).items()}
         cache[setting] = (torch.compile(eager, mode=_COMPILE_MODES[setting]), wrapped)
     compiled, wrapped = cache[setting]
-    processors = dict(eager.attn_processors)
-    eager.set_attn_processor(dict(wrapped))
+    processors = denoiser_processors(eager)
+    set_denoiser_processors(eager, wrapped)
     setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", compiled)
     return eager, processors
 
@@ -459,6 +477,12 @@ PREFIX_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 def supports_prefix(loaded: LoadedPipeline, generation: GenerationSpec) -> bool:
     scheduler = make_scheduler(loaded.pipe, generation.scheduler)
     return type(scheduler).__name__ in PREFIX_SCHEDULERS and not scheduler.config.get("stochastic_sampling", False)
+
+
+def prefix_latents_needed(loaded: LoadedPipeline, arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
+    """The baseline latents this group's prefix arms start from on this pipeline (none where its sampler cannot
+    start mid-trajectory): what a cached baseline must hold, and what its entry is published with."""
+    return latents_needed(arms, generation, sigmas) if supports_prefix(loaded, generation) else []
 
 
 def _run_from(scheduler, start: int) -> None:
@@ -490,35 +514,6 @@ def _capture_steps(scheduler, trajectory: dict, start: int) -> None:
     scheduler.step = step_and_keep
 
 
-def start_step(arm: ArmSpec, num_steps: int, sigmas: list[float] | None) -> int:
-    """The first step at which the arm's intervention acts (a baseline: never, num_steps).
-
-    Before it the arm computes exactly what the baseline computes: same latents, no intervention (random draws
-    are seeded per step, never by how many came before), so those steps can be taken from the baseline.
-    """
-    if arm.intervention is None:
-        return num_steps
-    return arm.intervention.first_active_step(num_steps, sigmas)
-
-
-def group_plan(arms: list[ArmSpec], generation: GenerationSpec, start_steps: dict[str, int]) -> list[tuple[int, list[ArmSpec]]]:
-    """(start step, chunk of arms) per pipeline call, in order: a pure function of the arm list and the settings.
-
-    Baselines run first and alone (batch 1: the exact stock image, whatever arms_per_batch is, so one cached
-    baseline serves every sweep). The other arms are chunked by `arms_per_batch` in sweep order within cohorts of
-    equal start step: step 0 first, then each later start step (those chunks start from the baseline's latents).
-    """
-    baselines = [arm for arm in arms if arm.intervention is None]
-    plan = [(0, [arm]) for arm in baselines]
-    cohorts: dict[int, list[ArmSpec]] = {}
-    for arm in arms:
-        if arm.intervention is not None:
-            cohorts.setdefault(start_steps.get(arm.name, 0), []).append(arm)
-    for step in sorted(cohorts):
-        plan += [(step, chunk) for chunk in chunks(cohorts[step], generation.arms_per_batch)]
-    return plan
-
-
 def generate_group(
     loaded: LoadedPipeline,
     prompt: str,
@@ -528,6 +523,7 @@ def generate_group(
     recording: RecordingSpec,
     *,
     reused: dict[str, ReusedBaseline] | None = None,
+    reuse_chunk: Callable[[int, list[ArmSpec]], dict[str, ReusedUnit] | None] | None = None,
 ) -> list[ArmResult]:
     """Run every arm of one (prompt, seed) group; one ArmResult per arm, in the order given.
 
@@ -536,6 +532,10 @@ def generate_group(
     single-step scheduler (PREFIX_SCHEDULERS), an arm whose intervention starts at step s > 0 then runs only
     steps s.. from the baseline's latents entering step s, and its sink rows of steps < s are the baseline's:
     bit-identical to running it from step 0 on its own (tests/workers/test_sharing.py).
+
+    `reuse_chunk(start step, chunk)`: asked before each pipeline call of intervened arms (e.g. jobs' unit cache);
+    results for every arm of the chunk stand in for running it, None runs it. A chunk is reused whole or not at
+    all: running part of a batch would change its GEMM shapes, so the rest would no longer be what it keys.
     """
     _maybe_inject_fault(prompt)
     if not arms:
@@ -548,9 +548,15 @@ def generate_group(
     if unknown:
         raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
-    encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
-    encoded = encodings[None]
-    latents = initial_latents(loaded, seed, encoded.height, encoded.width, encoded.frames)
+    check_prompt_edits(loaded, arms)
+    encodings: dict = {}  # one per distinct prompt edit of the group, made when a pipeline call needs it
+
+    def encoding(edit: PromptEdit | None) -> EncodedPrompt:
+        if edit not in encodings:  # a group whose every unit is reused runs no text encoder
+            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        return encodings[edit]
+
+    latents = initial_latents(loaded, seed, *resolution(loaded, generation), num_frames(loaded, generation))
     results: dict[str, ArmResult] = {}
     baseline: ArmResult | None = None
     for arm in (a for a in arms if a.intervention is None):
@@ -563,7 +569,7 @@ def generate_group(
             results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, trajectory=r.trajectory,
                                           final_latents=r.final_latents, sigmas=r.sigmas)
         else:
-            run = run_batch(loaded, encoded, [arm], seed, latents, generation, recording, capture_latents=True)
+            run = run_batch(loaded, encoding(None), [arm], seed, latents, generation, recording, capture_latents=True)
             results[arm.name] = ArmResult(arm.name, run.images[0], records_to_table(run.context.records), run.seconds,
                                           trajectory={0: latents, **run.trajectory}, final_latents=run.final_latents,
                                           sigmas=run.sigmas)
@@ -580,11 +586,15 @@ def generate_group(
     for step, chunk in group_plan(arms, generation, starts):
         if chunk[0].intervention is None:
             continue  # baselines: above
-        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
-        if edit not in encodings:
-            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        hit = reuse_chunk(step, chunk) if reuse_chunk is not None else None
+        if hit is not None:
+            for arm in chunk:
+                r = hit[arm.name]
+                results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, start_step=step)
+            continue
         source = baseline.trajectory[step] if step else latents
-        run = run_batch(loaded, encodings[edit], chunk, seed, source, generation, recording, start_step=step)
+        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
+        run = run_batch(loaded, encoding(edit), chunk, seed, source, generation, recording, start_step=step)
         prefix_rows = baseline.sink_rows.filter(pc.less(baseline.sink_rows.column("step"), step)) if step else None
         for arm, image in zip(chunk, run.images):
             rows = records_to_table([r for r in run.context.records if r.arm == arm.name])
@@ -593,11 +603,3 @@ def generate_group(
             results[arm.name] = ArmResult(arm=arm.name, image=image, sink_rows=rows, seconds=run.seconds / len(chunk),
                                           start_step=step)
     return [results[name] for name in names]
-
-
-def latents_needed(arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
-    """The baseline latents a group's prefix-sharing arms start from (what a cached baseline must hold for them)."""
-    if not generation.prefix_sharing:
-        return []
-    steps = {start_step(arm, generation.steps, sigmas) for arm in arms if arm.intervention is not None}
-    return sorted(step for step in steps if 0 < step < generation.steps)

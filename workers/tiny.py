@@ -48,6 +48,7 @@ TINY_WAN = "tiny-wan"
 # causal VAE at 8× space (LTX-Video's is 32×, which would leave 2 × 2 patches at 64 px) and 8× time: 64 px, 9 frames →
 # 2 latent frames of 8 × 8 patches; FLUX-style dynamic-shift Euler with LTX-Video's shift settings
 TINY_LTX = "tiny-ltx-video"
+QWEN_PRESETS = {"tiny-qwen-image": "qwen_image", "tiny-z-image": "z_image"}  # preset -> family; built by workers.tiny_qwen (Qwen text encoders)
 
 
 def tiny_family(name: str) -> str:
@@ -64,11 +65,13 @@ def tiny_family(name: str) -> str:
         return "ltx"
     if name in TINY_PRESETS:
         return "sd3"
+    if name in QWEN_PRESETS:
+        return QWEN_PRESETS[name]
     raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(all_presets())}")
 
 
 def all_presets() -> list[str]:
-    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA, TINY_WAN, TINY_LTX]
+    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA, *QWEN_PRESETS, TINY_WAN, TINY_LTX]
 
 
 def _tiny_clip_config():
@@ -287,6 +290,10 @@ def build_tiny_pipeline(name: str):
         return _build_tiny_wan()
     if family == "ltx":
         return _build_tiny_ltx()
+    if name in QWEN_PRESETS:
+        from workers.tiny_qwen import build_tiny_qwen
+
+        return build_tiny_qwen(name)
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection

@@ -25,7 +25,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, install_dispatcher_processors
+from workers.processors.common import apply_sinks, layer_ids
 from workers.session import LayerInfo
 
 _JOINT = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
@@ -115,5 +115,16 @@ def block_index(module_name: str, num_joint: int) -> int | None:
 
 def install_flux_processors(transformer, session) -> list[LayerInfo]:
     """Replace every FluxAttention processor; joint then single blocks get integer indices in forward order."""
+    stock = transformer.attn_processors
     num_joint = len(transformer.transformer_blocks)
-    return install_dispatcher_processors(transformer, session, FluxSinkAttnProcessor, lambda name: block_index(name, num_joint))
+    names = [name.removesuffix(".processor") for name in stock]
+    layers = layer_ids([(name, block_index(name, num_joint)) for name in names])
+    processors = {}
+    for info in layers:
+        proc = FluxSinkAttnProcessor(session, info)
+        original = stock[f"{info.name}.processor"]
+        proc._attention_backend = getattr(original, "_attention_backend", None)
+        proc._parallel_config = getattr(original, "_parallel_config", None)
+        processors[f"{info.name}.processor"] = proc
+    transformer.set_attn_processor(processors)
+    return layers

@@ -103,7 +103,7 @@ def apply_masked_sinks(ctx, layer: LayerInfo, query, key, value, out, mask, layo
     dropped = per_key <= _MASKED
     if not bool(((per_key == 0) | dropped).all()):
         raise NotImplementedError(f"{layer.name}: sink logic supports masks of 0 (kept) and ≤ {_MASKED} (dropped) only")
-    planned = ctx.call_elements()  # batch row -> run element
+    planned = ctx.batch_elements()  # batch row -> run element
     groups: dict[tuple[bool, ...], list[int]] = {}
     for b, row in enumerate((~dropped).cpu().tolist()):
         groups.setdefault(tuple(row), []).append(b)

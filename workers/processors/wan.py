@@ -110,5 +110,8 @@ def block_index(module_name: str) -> int | None:
 
 
 def install_wan_processors(transformer, session) -> list[LayerInfo]:
-    """Replace every WanAttention processor; `blocks.{i}.attn2` is integer layer i, attn1 by glob."""
-    return install_dispatcher_processors(transformer, session, WanSinkAttnProcessor, block_index)
+    """Replace every WanAttention processor; `blocks.{i}.attn2` is integer layer i, attn1 by glob. WanPipeline calls
+    the transformer once per CFG branch, inside `cache_context("cond" | "uncond")`: the session reads the branch there."""
+    layers = install_dispatcher_processors(transformer, session, WanSinkAttnProcessor, block_index)
+    session.track_cfg_calls(transformer)
+    return layers
