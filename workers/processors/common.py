@@ -136,7 +136,7 @@ class DispatcherSinkProcessor:
 
 def install_dispatcher_processors(transformer, session, processor_class, block_index) -> list[LayerInfo]:
     """Put `processor_class(session, info)` on every attention module of a dispatcher-attention transformer (Wan,
-    LTX-Video), keeping each stock processor's attention backend; `block_index(module name)` gives the integer
+    LTX-Video, Qwen-Image), keeping each stock processor's attention backend; `block_index(module name)` gives the integer
     index of the integer-addressable modules (None: glob only)."""
     stock = transformer.attn_processors
     names = [name.removesuffix(".processor") for name in stock]

@@ -26,7 +26,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, keep_dispatch_settings, layer_ids
+from workers.processors.common import apply_sinks, install_dispatcher_processors
 from workers.session import LayerInfo
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
@@ -143,12 +143,6 @@ def block_index(module_name: str) -> int | None:
 
 def install_qwen_image_processors(transformer, session) -> list[LayerInfo]:
     """Replace every double-stream attention processor; block i's `.attn` is integer layer i (Qwen-Image: 60)."""
-    stock = transformer.attn_processors
-    names = [name.removesuffix(".processor") for name in stock]
-    layers = layer_ids([(name, block_index(name)) for name in names])
-    transformer.set_attn_processor({
-        f"{info.name}.processor": keep_dispatch_settings(QwenImageSinkAttnProcessor(session, info), stock[f"{info.name}.processor"])
-        for info in layers
-    })
+    layers = install_dispatcher_processors(transformer, session, QwenImageSinkAttnProcessor, block_index)
     session.track_cfg_calls(transformer)
     return layers
