@@ -98,3 +98,25 @@ def test_cuda_verify_sweep_all_families(preset, dtype):
     )
     rows = verify_sweep(loaded, sweep, load_bundled_prompts("geneval")[:2])
     assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+
+
+_NEW_FAMILY_EXAMPLES = ("qwen_image_tiny", "z_image_tiny", "wan_tiny", "ltx_video_tiny")
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+@pytest.mark.parametrize("example", _NEW_FAMILY_EXAMPLES)
+def test_cuda_verify_example_sweeps_of_the_newer_families(example, dtype):
+    """Qwen-Image, Z-Image, Wan 2.1, LTX-Video: their example sweep's arms pass workers.verify on CUDA in half
+    precision (stock-exact no-op, fp64-checked interventions, batched arms) as on the CPU."""
+    from pathlib import Path
+
+    from manifests import read_sweep_file, resolve_prompts
+    from workers import load_pipeline
+    from workers.verify import verify_sweep
+
+    path = Path(__file__).parents[2] / "manifests" / "examples" / f"{example}.yaml"
+    sweep, _ = read_sweep_file(path, overrides=[f"model.dtype={dtype}"])
+    loaded = load_pipeline(sweep.model, device="cuda")
+    prompts = resolve_prompts(sweep, base_dir=path.parent, source=str(path))
+    rows = verify_sweep(loaded, sweep, prompts, max_prompts=1)
+    assert rows and all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
