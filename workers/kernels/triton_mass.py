@@ -56,11 +56,20 @@ class MassConfig:
     row_warps: int = 4
     row_stages: int = 2
     # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
-    # 5: group maxima from the column kernel + _top5_refine_kernel
+    # 5: group maxima from the column kernel + _top5_refine_kernel for every query;
+    # 6: group maxima + _top5_select_kernel + _top5_count_kernel, refinement only for the queries whose
+    #    5 largest logits do not lie in 5 distinct groups
     topk_mode: int = 5
     group: int = 16
     refine_block_m: int = 16
     refine_warps: int = 2
+    select_block_m: int = 64
+    select_block_g: int = 32
+    select_warps: int = 4
+    count_block_m: int = 128
+    count_block_n: int = 64
+    count_warps: int = 8
+    count_stages: int = 3
 
 
 DEFAULT_CONFIG = MassConfig()
@@ -106,6 +115,47 @@ if triton is not None:
         return tl.sum(tl.where(mmask, tot, 0.0), axis=0)
 
     @triton.jit
+    def _colmass_loop(
+        q_base, l_base, kt, acc, acc_e, GMAX, nmask,
+        s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2,
+        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+        PREC: tl.constexpr, MASK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    ):
+        # the query loop of _colmass_kernel; MASK_N (only the last key block) hides padded keys from the
+        # group maxima, EVEN_M (n_q a multiple of BLOCK_M) drops the row masks: both save per-element work
+        offs_d = tl.arange(0, HEAD_D)
+        for start_m in range(0, n_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            if EVEN_M:
+                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd)
+                lse2 = tl.load(l_base + offs_m * s_lm) * 1.4426950408889634
+            else:
+                mmask = offs_m < n_q
+                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=mmask[:, None], other=0.0)
+                # rows past the end get a huge lse: p = 0 and p * d = -0, never NaN
+                lse2 = tl.load(l_base + offs_m * s_lm, mask=mmask, other=1.0e30) * 1.4426950408889634
+            s = tl.dot(q, kt, input_precision=PREC)
+            d = s * qk_scale2 - lse2[:, None]
+            p = tl.math.exp2(d)
+            acc += p
+            if WANT_ENT:
+                acc_e += p * d
+            if WANT_GMAX:
+                # per query, the largest logit of each group of GROUP keys (for the top-5 pass)
+                NGB: tl.constexpr = BLOCK_N // GROUP
+                if MASK_N:
+                    s = tl.where(nmask[None, :], s, float("-inf"))
+                g = tl.max(tl.reshape(s, [BLOCK_M, NGB, GROUP]), axis=2)
+                gcol = pid_n * NGB + tl.arange(0, NGB)
+                gptr = GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None]
+                if EVEN_M:
+                    tl.store(gptr, g)
+                else:
+                    tl.store(gptr, g, mask=mmask[:, None])
+        return acc, acc_e
+
+    @triton.jit
     def _colmass_kernel(
         Q, K, LSE, MASS, ENT, GMAX,
         s_qb, s_qh, s_qm, s_qd,
@@ -115,7 +165,7 @@ if triton is not None:
         qk_scale2, inv_nq,
         WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, EVEN_M: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -132,26 +182,11 @@ if triton is not None:
         l_base = LSE + b * s_lb + h * s_lh + l_start * s_lm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_e = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_m in range(0, n_q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mmask = offs_m < n_q
-            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=mmask[:, None], other=0.0)
-            # rows past the end get a huge lse: p = 0 and p * d = -0, never NaN
-            lse2 = tl.load(l_base + offs_m * s_lm, mask=mmask, other=1.0e30) * 1.4426950408889634
-            s = tl.dot(q, kt, input_precision=PREC)
-            d = s * qk_scale2 - lse2[:, None]
-            p = tl.math.exp2(d)
-            acc += p
-            if WANT_ENT:
-                acc_e += p * d
-            if WANT_GMAX:
-                # per query, the largest logit of each group of GROUP keys (for the top-5 pass)
-                NGB: tl.constexpr = BLOCK_N // GROUP
-                sm = tl.where(nmask[None, :], s, float("-inf"))
-                g = tl.max(tl.reshape(sm, [BLOCK_M, NGB, GROUP]), axis=2)
-                gcol = pid_n * NGB + tl.arange(0, NGB)
-                tl.store(GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None], g,
-                         mask=mmask[:, None])
+        args = (q_base, l_base, kt, acc, acc_e, GMAX, nmask, s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2)
+        if (not WANT_GMAX) or (pid_n + 1) * BLOCK_N <= Lk:
+            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, False, EVEN_M)
+        else:
+            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, True, EVEN_M)
         col = tl.sum(acc, axis=0) * inv_nq
         tl.store(MASS + pid_bh * Lk + offs_n, col, mask=nmask)
         if WANT_ENT:
@@ -360,6 +395,147 @@ if triton is not None:
         tl.store(TOP + pid_bh * n_qblocks + pid_m, _top5_block_sum(u0, u1, u2, u3, u4, lse2, mmask))
 
     @triton.jit
+    def _top5_select_kernel(
+        GMAX, LSE, SEL, THR, ROWTOP,
+        s_lb, s_lh, s_lm,
+        H, l_start, n_q, n_groups, qk_scale2,
+        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        # Mode 6, step 1: per query, the 5 groups with the largest maxima (indices to SEL [BH,5,n_q]), the
+        # 5th largest maximum (THR [BH,n_q], raw logit units) and the sum of the 5 maxima's probabilities
+        # (ROWTOP [BH,n_q]): the exact top-5 whenever each of the 5 groups holds one of the 5 largest logits,
+        # which _top5_count_kernel checks. The maxima are read as [BLOCK_M, BLOCK_G] tiles (coalesced along
+        # queries, no dependent loads) and merged by 5 extraction rounds per tile.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < n_q
+        neg = float("-inf")
+        t0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
+        t1 = t0
+        t2 = t0
+        t3 = t0
+        t4 = t0
+        i0 = tl.full([BLOCK_M], -1, dtype=tl.int32)
+        i1 = i0
+        i2 = i0
+        i3 = i0
+        i4 = i0
+        base = GMAX + pid_bh * n_groups * n_q
+        for g0 in range(0, n_groups, BLOCK_G):
+            offs_g = g0 + tl.arange(0, BLOCK_G)
+            tile = tl.load(base + offs_g[None, :] * n_q + offs_m[:, None],
+                           mask=mmask[:, None] & (offs_g < n_groups)[None, :], other=neg)
+            for r in tl.static_range(5):
+                v = tl.max(tile, axis=1)
+                # the first group holding that maximum; later equal ones stay for the next round
+                vi = tl.min(tl.where(tile == v[:, None], offs_g[None, :], 2147483647), axis=1)
+                vi = tl.where(v > neg, vi, -1)
+                t0, t1, t2, t3, t4, i0, i1, i2, i3, i4 = _insert5_idx(t0, t1, t2, t3, t4, i0, i1, i2, i3, i4, v, vi)
+                if r < 4:
+                    tile = tl.where(offs_g[None, :] == vi[:, None], neg, tile)
+        out = pid_bh * 5 * n_q + offs_m
+        tl.store(SEL + out, i0, mask=mmask)
+        tl.store(SEL + out + n_q, i1, mask=mmask)
+        tl.store(SEL + out + 2 * n_q, i2, mask=mmask)
+        tl.store(SEL + out + 3 * n_q, i3, mask=mmask)
+        tl.store(SEL + out + 4 * n_q, i4, mask=mmask)
+        tl.store(THR + pid_bh * n_q + offs_m, t4, mask=mmask)
+        lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + offs_m) * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
+        tot = (tl.math.exp2(t0 * qk_scale2 - lse2) + tl.math.exp2(t1 * qk_scale2 - lse2) + tl.math.exp2(t2 * qk_scale2 - lse2)
+               + tl.math.exp2(t3 * qk_scale2 - lse2) + tl.math.exp2(t4 * qk_scale2 - lse2))
+        tl.store(ROWTOP + pid_bh * n_q + offs_m, tot, mask=mmask)
+
+    @triton.jit
+    def _top5_count_kernel(
+        Q, K, THR, FLAG,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        H, q_start, n_q, Lk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+    ):
+        # Mode 6, step 2: per query, count the logits >= THR - margin (THR = 5th largest group maximum, a lower
+        # bound of the 5th largest logit). A count of 5 means the 5 group maxima ARE the 5 largest logits, so
+        # _top5_select_kernel's sum is exact; otherwise (a group holding two of them, ties) FLAG = 1 and the row
+        # goes to the exact refinement. No exponentials: one QK^T pass with a compare per element. The margin
+        # (2^-14 |q| max|k|, far above the few-ulp differences between two fp32 evaluations of the same
+        # bf16/fp16 dot product) only ever flags more rows.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < n_q
+        offs_d = tl.arange(0, HEAD_D)
+        q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m[:, None]) * s_qm + offs_d[None, :] * s_qd,
+                    mask=mmask[:, None], other=0.0)
+        qf = q.to(tl.float32)
+        qn = tl.sqrt(tl.sum(qf * qf, axis=1))
+        thr = tl.load(THR + pid_bh * n_q + offs_m, mask=mmask, other=float("inf"))
+        k_base = K + b * s_kb + h * s_kh
+        cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
+        kmax = 0.0
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            nmask = offs_n < Lk
+            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=nmask[None, :], other=0.0)
+            kf = kt.to(tl.float32)
+            kmax = tl.maximum(kmax, tl.max(tl.sum(kf * kf, axis=0), axis=0))
+            s = tl.dot(q, kt, input_precision=PREC)
+            cnt += tl.sum(tl.where(s >= (thr - qn * 6.103515625e-05 * tl.sqrt(kmax))[:, None], 1.0, 0.0), axis=1)
+        # the padded keys of the last tile (k = 0, so s = 0 exactly) were counted wherever 0 passed the test
+        n_pad = tl.cdiv(Lk, BLOCK_N) * BLOCK_N - Lk
+        cnt -= tl.where(0.0 >= thr - qn * 6.103515625e-05 * tl.sqrt(kmax), n_pad * 1.0, 0.0)
+        flag = (cnt > 5.0) | (thr == float("-inf")) | (thr != thr)
+        tl.store(FLAG + pid_bh * n_q + offs_m, flag.to(tl.int8), mask=mmask)
+
+    @triton.jit
+    def _top5_refine_rows_kernel(
+        Q, K, SEL, ROWS, CNT, LSE, ROWTOP,
+        s_qb, s_qh, s_qm, s_qd,
+        s_kb, s_kh, s_kn, s_kd,
+        s_lb, s_lh, s_lm,
+        H, q_start, l_start, n_q, Lk, qk_scale2,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+    ):
+        # Mode 6, step 3: the exact top-5 (fp32 logits on CUDA cores, tied keys counted) over the 5 selected
+        # groups, for the packed flagged rows ROWS[bh, :CNT[bh]] only; programs past CNT exit at once, so the
+        # launch needs no host-side count.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        cnt = tl.load(CNT + pid_bh)
+        if pid_m * BLOCK_M < cnt:
+            b = pid_bh // H
+            h = pid_bh % H
+            offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            valid = offs < cnt
+            rows = tl.load(ROWS + pid_bh * n_q + offs, mask=valid, other=0)
+            neg = float("-inf")
+            u0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
+            u1 = u0
+            u2 = u0
+            u3 = u0
+            u4 = u0
+            offs_d = tl.arange(0, HEAD_D)
+            q = tl.load(Q + b * s_qb + h * s_qh + (q_start + rows)[:, None] * s_qm + offs_d[None, :] * s_qd,
+                        mask=valid[:, None], other=0.0).to(tl.float32)
+            k_base = K + b * s_kb + h * s_kh
+            for r in range(5):
+                gi = tl.load(SEL + (pid_bh * 5 + r) * n_q + rows, mask=valid, other=-1)
+                for j in range(GROUP):
+                    key = gi * GROUP + j
+                    ok = (gi >= 0) & (key < Lk) & valid
+                    kr = tl.load(k_base + key[:, None] * s_kn + offs_d[None, :] * s_kd, mask=ok[:, None], other=0.0)
+                    sj = tl.sum(q * kr.to(tl.float32), axis=1) * qk_scale2
+                    u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(ok, sj, neg))
+            lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + rows) * s_lm, mask=valid, other=0.0) * 1.4426950408889634
+            tot = (tl.math.exp2(u0 - lse2) + tl.math.exp2(u1 - lse2) + tl.math.exp2(u2 - lse2)
+                   + tl.math.exp2(u3 - lse2) + tl.math.exp2(u4 - lse2))
+            tl.store(ROWTOP + pid_bh * n_q + rows, tot, mask=valid)
+
+    @triton.jit
     def _removal_cf_kernel(
         Q, KS, VS, OUT, LSE, DEST, PSEL, COND,
         s_qb, s_qh, s_qm, s_qd,
@@ -525,7 +701,7 @@ def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_en
         sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
         H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq if inv_nq is None else inv_nq,
         WANT_ENT=want_entropy, WANT_GMAX=want_gmax, GROUP=group,
-        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q),
+        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q), EVEN_M=nq % cfg.col_block_m == 0,
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
     )
     return mass, (ent if want_entropy else None), (gmax if want_gmax else None)
@@ -549,10 +725,46 @@ def _launch_refine(q, k, gmax, lse, lse_strides, l_start, query_start, nq, scale
     return top
 
 
+def _launch_top5_certified(q, k, gmax, lse, lse_strides, l_start, query_start, nq, scale, cfg):
+    """Mode 6: per-query top-5 probability sums [BH, nq] from the group maxima of ``_launch_col``: the sum of
+    the 5 largest group maxima where a count pass certifies that they are the 5 largest logits, the exact
+    refinement over the 5 selected groups for the other (packed) queries. No host sync."""
+    B, H, _, D = q.shape
+    BH, Lk, dev = B * H, k.shape[2], q.device
+    n_groups = gmax.shape[1]
+    group = min(cfg.group, cfg.col_block_n)
+    qk2 = float(scale) * LOG2E
+    sq, sk, sl = q.stride(), k.stride(), lse_strides
+    sel = torch.empty(BH, 5, nq, dtype=torch.int32, device=dev)
+    thr = torch.empty(BH, nq, dtype=torch.float32, device=dev)
+    rowtop = torch.empty(BH, nq, dtype=torch.float32, device=dev)
+    _top5_select_kernel[(triton.cdiv(nq, cfg.select_block_m), BH)](
+        gmax, lse, sel, thr, rowtop, sl[0], sl[1], sl[2], H, l_start, nq, n_groups, qk2,
+        BLOCK_M=cfg.select_block_m, BLOCK_G=cfg.select_block_g, num_warps=cfg.select_warps,
+    )
+    flag = torch.empty(BH, nq, dtype=torch.int8, device=dev)
+    _top5_count_kernel[(triton.cdiv(nq, cfg.count_block_m), BH)](
+        q, k, thr, flag, sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], H, query_start, nq, Lk,
+        BLOCK_M=cfg.count_block_m, BLOCK_N=cfg.count_block_n, HEAD_D=D, PREC=_prec(q),
+        num_warps=cfg.count_warps, num_stages=cfg.count_stages,
+    )
+    # flagged queries first, in order; the refinement's grid covers all queries and exits past the count
+    rows = torch.argsort(flag, dim=-1, descending=True, stable=True).to(torch.int32)
+    cnt = flag.sum(dim=-1, dtype=torch.int32)
+    bm = cfg.refine_block_m
+    _top5_refine_rows_kernel[(triton.cdiv(nq, bm), BH)](
+        q, k, sel, rows, cnt, lse, rowtop,
+        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
+        H, query_start, l_start, nq, Lk, qk2,
+        GROUP=group, BLOCK_M=bm, HEAD_D=D, num_warps=cfg.refine_warps, num_stages=1,
+    )
+    return rowtop, cnt
+
+
 def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
     # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
     # not for fp32, which gets the exact static mode
-    if cfg.topk_mode == 5:
+    if cfg.topk_mode in (5, 6):
         return 4 if q.dtype != torch.float32 else 0  # the row kernel serves top5_concentration only
     if cfg.topk_mode >= 3 and q.dtype == torch.float32:
         return 0  # measured faster than the static exact mode 1 (H200, benchmarks/RESULTS.md)
@@ -595,7 +807,7 @@ def key_mass_stats_triton(
         sl, l_start = lse.stride(), query_start
 
     top = None
-    refine = want_top5 and cfg.topk_mode == 5
+    refine = want_top5 and cfg.topk_mode in (5, 6)
     if lse is None or (want_top5 and not refine):
         own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5 and not refine, cfg)
         if lse is None:
@@ -613,7 +825,10 @@ def key_mass_stats_triton(
             n_c = min(chunk, nq - c0)
             at = (sl, l_start + c0, query_start + c0, n_c, scale)
             m_c, e_c, gmax = _launch_col(q, k, lse, *at, want_entropy, cfg, want_gmax=True, inv_nq=1.0 / nq)
-            tops.append(_launch_refine(q, k, gmax, lse, *at, cfg))
+            if cfg.topk_mode == 6:
+                tops.append(_launch_top5_certified(q, k, gmax, lse, *at, cfg)[0])
+            else:
+                tops.append(_launch_refine(q, k, gmax, lse, *at, cfg))
             masses.append(m_c)
             ents.append(e_c)
             del gmax
