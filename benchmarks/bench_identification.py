@@ -177,10 +177,23 @@ def main():
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=4))),
             ("triton mass+entropy+top5 [group-max refine, mode 5] (lse given)",
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=5))),
+            ("triton mass+entropy+top5 [certified group maxima, mode 6] (lse given)",
+             dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=6))),
         ]
         for name, kw in variants:
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw)
             add(name, lambda kw=kw: tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw), stats_err(st, ref))
+        # the mode-6 pipeline kernel by kernel (lse given): column kernel with group maxima, then the top-5 steps
+        cfg6 = tm.MassConfig(topk_mode=6)
+        at = (lse.stride(), 0, 0, n_img, scale)
+        _, _, gmax = tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True)
+        rowtop, cnt = tm._launch_top5_certified(q, k, gmax, lse, *at, cfg6)
+        flagged = float(cnt.sum()) / (B * H * n_img)
+        add("  mode 6: column kernel with group maxima", lambda: tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True))
+        add("  mode 6: select + count + packed refine", lambda: tm._launch_top5_certified(q, k, gmax, lse, *at, cfg6),
+            note=f"refined rows: {flagged:.2%}")
+        add("  mode 5: refine (every query)", lambda: tm._launch_refine(q, k, gmax, lse, *at, cfg6))
+        del gmax
         for be, l_ in lse_ok.items():
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=l_)
             rows.append(dict(name=f"  (stats error with lse from {be})", ms=None, mem=None, err=stats_err(st, ref), note=""))

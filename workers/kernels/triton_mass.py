@@ -59,20 +59,28 @@ class MassConfig:
     # 5: group maxima from the column kernel + _top5_refine_kernel for every query;
     # 6: group maxima + _top5_select_kernel + _top5_count_kernel, refinement only for the queries whose
     #    5 largest logits do not lie in 5 distinct groups
-    topk_mode: int = 5
+    topk_mode: int = 6
     group: int = 16
     refine_block_m: int = 16
     refine_warps: int = 2
-    select_block_m: int = 64
+    select_block_m: int = 256
     select_block_g: int = 32
-    select_warps: int = 4
+    select_warps: int = 2
     count_block_m: int = 128
     count_block_n: int = 64
     count_warps: int = 8
     count_stages: int = 3
 
 
-DEFAULT_CONFIG = MassConfig()
+def _default_config() -> MassConfig:
+    # env SINKSCOPE_TOP5_MODE=5 selects the previous exact top-5 (every query refined) for comparisons
+    mode = os.environ.get("SINKSCOPE_TOP5_MODE", "6").strip()
+    if mode not in ("5", "6"):
+        raise ValueError(f"SINKSCOPE_TOP5_MODE must be 5 or 6; got {mode!r}")
+    return MassConfig(topk_mode=int(mode))
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 def _interpret() -> bool:
@@ -450,7 +458,7 @@ if triton is not None:
 
     @triton.jit
     def _top5_count_kernel(
-        Q, K, THR, FLAG,
+        Q, K, THR, KNORM, FLAG,
         s_qb, s_qh, s_qm, s_qd,
         s_kb, s_kh, s_kn, s_kd,
         H, q_start, n_q, Lk,
@@ -472,23 +480,21 @@ if triton is not None:
         q = tl.load(Q + b * s_qb + h * s_qh + (q_start + offs_m[:, None]) * s_qm + offs_d[None, :] * s_qd,
                     mask=mmask[:, None], other=0.0)
         qf = q.to(tl.float32)
-        qn = tl.sqrt(tl.sum(qf * qf, axis=1))
+        # margin per query: 2^-14 |q| max_j |k_j| (KNORM: the largest key norm of this (b, h))
         thr = tl.load(THR + pid_bh * n_q + offs_m, mask=mmask, other=float("inf"))
+        thr = thr - tl.sqrt(tl.sum(qf * qf, axis=1)) * tl.load(KNORM + pid_bh) * 6.103515625e-05
         k_base = K + b * s_kb + h * s_kh
-        cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
-        kmax = 0.0
+        cnt = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # reduced once at the end, not per tile
         for start_n in range(0, Lk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            nmask = offs_n < Lk
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=nmask[None, :], other=0.0)
-            kf = kt.to(tl.float32)
-            kmax = tl.maximum(kmax, tl.max(tl.sum(kf * kf, axis=0), axis=0))
+            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=(offs_n < Lk)[None, :], other=0.0)
             s = tl.dot(q, kt, input_precision=PREC)
-            cnt += tl.sum(tl.where(s >= (thr - qn * 6.103515625e-05 * tl.sqrt(kmax))[:, None], 1.0, 0.0), axis=1)
+            cnt += tl.where(s >= thr[:, None], 1.0, 0.0)
+        c = tl.sum(cnt, axis=1)
         # the padded keys of the last tile (k = 0, so s = 0 exactly) were counted wherever 0 passed the test
         n_pad = tl.cdiv(Lk, BLOCK_N) * BLOCK_N - Lk
-        cnt -= tl.where(0.0 >= thr - qn * 6.103515625e-05 * tl.sqrt(kmax), n_pad * 1.0, 0.0)
-        flag = (cnt > 5.0) | (thr == float("-inf")) | (thr != thr)
+        c -= tl.where(0.0 >= thr, n_pad * 1.0, 0.0)
+        flag = (c > 5.0) | (thr == float("-inf")) | (thr != thr)
         tl.store(FLAG + pid_bh * n_q + offs_m, flag.to(tl.int8), mask=mmask)
 
     @triton.jit
@@ -743,8 +749,9 @@ def _launch_top5_certified(q, k, gmax, lse, lse_strides, l_start, query_start, n
         BLOCK_M=cfg.select_block_m, BLOCK_G=cfg.select_block_g, num_warps=cfg.select_warps,
     )
     flag = torch.empty(BH, nq, dtype=torch.int8, device=dev)
+    knorm = k.float().norm(dim=-1).amax(dim=-1).reshape(BH).contiguous()
     _top5_count_kernel[(triton.cdiv(nq, cfg.count_block_m), BH)](
-        q, k, thr, flag, sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], H, query_start, nq, Lk,
+        q, k, thr, knorm, flag, sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], H, query_start, nq, Lk,
         BLOCK_M=cfg.count_block_m, BLOCK_N=cfg.count_block_n, HEAD_D=D, PREC=_prec(q),
         num_warps=cfg.count_warps, num_stages=cfg.count_stages,
     )
