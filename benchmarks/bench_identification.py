@@ -22,6 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+except Exception:  # pragma: no cover
+    triton = None
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.kernels import attention_with_lse, key_mass_stats_torch, remove_keys  # noqa: E402
@@ -193,6 +198,26 @@ def main():
         add("  mode 6: select + count + packed refine", lambda: tm._launch_top5_certified(q, k, gmax, lse, *at, cfg6),
             note=f"refined rows: {flagged:.2%}")
         add("  mode 5: refine (every query)", lambda: tm._launch_refine(q, k, gmax, lse, *at, cfg6))
+        # the mode-6 steps one by one
+        BH, nq, dev_ = B * H, n_img, q.device
+        sel = torch.empty(BH, 5, nq, dtype=torch.int32, device=dev_)
+        thr = torch.empty(BH, nq, dtype=torch.float32, device=dev_)
+        rt = torch.empty(BH, nq, dtype=torch.float32, device=dev_)
+        flag = torch.empty(BH, nq, dtype=torch.int8, device=dev_)
+        sl_ = lse.stride()
+        for bm, bg, w in ((256, 32, 2), (128, 32, 4), (128, 16, 1)):
+            add(f"  mode 6 step: select [{bm},{bg}] w{w}", lambda bm=bm, bg=bg, w=w: tm._top5_select_kernel[(triton.cdiv(nq, bm), BH)](
+                gmax, lse, sel, thr, rt, sl_[0], sl_[1], sl_[2], H, 0, nq, gmax.shape[1], scale * tm.LOG2E,
+                BLOCK_M=bm, BLOCK_G=bg, num_warps=w))
+        knorm = k.float().norm(dim=-1).amax(dim=-1).reshape(BH).contiguous()
+        add("  mode 6 step: key norms (torch)", lambda: k.float().norm(dim=-1).amax(dim=-1).reshape(BH).contiguous())
+        sq, sk = q.stride(), k.stride()
+        for bm, bn, w, st_ in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)):
+            add(f"  mode 6 step: count [{bm},{bn}] w{w} s{st_}", lambda bm=bm, bn=bn, w=w, st_=st_: tm._top5_count_kernel[(triton.cdiv(nq, bm), BH)](
+                q, k, thr, knorm, flag, sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], H, 0, nq, k.shape[2],
+                BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D, PREC="tf32", num_warps=w, num_stages=st_))
+        add("  mode 6 step: pack flagged rows (torch argsort + count)",
+            lambda: (torch.argsort(flag, dim=-1, descending=True, stable=True).to(torch.int32), flag.sum(dim=-1, dtype=torch.int32)))
         del gmax
         for be, l_ in lse_ok.items():
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=l_)
