@@ -22,11 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-except Exception:  # pragma: no cover
-    triton = None
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.kernels import attention_with_lse, key_mass_stats_torch, remove_keys  # noqa: E402
@@ -102,6 +97,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels over tile configurations")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only-stats", action="store_true", help="only SDPA and the Triton statistics rows (a short GPU call)")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     dev = args.device
@@ -147,7 +143,7 @@ def main():
 
     # ---- attention alone
     add("sdpa default", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
-    if dev == "cuda":
+    if dev == "cuda" and not args.only_stats:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         for be in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -158,6 +154,8 @@ def main():
 
             add(f"sdpa [{be.split('_')[0].lower()}]", f)
     backends = ("cudnn", "flash", "efficient") if dev == "cuda" else ("math",)
+    if args.only_stats:
+        backends = backends[:1]
     lse_ok = {}
     for be in backends:
         try:
@@ -191,61 +189,47 @@ def main():
         # the mode-6 pipeline kernel by kernel (lse given): column kernel with group maxima, then the top-5 steps
         cfg6 = tm.MassConfig(topk_mode=6)
         at = (lse.stride(), 0, 0, n_img, scale)
-        _, _, gmax = tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True)
-        rowtop, cnt = tm._launch_top5_certified(q, k, gmax, lse, *at, cfg6)
+        _, _, gmax, s2 = tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True, want_s2=True)
+        rowtop, cnt = tm._launch_top5_certified(q, k, gmax, s2, lse, *at, cfg6)
         flagged = float(cnt.sum()) / (B * H * n_img)
-        add("  mode 6: column kernel with group maxima", lambda: tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True))
-        add("  mode 6: select + count + packed refine", lambda: tm._launch_top5_certified(q, k, gmax, lse, *at, cfg6),
+        add("  column kernel: mass+entropy+group maxima", lambda: tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True))
+        add("  column kernel: mass+entropy+group maxima+tile 2nd maxima (mode 6)",
+            lambda: tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True, want_s2=True))
+        add("  mode 6: select + packed refine", lambda: tm._launch_top5_certified(q, k, gmax, s2, lse, *at, cfg6),
             note=f"refined rows: {flagged:.2%}")
         add("  mode 5: refine (every query)", lambda: tm._launch_refine(q, k, gmax, lse, *at, cfg6))
-        # the mode-6 steps one by one
-        BH, nq, dev_ = B * H, n_img, q.device
-        sel = torch.empty(BH, 5, nq, dtype=torch.int32, device=dev_)
-        thr = torch.empty(BH, nq, dtype=torch.float32, device=dev_)
-        rt = torch.empty(BH, nq, dtype=torch.float32, device=dev_)
-        flag = torch.empty(BH, nq, dtype=torch.int8, device=dev_)
-        sl_ = lse.stride()
-        for bm, bg, w in ((256, 32, 2), (128, 32, 4), (128, 16, 1)):
-            add(f"  mode 6 step: select [{bm},{bg}] w{w}", lambda bm=bm, bg=bg, w=w: tm._top5_select_kernel[(triton.cdiv(nq, bm), BH)](
-                gmax, lse, sel, thr, rt, sl_[0], sl_[1], sl_[2], H, 0, nq, gmax.shape[1], scale * tm.LOG2E,
-                BLOCK_M=bm, BLOCK_G=bg, num_warps=w))
-        knorm = k.float().norm(dim=-1).amax(dim=-1).reshape(BH).contiguous()
-        add("  mode 6 step: key norms (torch)", lambda: k.float().norm(dim=-1).amax(dim=-1).reshape(BH).contiguous())
-        sq, sk = q.stride(), k.stride()
-        for bm, bn, w, st_ in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)):
-            add(f"  mode 6 step: count [{bm},{bn}] w{w} s{st_}", lambda bm=bm, bn=bn, w=w, st_=st_: tm._top5_count_kernel[(triton.cdiv(nq, bm), BH)](
-                q, k, thr, knorm, flag, sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], H, 0, nq, k.shape[2],
-                BLOCK_M=bm, BLOCK_N=bn, HEAD_D=D, PREC="tf32", num_warps=w, num_stages=st_))
-        add("  mode 6 step: pack flagged rows (torch argsort + count)",
-            lambda: (torch.argsort(flag, dim=-1, descending=True, stable=True).to(torch.int32), flag.sum(dim=-1, dtype=torch.int32)))
-        del gmax
+        for bm, bg, w in ((256, 32, 2), (128, 32, 4), (128, 16, 1), (64, 32, 2)):
+            c_ = tm.MassConfig(topk_mode=6, select_block_m=bm, select_block_g=bg, select_warps=w)
+            add(f"  mode 6: select [{bm},{bg}] w{w} + packed refine", lambda c_=c_: tm._launch_top5_certified(q, k, gmax, s2, lse, *at, c_))
+        del gmax, s2
         for be, l_ in lse_ok.items():
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=l_)
             rows.append(dict(name=f"  (stats error with lse from {be})", ms=None, mem=None, err=stats_err(st, ref), note=""))
-    st = key_mass_stats_torch(q, k, scale, 0, n_img)
-    add("torch chunked mass+entropy+top5 (64 MiB)", lambda: key_mass_stats_torch(q, k, scale, 0, n_img), stats_err(st, ref))
-    st, _ = paper_style(q, k, v, scale, n_img)
-    add("paper-style fp32 softmax identification", lambda: paper_style(q, k, v, scale, n_img), stats_err(st, ref))
+    if not args.only_stats:  # the slow reference rows
+        st = key_mass_stats_torch(q, k, scale, 0, n_img)
+        add("torch chunked mass+entropy+top5 (64 MiB)", lambda: key_mass_stats_torch(q, k, scale, 0, n_img), stats_err(st, ref))
+        st, _ = paper_style(q, k, v, scale, n_img)
+        add("paper-style fp32 softmax identification", lambda: paper_style(q, k, v, scale, n_img), stats_err(st, ref))
 
-    # ---- removal of the top-1 / top-5 keys per head for the image queries
-    for kk in (1, 5):
-        idx = ref.mass.topk(kk, dim=-1).indices
-        out, lse = attention_with_lse(q, k, v, scale)
-        exact = remove_keys(q.float(), k.float(), v.float(), out_ref, lse_ref, idx, 0, n_img, scale, method="recompute")
-        from workers.kernels.mass import removed_mass
+        # ---- removal of the top-1 / top-5 keys per head for the image queries
+        for kk in (1, 5):
+            idx = ref.mass.topk(kk, dim=-1).indices
+            out, lse = attention_with_lse(q, k, v, scale)
+            exact = remove_keys(q.float(), k.float(), v.float(), out_ref, lse_ref, idx, 0, n_img, scale, method="recompute")
+            from workers.kernels.mass import removed_mass
 
-        guarded = int((removed_mass(q, k, lse, idx, 0, n_img, scale) >= 0.5).sum(-1).max())
-        rows.append(dict(name=f"  (top-{kk}: max rows/(b,h) with removed mass >= 0.5: {guarded})", ms=None, mem=None, err=None, note=""))
-        for method in ("auto", "closed_form", "recompute"):
-            new = remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False)
-            add(
-                f"remove top-{kk} [{method}] (after attn+lse)",
-                lambda method=method, idx=idx: remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False),
-                rel(new[:, :, :n_img], exact[:, :, :n_img]),
-            )
-        _, pout = paper_style(q, k, v, scale, n_img, remove_top=kk)
-        add(f"paper-style identification + remove top-{kk}", lambda kk=kk: paper_style(q, k, v, scale, n_img, remove_top=kk),
-            rel(pout, exact[:, :, :n_img]))
+            guarded = int((removed_mass(q, k, lse, idx, 0, n_img, scale) >= 0.5).sum(-1).max())
+            rows.append(dict(name=f"  (top-{kk}: max rows/(b,h) with removed mass >= 0.5: {guarded})", ms=None, mem=None, err=None, note=""))
+            for method in ("auto", "closed_form", "recompute"):
+                new = remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False)
+                add(
+                    f"remove top-{kk} [{method}] (after attn+lse)",
+                    lambda method=method, idx=idx: remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False),
+                    rel(new[:, :, :n_img], exact[:, :, :n_img]),
+                )
+            _, pout = paper_style(q, k, v, scale, n_img, remove_top=kk)
+            add(f"paper-style identification + remove top-{kk}", lambda kk=kk: paper_style(q, k, v, scale, n_img, remove_top=kk),
+                rel(pout, exact[:, :, :n_img]))
 
     # ---- the whole fast layer: attention+lse, all statistics, top-1 removal
     if use_triton:

@@ -203,8 +203,7 @@ cases = [(1, 2, 40, 37, 16, 3, 35, torch.float32, 1), (2, 1, 33, 50, 32, 0, 33, 
          (2, 1, 33, 50, 32, 0, 33, torch.float32, 6)]
 for seed, (B, H, Lq, Lk, D, a, b, dt, mode) in enumerate(cases):
     cfg = tm.MassConfig(col_block_m=16, col_block_n=16, row_block_m=16, row_block_n=16, topk_mode=mode,
-                        group=8, refine_block_m=16, select_block_m=16, select_block_g=16, count_block_m=16,
-                        count_block_n=16)
+                        group=8, refine_block_m=16, select_block_m=16, select_block_g=16)
     q, k, _ = sink_inputs(B, H, Lq, Lk, D, sink=5, strength=9.0, seed=seed, dtype=dt)
     k[:, :, 6] = k[:, :, 5]  # the sink three times: a 3-way tie at the top of the top-5
     k[:, :, 20] = k[:, :, 5]

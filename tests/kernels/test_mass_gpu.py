@@ -217,8 +217,8 @@ def test_top5_certified_rows_and_refined_rows(dtype):
     scale = 64**-0.5
     _, lse = attention_with_lse(q, k, v, scale)
     cfg = tm.MassConfig(topk_mode=6)
-    mass, ent, gmax = tm._launch_col(q, k, lse, lse.stride(), 20, 20, 1400, scale, True, cfg, want_gmax=True)
-    rowtop, cnt = tm._launch_top5_certified(q, k, gmax, lse, lse.stride(), 20, 20, 1400, scale, cfg)
+    mass, ent, gmax, s2 = tm._launch_col(q, k, lse, lse.stride(), 20, 20, 1400, scale, True, cfg, want_gmax=True, want_s2=True)
+    rowtop, cnt = tm._launch_top5_certified(q, k, gmax, s2, lse, lse.stride(), 20, 20, 1400, scale, cfg)
     p = ref_probs(q, k, scale, 20, 1420)
     ref = p.topk(5, dim=-1).values.sum(-1)
     assert rel(rowtop.view(2, 3, 1400), ref) <= TOL[dtype]
