@@ -180,28 +180,17 @@ def main():
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=4))),
             ("triton mass+entropy+top5 [group-max refine, mode 5] (lse given)",
              dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=5))),
-            ("triton mass+entropy+top5 [certified group maxima, mode 6] (lse given)",
-             dict(want_entropy=True, want_top5=True, lse=lse, config=tm.MassConfig(topk_mode=6))),
         ]
         for name, kw in variants:
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw)
             add(name, lambda kw=kw: tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw), stats_err(st, ref))
-        # the mode-6 pipeline kernel by kernel (lse given): column kernel with group maxima, then the top-5 steps
-        cfg6 = tm.MassConfig(topk_mode=6)
+        # the default top-5 (mode 5) kernel by kernel: column kernel with group maxima, then the refinement
+        cfg5 = tm.MassConfig(topk_mode=5)
         at = (lse.stride(), 0, 0, n_img, scale)
-        _, _, gmax, s2 = tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True, want_s2=True)
-        rowtop, cnt = tm._launch_top5_certified(q, k, gmax, s2, lse, *at, cfg6)
-        flagged = float(cnt.sum()) / (B * H * n_img)
-        add("  column kernel: mass+entropy+group maxima", lambda: tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True))
-        add("  column kernel: mass+entropy+group maxima+tile 2nd maxima (mode 6)",
-            lambda: tm._launch_col(q, k, lse, *at, True, cfg6, want_gmax=True, want_s2=True))
-        add("  mode 6: select + packed refine", lambda: tm._launch_top5_certified(q, k, gmax, s2, lse, *at, cfg6),
-            note=f"refined rows: {flagged:.2%}")
-        add("  mode 5: refine (every query)", lambda: tm._launch_refine(q, k, gmax, lse, *at, cfg6))
-        for bm, bg, w in ((256, 32, 2), (128, 32, 4), (128, 16, 1), (64, 32, 2)):
-            c_ = tm.MassConfig(topk_mode=6, select_block_m=bm, select_block_g=bg, select_warps=w)
-            add(f"  mode 6: select [{bm},{bg}] w{w} + packed refine", lambda c_=c_: tm._launch_top5_certified(q, k, gmax, s2, lse, *at, c_))
-        del gmax, s2
+        _, _, gmax = tm._launch_col(q, k, lse, *at, True, cfg5, want_gmax=True)
+        add("  column kernel: mass+entropy+group maxima", lambda: tm._launch_col(q, k, lse, *at, True, cfg5, want_gmax=True))
+        add("  refinement of every query (mode 5)", lambda: tm._launch_refine(q, k, gmax, lse, *at, cfg5))
+        del gmax
         for be, l_ in lse_ok.items():
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=l_)
             rows.append(dict(name=f"  (stats error with lse from {be})", ms=None, mem=None, err=stats_err(st, ref), note=""))

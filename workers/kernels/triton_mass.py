@@ -56,27 +56,15 @@ class MassConfig:
     row_warps: int = 4
     row_stages: int = 2
     # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
-    # 5: group maxima from the column kernel + _top5_refine_kernel for every query;
-    # 6: group maxima and tile second maxima from the column kernel + _top5_select_kernel, refinement only
-    #    for the queries where some group holds two of the 5 largest logits
+    # 5: group maxima from the column kernel + _top5_refine_kernel (mode 6, a certified variant, was dropped:
+    #    benchmarks/RESULTS.md, "Exact top-5 on the H200, 2026-12-02")
     topk_mode: int = 5
     group: int = 16
     refine_block_m: int = 16
     refine_warps: int = 2
-    select_block_m: int = 256
-    select_block_g: int = 32
-    select_warps: int = 2
 
 
-def _default_config() -> MassConfig:
-    # env SINKSCOPE_TOP5_MODE=6 selects the certified top-5 (as fast as mode 5 on an H200, RESULTS.md)
-    mode = os.environ.get("SINKSCOPE_TOP5_MODE", "5").strip()
-    if mode not in ("5", "6"):
-        raise ValueError(f"SINKSCOPE_TOP5_MODE must be 5 or 6; got {mode!r}")
-    return MassConfig(topk_mode=int(mode))
-
-
-DEFAULT_CONFIG = _default_config()
+DEFAULT_CONFIG = MassConfig()
 
 
 def _interpret() -> bool:
@@ -119,15 +107,10 @@ if triton is not None:
         return tl.sum(tl.where(mmask, tot, 0.0), axis=0)
 
     @triton.jit
-    def _top2_combine(a1, a2, b1, b2):
-        # (largest, second largest) of two such pairs; equal values count twice, so a tie is its own second
-        return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
-
-    @triton.jit
     def _colmass_loop(
-        q_base, l_base, kt, acc, acc_e, GMAX, S2, nmask,
+        q_base, l_base, kt, acc, acc_e, GMAX, nmask,
         s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2,
-        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, WANT_S2: tl.constexpr, GROUP: tl.constexpr,
+        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
         PREC: tl.constexpr, MASK_N: tl.constexpr, EVEN_M: tl.constexpr,
     ):
@@ -155,18 +138,7 @@ if triton is not None:
                 NGB: tl.constexpr = BLOCK_N // GROUP
                 if MASK_N:
                     s = tl.where(nmask[None, :], s, float("-inf"))
-                s3 = tl.reshape(s, [BLOCK_M, NGB, GROUP])
-                if WANT_S2:
-                    # and the largest second-largest logit of the tile's groups: the top-5 is certified
-                    # without refinement where no group holds two logits >= the 5th largest group maximum
-                    g, g2 = tl.reduce((s3, tl.full([BLOCK_M, NGB, GROUP], float("-inf"), tl.float32)), 2, _top2_combine)
-                    s2ptr = S2 + (pid_bh * n_kblocks + pid_n) * n_q + offs_m
-                    if EVEN_M:
-                        tl.store(s2ptr, tl.max(g2, axis=1))
-                    else:
-                        tl.store(s2ptr, tl.max(g2, axis=1), mask=mmask)
-                else:
-                    g = tl.max(s3, axis=2)
+                g = tl.max(tl.reshape(s, [BLOCK_M, NGB, GROUP]), axis=2)
                 gcol = pid_n * NGB + tl.arange(0, NGB)
                 gptr = GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None]
                 if EVEN_M:
@@ -177,13 +149,13 @@ if triton is not None:
 
     @triton.jit
     def _colmass_kernel(
-        Q, K, LSE, MASS, ENT, GMAX, S2,
+        Q, K, LSE, MASS, ENT, GMAX,
         s_qb, s_qh, s_qm, s_qd,
         s_kb, s_kh, s_kn, s_kd,
         s_lb, s_lh, s_lm,
         H, q_start, l_start, n_q, Lk, n_kblocks,
         qk_scale2, inv_nq,
-        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, WANT_S2: tl.constexpr, GROUP: tl.constexpr,
+        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
         PREC: tl.constexpr, EVEN_M: tl.constexpr,
     ):
@@ -202,11 +174,11 @@ if triton is not None:
         l_base = LSE + b * s_lb + h * s_lh + l_start * s_lm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_e = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        args = (q_base, l_base, kt, acc, acc_e, GMAX, S2, nmask, s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2)
+        args = (q_base, l_base, kt, acc, acc_e, GMAX, nmask, s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2)
         if (not WANT_GMAX) or (pid_n + 1) * BLOCK_N <= Lk:
-            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, WANT_S2, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, False, EVEN_M)
+            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, False, EVEN_M)
         else:
-            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, WANT_S2, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, True, EVEN_M)
+            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, True, EVEN_M)
         col = tl.sum(acc, axis=0) * inv_nq
         tl.store(MASS + pid_bh * Lk + offs_n, col, mask=nmask)
         if WANT_ENT:
@@ -415,114 +387,6 @@ if triton is not None:
         tl.store(TOP + pid_bh * n_qblocks + pid_m, _top5_block_sum(u0, u1, u2, u3, u4, lse2, mmask))
 
     @triton.jit
-    def _top5_select_kernel(
-        GMAX, S2, LSE, SEL, ROWTOP, ROWS, CNT,
-        s_lb, s_lh, s_lm,
-        H, l_start, n_q, n_groups, n_kblocks, qk_scale2,
-        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-    ):
-        # Mode 6, step 1: per query, the 5 groups with the largest maxima (indices to SEL [BH,5,n_q]) and the
-        # sum of the 5 maxima's probabilities (ROWTOP [BH,n_q]). That sum is the exact top-5 unless some group
-        # holds two logits >= the 5th largest maximum t4 (S2: per key tile, the largest second-largest logit
-        # of its groups, ties counted), since the 5 largest logits are all >= t4 and so lie in groups whose
-        # maximum is >= t4. Such queries are appended to ROWS[bh, :CNT[bh]] for _top5_refine_rows_kernel
-        # (atomic slots: their order varies, the per-query results do not). The maxima are read as
-        # [BLOCK_M, BLOCK_G] tiles (coalesced along queries, no dependent loads), 5 extraction rounds each.
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mmask = offs_m < n_q
-        neg = float("-inf")
-        t0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-        t1 = t0
-        t2 = t0
-        t3 = t0
-        t4 = t0
-        i0 = tl.full([BLOCK_M], -1, dtype=tl.int32)
-        i1 = i0
-        i2 = i0
-        i3 = i0
-        i4 = i0
-        base = GMAX + pid_bh * n_groups * n_q
-        for g0 in range(0, n_groups, BLOCK_G):
-            offs_g = g0 + tl.arange(0, BLOCK_G)
-            tile = tl.load(base + offs_g[None, :] * n_q + offs_m[:, None],
-                           mask=mmask[:, None] & (offs_g < n_groups)[None, :], other=neg)
-            for r in tl.static_range(5):
-                v = tl.max(tile, axis=1)
-                # the first group holding that maximum; later equal ones stay for the next round
-                vi = tl.min(tl.where(tile == v[:, None], offs_g[None, :], 2147483647), axis=1)
-                vi = tl.where(v > neg, vi, -1)
-                t0, t1, t2, t3, t4, i0, i1, i2, i3, i4 = _insert5_idx(t0, t1, t2, t3, t4, i0, i1, i2, i3, i4, v, vi)
-                if r < 4:
-                    tile = tl.where(offs_g[None, :] == vi[:, None], neg, tile)
-        out = pid_bh * 5 * n_q + offs_m
-        tl.store(SEL + out, i0, mask=mmask)
-        tl.store(SEL + out + n_q, i1, mask=mmask)
-        tl.store(SEL + out + 2 * n_q, i2, mask=mmask)
-        tl.store(SEL + out + 3 * n_q, i3, mask=mmask)
-        tl.store(SEL + out + 4 * n_q, i4, mask=mmask)
-        s2 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-        for kb0 in range(0, n_kblocks, BLOCK_G):
-            offs_k = kb0 + tl.arange(0, BLOCK_G)
-            sec = tl.load(S2 + (pid_bh * n_kblocks + offs_k[None, :]) * n_q + offs_m[:, None],
-                          mask=mmask[:, None] & (offs_k < n_kblocks)[None, :], other=neg)
-            s2 = tl.maximum(s2, tl.max(sec, axis=1))
-        flag = ((s2 >= t4) | (t4 == neg) | (t4 != t4)) & mmask
-        slot = tl.atomic_add(CNT + pid_bh + 0 * offs_m, 1, mask=flag)
-        tl.store(ROWS + pid_bh * n_q + slot, offs_m, mask=flag)
-        lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + offs_m) * s_lm, mask=mmask, other=0.0) * 1.4426950408889634
-        tot = (tl.math.exp2(t0 * qk_scale2 - lse2) + tl.math.exp2(t1 * qk_scale2 - lse2) + tl.math.exp2(t2 * qk_scale2 - lse2)
-               + tl.math.exp2(t3 * qk_scale2 - lse2) + tl.math.exp2(t4 * qk_scale2 - lse2))
-        tl.store(ROWTOP + pid_bh * n_q + offs_m, tot, mask=mmask)
-
-    @triton.jit
-    def _top5_refine_rows_kernel(
-        Q, K, SEL, ROWS, CNT, LSE, ROWTOP,
-        s_qb, s_qh, s_qm, s_qd,
-        s_kb, s_kh, s_kn, s_kd,
-        s_lb, s_lh, s_lm,
-        H, q_start, l_start, n_q, Lk, qk_scale2,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
-    ):
-        # Mode 6, step 3: the exact top-5 (fp32 logits on CUDA cores, tied keys counted) over the 5 selected
-        # groups, for the packed flagged rows ROWS[bh, :CNT[bh]] only; programs past CNT exit at once, so the
-        # launch needs no host-side count.
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        cnt = tl.load(CNT + pid_bh)
-        if pid_m * BLOCK_M < cnt:
-            b = pid_bh // H
-            h = pid_bh % H
-            offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            valid = offs < cnt
-            rows = tl.load(ROWS + pid_bh * n_q + offs, mask=valid, other=0)
-            neg = float("-inf")
-            u0 = tl.full([BLOCK_M], neg, dtype=tl.float32)
-            u1 = u0
-            u2 = u0
-            u3 = u0
-            u4 = u0
-            offs_d = tl.arange(0, HEAD_D)
-            q = tl.load(Q + b * s_qb + h * s_qh + (q_start + rows)[:, None] * s_qm + offs_d[None, :] * s_qd,
-                        mask=valid[:, None], other=0.0).to(tl.float32)
-            k_base = K + b * s_kb + h * s_kh
-            for r in range(5):
-                gi = tl.load(SEL + (pid_bh * 5 + r) * n_q + rows, mask=valid, other=-1)
-                for j in range(GROUP):
-                    key = gi * GROUP + j
-                    ok = (gi >= 0) & (key < Lk) & valid
-                    kr = tl.load(k_base + key[:, None] * s_kn + offs_d[None, :] * s_kd, mask=ok[:, None], other=0.0)
-                    sj = tl.sum(q * kr.to(tl.float32), axis=1) * qk_scale2
-                    u0, u1, u2, u3, u4 = _insert5(u0, u1, u2, u3, u4, tl.where(ok, sj, neg))
-            lse2 = tl.load(LSE + b * s_lb + h * s_lh + (l_start + rows) * s_lm, mask=valid, other=0.0) * 1.4426950408889634
-            tot = (tl.math.exp2(u0 - lse2) + tl.math.exp2(u1 - lse2) + tl.math.exp2(u2 - lse2)
-                   + tl.math.exp2(u3 - lse2) + tl.math.exp2(u4 - lse2))
-            tl.store(ROWTOP + pid_bh * n_q + rows, tot, mask=valid)
-
-    @triton.jit
     def _removal_cf_kernel(
         Q, KS, VS, OUT, LSE, DEST, PSEL, COND,
         s_qb, s_qh, s_qm, s_qd,
@@ -672,11 +536,9 @@ def _launch_row(q, k, lse, query_start, nq, scale, want_top5, cfg):
     return (lse_out if lse is None else None), (top if want_top5 else None)
 
 
-def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=False, inv_nq=None,
-                want_s2=False):
+def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_entropy, cfg, want_gmax=False, inv_nq=None):
     """Column kernel: mass [BH, Lk] (already divided by nq), entropy partials [BH, n_kblocks] and,
-    with ``want_gmax``, per-query group maxima [BH, n_groups, nq] for the top-5 refinement; with ``want_s2``
-    also per key tile the largest second-largest logit of its groups [BH, n_kblocks, nq] (mode 6)."""
+    with ``want_gmax``, per-query group maxima [BH, n_groups, nq] for the top-5 refinement."""
     B, H, _, D = q.shape
     BH, Lk, dev = B * H, k.shape[2], q.device
     n_kb = triton.cdiv(Lk, cfg.col_block_n)
@@ -684,18 +546,15 @@ def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_en
     ent = torch.empty(BH, n_kb, dtype=torch.float32, device=dev) if want_entropy else mass
     group = min(cfg.group, cfg.col_block_n)
     gmax = torch.empty(BH, n_kb * (cfg.col_block_n // group), nq, dtype=torch.float32, device=dev) if want_gmax else mass
-    s2 = torch.empty(BH, n_kb, nq, dtype=torch.float32, device=dev) if want_s2 else mass
     sq, sk, sl = q.stride(), k.stride(), lse_strides
     _colmass_kernel[(n_kb, BH)](
-        q, k, lse, mass, ent, gmax, s2,
+        q, k, lse, mass, ent, gmax,
         sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
         H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq if inv_nq is None else inv_nq,
-        WANT_ENT=want_entropy, WANT_GMAX=want_gmax, WANT_S2=want_gmax and want_s2, GROUP=group,
+        WANT_ENT=want_entropy, WANT_GMAX=want_gmax, GROUP=group,
         BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q), EVEN_M=nq % cfg.col_block_m == 0,
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
     )
-    if want_s2:
-        return mass, (ent if want_entropy else None), (gmax if want_gmax else None), s2
     return mass, (ent if want_entropy else None), (gmax if want_gmax else None)
 
 
@@ -717,37 +576,10 @@ def _launch_refine(q, k, gmax, lse, lse_strides, l_start, query_start, nq, scale
     return top
 
 
-def _launch_top5_certified(q, k, gmax, s2, lse, lse_strides, l_start, query_start, nq, scale, cfg):
-    """Mode 6: per-query top-5 probability sums [BH, nq] from the group maxima and tile second maxima of
-    ``_launch_col``: the sum of the 5 largest group maxima where no group holds two of the 5 largest logits,
-    the exact refinement over the 5 selected groups for the other queries; and their count per (b,h). No host sync."""
-    B, H, _, D = q.shape
-    BH, Lk, dev = B * H, k.shape[2], q.device
-    n_groups, n_kb = gmax.shape[1], s2.shape[1]
-    qk2 = float(scale) * LOG2E
-    sq, sk, sl = q.stride(), k.stride(), lse_strides
-    sel = torch.empty(BH, 5, nq, dtype=torch.int32, device=dev)
-    rowtop = torch.empty(BH, nq, dtype=torch.float32, device=dev)
-    rows = torch.empty(BH, nq, dtype=torch.int32, device=dev)
-    cnt = torch.zeros(BH, dtype=torch.int32, device=dev)
-    _top5_select_kernel[(triton.cdiv(nq, cfg.select_block_m), BH)](
-        gmax, s2, lse, sel, rowtop, rows, cnt, sl[0], sl[1], sl[2], H, l_start, nq, n_groups, n_kb, qk2,
-        BLOCK_M=cfg.select_block_m, BLOCK_G=cfg.select_block_g, num_warps=cfg.select_warps,
-    )
-    bm = cfg.refine_block_m
-    _top5_refine_rows_kernel[(triton.cdiv(nq, bm), BH)](
-        q, k, sel, rows, cnt, lse, rowtop,
-        sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
-        H, query_start, l_start, nq, Lk, qk2,
-        GROUP=min(cfg.group, cfg.col_block_n), BLOCK_M=bm, HEAD_D=D, num_warps=cfg.refine_warps, num_stages=1,
-    )
-    return rowtop, cnt
-
-
 def _topk_mode(q: torch.Tensor, cfg: MassConfig) -> int:
     # the unique-key modes (3, 4) perturb the top-5 logits by <= BLOCK_N ulp: fine for 16-bit inputs,
     # not for fp32, which gets the exact static mode
-    if cfg.topk_mode in (5, 6):
+    if cfg.topk_mode == 5:
         return 4 if q.dtype != torch.float32 else 0  # the row kernel serves top5_concentration only
     if cfg.topk_mode >= 3 and q.dtype == torch.float32:
         return 0  # measured faster than the static exact mode 1 (H200, benchmarks/RESULTS.md)
@@ -790,7 +622,7 @@ def key_mass_stats_triton(
         sl, l_start = lse.stride(), query_start
 
     top = None
-    refine = want_top5 and cfg.topk_mode in (5, 6)
+    refine = want_top5 and cfg.topk_mode == 5
     if lse is None or (want_top5 and not refine):
         own_lse, top = _launch_row(q, k, lse, query_start, nq, scale, want_top5 and not refine, cfg)
         if lse is None:
@@ -801,21 +633,14 @@ def key_mass_stats_triton(
         # The group maxima take B*H*(Lk/group)*queries fp32, which grows with tokens^2: the queries go
         # through in chunks so that this buffer stays under max_group_bytes and extra memory stays linear.
         groups = triton.cdiv(Lk, cfg.col_block_n) * (cfg.col_block_n // min(cfg.group, cfg.col_block_n))
-        if cfg.topk_mode == 6:
-            groups += triton.cdiv(Lk, cfg.col_block_n)  # the tile second maxima
         per_query = B * H * groups * 4
         chunk = max(cfg.col_block_m, (max_group_bytes // per_query) // cfg.col_block_m * cfg.col_block_m)
         masses, ents, tops = [], [], []
         for c0 in range(0, nq, chunk):
             n_c = min(chunk, nq - c0)
             at = (sl, l_start + c0, query_start + c0, n_c, scale)
-            if cfg.topk_mode == 6:
-                m_c, e_c, gmax, s2 = _launch_col(q, k, lse, *at, want_entropy, cfg, want_gmax=True, inv_nq=1.0 / nq, want_s2=True)
-                tops.append(_launch_top5_certified(q, k, gmax, s2, lse, *at, cfg)[0])
-                del s2
-            else:
-                m_c, e_c, gmax = _launch_col(q, k, lse, *at, want_entropy, cfg, want_gmax=True, inv_nq=1.0 / nq)
-                tops.append(_launch_refine(q, k, gmax, lse, *at, cfg))
+            m_c, e_c, gmax = _launch_col(q, k, lse, *at, want_entropy, cfg, want_gmax=True, inv_nq=1.0 / nq)
+            tops.append(_launch_refine(q, k, gmax, lse, *at, cfg))
             masses.append(m_c)
             ents.append(e_c)
             del gmax
