@@ -4,7 +4,8 @@
   queries past it, accumulating p = exp2(q.k scale log2e - lse log2e) elementwise in registers.
   Column sums (incoming mass) and the entropy sum_ij p ln p need one reduction at the end instead
   of a cross-warp reduction per tile. For top-5 it also writes each query's largest logit per
-  group of 16 keys.
+  group of 16 keys. Row masks are compiled out when the queries fill the tiles, and padded keys are
+  masked only in the last key block (fewer instructions per pair).
 * ``_top5_refine_kernel``: per query, the 5 groups with the largest maxima hold its 5 largest
   logits; it recomputes those 80 logits exactly and sums the top 5 probabilities (default, exact).
 * ``_row_kernel`` (query-major): the lse when the caller has none, and the older top-5 by
@@ -13,8 +14,8 @@
   attention for the rows where the closed form is ill-conditioned (no host sync).
 
 The usual call passes ``lse`` from ``attention_with_lse`` (cuDNN attention returns it at no extra
-cost), so mass + entropy cost one QK^T pass (0.36 ms per SD3-medium layer on an H200) and top-5
-about 0.8 ms more (benchmarks/RESULTS.md).
+cost), so mass + entropy cost one QK^T pass (0.35-0.39 ms per SD3-medium layer on an H200) and top-5
+about 0.74 ms more (benchmarks/RESULTS.md, with the cost model and the variants that lost).
 """
 
 from __future__ import annotations
