@@ -74,11 +74,11 @@ class RunData:
         return self.run_dir / rows.iloc[0]
 
     def image(self, unit_id: str):
-        """A unit's image as an RGB PIL image."""
+        """A unit's image as an RGB PIL image (a video unit: its scored frame, `jobs.runformat.scored_frame`)."""
         from PIL import Image
 
         with Image.open(self.image_path(unit_id)) as im:
-            return im.convert("RGB")
+            return rf.scored_frame(im).convert("RGB")
 
     def paired(self, metric: str, arm: str, baseline: str | None = None) -> pd.DataFrame:
         """Per (prompt_id, seed_index) values of ``arm`` and the baseline and their difference.

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from .run import RunData
 
 WINDOW_COUNT = 3  # early / middle / late thirds of the recorded steps
-JOINT_FAMILIES = ("sd3", "flux")  # image and text keys in one sequence; other families attend to text by cross-attention
+JOINT_FAMILIES = ("sd3", "flux", "qwen_image", "z_image")  # image and text keys in one sequence; others attend to text by cross-attention
+# families whose text keys are a chat-template turn at the prompt's own length: not re-tokenized here (the recorder's
+# sink_token column names them)
+_UNTOKENIZED_FAMILIES = ("qwen_image", "z_image")
 
 
 @dataclass
@@ -85,7 +88,7 @@ def _tokenizers(model_key: str, family: str, has_clip: bool, has_t5: bool):
             clip = load_clip_tokenizer()
         except Exception:
             clip = None
-    if has_t5:
+    if has_t5 and family not in _UNTOKENIZED_FAMILIES:
         try:
             if model_key.startswith("preset:"):
                 from workers.tokenizer import load_t5_tokenizer  # the tiny presets' T5 stand-in

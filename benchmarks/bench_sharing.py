@@ -9,6 +9,14 @@ Sections (each prints its table as soon as it is done, so a time limit keeps wha
            baselines (Table-2-like A1 and A2, Table-13-fixed-like), run with sharing off (no cache, no prefix) and on
            (one baseline cache, prefix on): measured GPU seconds and images/hour, the plan's prediction for the same
            slice, and whether every image of the two modes is bit-identical.
+  units    a slice shaped like the catalogue's overlapping sweeps (Table-19-like, Table-6/7-like, Table-2-fixed-like,
+           Table-2-A1-like) through `jobs.run_shard`, three ways: no cache; the cache for baselines only; the cache for
+           baselines and intervened units. Measured GPU seconds and images/hour, the plan's prediction for each, every
+           image bit-identical across the three, and the seconds a group costs beyond its units' pipeline calls.
+  batching a 4-arm Table-2-fixed-like group (baseline + three arms at 12, record 6/12/18) at arms_per_batch 1, 2, 3:
+           seconds per group and images/hour.
+  records  host side only: `records_to_table` over one paper-configuration image's records (20 steps × layers
+           6/12/18 × CFG branches × 24 heads = 2,880 rows; removal at 12), synthetic values (image keys): seconds per image.
   options  one transformer step (stock processors, CFG batch 2): eager; replayed from a CUDA graph (and whether it
            equals eager bit for bit); VAE decode alone; decode on a second stream while the transformer steps run.
   steps    bench_worker's step table (stock, paper configuration exact and strided, all 24 layers): the step ratios.
@@ -97,17 +105,36 @@ def _slice_sweeps(folder: Path, res: int, steps: int, prompts: int, preset: str,
     return paths
 
 
-def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
-    import os
+def _run_sweep(loaded, sweep_path: Path, runs: Path, mode: str, pixels: dict):
+    """Create the run of one sweep file and run all its shards through `run_shard` with the pipeline already loaded
+    here; keeps every image's pixels under (sweep, image path)[mode]. Returns (run, manifest, GPU seconds)."""
+    import importlib
 
     import PIL.Image
 
-    import importlib
-
     from jobs.run_shard import run_shard
+    from orchestrate.create import create_run
 
     run_shard_module = importlib.import_module("jobs.run_shard")  # the module (jobs/__init__ exports the function)
-    from orchestrate.create import build_manifest, create_run
+    run, manifest, _ = create_run(sweep_path, str(runs))
+    run_shard_module._PIPELINES.clear()  # run_shard's per-process pipeline: the one already loaded here
+    run_shard_module._PIPELINES[manifest.sweep.model.model_dump_json()] = loaded
+    sync(loaded.device)
+    t0 = time.perf_counter()
+    for shard in manifest.shard_ids:
+        run_shard(run.root, shard)
+    sync(loaded.device)
+    seconds = time.perf_counter() - t0
+    for png in sorted(run.images_dir.rglob("*.png")):
+        key = (manifest.sweep.name, png.relative_to(run.images_dir).as_posix())
+        pixels.setdefault(key, {})[mode] = np.asarray(PIL.Image.open(png))
+    return run, manifest, seconds
+
+
+def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
+    import os
+
+    from orchestrate.create import build_manifest
     from orchestrate.estimate import plan_costs
 
     work = Path(tempfile.mkdtemp(prefix="bench-sharing-"))
@@ -126,19 +153,9 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
             os.environ["SINKSCOPE_BASELINE_CACHE"] = str(work / "cache")
         seconds, units = 0.0, 0
         for p in paths:
-            run, manifest, _ = create_run(p, str(folder / "runs"))
-            run_shard_module._PIPELINES.clear()  # run_shard's per-process pipeline: the one already loaded here
-            run_shard_module._PIPELINES[manifest.sweep.model.model_dump_json()] = loaded
-            sync(loaded.device)
-            t0 = time.perf_counter()
-            for shard in manifest.shard_ids:
-                run_shard(run.root, shard)
-            sync(loaded.device)
-            seconds += time.perf_counter() - t0
+            run, manifest, took = _run_sweep(loaded, p, folder / "runs", mode, pixels)
+            seconds += took
             units += manifest.num_units
-            for png in sorted(run.images_dir.rglob("*.png")):
-                key = (manifest.sweep.name, png.relative_to(run.images_dir).as_posix())
-                pixels.setdefault(key, {})[mode] = np.asarray(PIL.Image.open(png))
         predicted = plan_costs([build_manifest(p)[0] for p in paths])
         rows.append(dict(mode=mode, images=units, seconds=seconds, images_per_hour=units / seconds * 3600,
                          predicted_seconds=sum(c.seconds_without if mode == "off" else c.seconds_with for c in predicted),
@@ -155,6 +172,137 @@ def slice_section(loaded, res, steps, prompts, preset, dtype, layers):
           f"{on['predicted_seconds'] / off['predicted_seconds']:.3f}; every image bit-identical between modes: {same}", flush=True)
     return dict(rows=rows, bit_identical=same, measured_ratio=on["seconds"] / off["seconds"],
                 predicted_ratio=on["predicted_seconds"] / off["predicted_seconds"])
+
+
+def _unit_sweeps(folder: Path, res: int, steps: int, prompts: int, preset: str, dtype: str, layers: list[int]) -> list[Path]:
+    """Four sweeps whose units overlap as the catalogue's do: the 6/7-like sweep's arms are all in the 19-like one
+    (same recording and seeds), the two Table-2-like sweeps share their baselines (another seed base)."""
+    one = [layers[len(layers) // 2]]
+    base = {"model": {"preset": preset, "dtype": dtype}, "prompts": {"set": "geneval", "limit": prompts},
+            "generation": {"steps": steps, "guidance": 7.0, "height": res, "width": res}}
+    m2 = {"preset": "paper.m2", "layers": one}
+    m2_random = {"preset": "paper.m2_random", "layers": one}
+    specs = {
+        "units-t19": (1000, one, [("top_k1", m2), ("random_k1", m2_random), ("top_k5", {**m2, "k": 5})]),
+        "units-t67": (1000, one, [("top_sink", m2), ("random", m2_random)]),
+        "units-t2f": (42, layers, [("sink", {"preset": "fixed.m1", "layers": one}), ("random", {"preset": "fixed.random", "layers": one}),
+                                   ("modality_random", {"preset": "fixed.modality_random", "layers": one})]),
+        "units-t2a1": (42, layers, [("sink_a1", {"preset": "paper.m1a", "layers": one})]),
+    }
+    paths = []
+    for name, (seed_base, recorded, arms) in specs.items():
+        path = folder / f"{name}.yaml"
+        data = {**base, "name": name, "seeds": {"base": seed_base, "count": 1}, "recording": {"layers": recorded},
+                "arms": [{"name": "baseline", "intervention": None}, *({"name": n, "intervention": iv} for n, iv in arms)]}
+        path.write_text(yaml.safe_dump(data))
+        paths.append(path)
+    return paths
+
+
+def units_section(loaded, res, steps, prompts, preset, dtype, layers):
+    import pyarrow.dataset as pads
+
+    from orchestrate.create import build_manifest
+    from orchestrate.estimate import plan_costs
+
+    work = Path(tempfile.mkdtemp(prefix="bench-units-"))
+    rows, pixels = [], {}
+    for mode in ("off", "baselines", "units"):
+        folder = work / mode
+        folder.mkdir()
+        paths = _unit_sweeps(folder, res, steps, prompts, preset, dtype, layers)
+        for p in paths:
+            raw = yaml.safe_load(p.read_text())
+            raw["cache"] = {"baselines": "off" if mode == "off" else str(work / f"cache-{mode}"), "units": mode == "units"}
+            p.write_text(yaml.safe_dump(raw))
+        seconds, units, groups, call_seconds, per_sweep = 0.0, 0, 0, 0.0, {}
+        for p in paths:
+            run, manifest, took = _run_sweep(loaded, p, folder / "runs", mode, pixels)
+            seconds += took
+            units += manifest.num_units
+            groups += len(manifest.prompts)
+            table = pads.dataset(run.tables_dir / "units", format="parquet").to_table()
+            made = [(arm, t) for arm, t in zip(table.column("arm").to_pylist(), table.column("seconds").to_pylist()) if t > 0]
+            call_seconds += sum(t for _, t in made)
+            # per sweep: s per generated baseline and per generated intervened unit (pipeline call incl. decode)
+            per_sweep[manifest.sweep.name] = {
+                kind: statistics.mean(ts) if ts else None
+                for kind, ts in (("baseline", [t for a, t in made if a == "baseline"]), ("arm", [t for a, t in made if a != "baseline"]))
+            }
+        plan = plan_costs([build_manifest(p)[0] for p in paths])
+        predicted = sum(c.seconds_without if mode == "off" else c.seconds_with for c in plan)
+        generated = units if mode == "off" else sum(c.images_generated for c in plan)
+        rows.append(dict(mode=mode, images=units, seconds=seconds, images_per_hour=units / seconds * 3600, groups=groups,
+                         pipeline_call_seconds=call_seconds, outside_calls_per_group=(seconds - call_seconds) / groups,
+                         predicted_seconds=predicted, predicted_images_generated=generated, per_sweep=per_sweep))
+    same = all(len(set(v)) == 3 and all(np.array_equal(v["off"], x) for x in v.values()) for v in pixels.values())
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\n(units) 4 sweeps × {prompts} prompts, {steps} steps, {res}², through run_shard (one loaded pipeline)")
+    print(f"{'cache':10s} {'images':>7s} {'GPU s':>8s} {'img/h':>8s} {'in calls s':>10s} {'other s/group':>13s} {'plan s':>8s} {'plan gen':>8s}")
+    for r in rows:
+        print(f"{r['mode']:10s} {r['images']:7d} {r['seconds']:8.1f} {r['images_per_hour']:8.0f} {r['pipeline_call_seconds']:10.1f} "
+              f"{r['outside_calls_per_group']:13.3f} {r['predicted_seconds']:8.1f} {r['predicted_images_generated']:8d}")
+    for name, kinds in rows[0]["per_sweep"].items():
+        print(f"  {name}: s per generated " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items() if v is not None))
+    print(f"every image bit-identical across the three: {same}", flush=True)
+    return dict(rows=rows, bit_identical=same)
+
+
+def batching_section(loaded, res, steps, groups):
+    from manifests import ArmSpec, GenerationSpec, RecordingSpec
+    from workers import generate_group
+
+    arms = [ArmSpec(name="baseline"), ArmSpec(name="sink", intervention="fixed.m1"),
+            ArmSpec(name="random", intervention="fixed.random"), ArmSpec(name="modality", intervention="fixed.modality_random")]
+    rec = RecordingSpec(layers=[6, 12, 18])
+    rows = []
+    generate_group(loaded, PROMPTS[0], 5, arms, GenerationSpec(steps=steps, guidance=7.0, height=res, width=res), rec)  # warm-up
+    for a in (1, 2, 3):
+        gen = GenerationSpec(steps=steps, guidance=7.0, height=res, width=res, arms_per_batch=a)
+        if a > 1:  # a new batch shape: its first call picks GEMM plans
+            generate_group(loaded, PROMPTS[0], 5, arms, gen, rec)
+        sync(loaded.device)
+        t0 = time.perf_counter()
+        for i in range(groups):
+            generate_group(loaded, PROMPTS[1 + i % 5], 20 + i, arms, gen, rec)
+        sync(loaded.device)
+        sec = (time.perf_counter() - t0) / groups
+        rows.append(dict(arms_per_batch=a, s_per_group=sec, images_per_hour=len(arms) / sec * 3600))
+    print(f"\n(batching) baseline + 3 arms at 12, {steps} steps, {res}², record 6/12/18, {groups} groups each")
+    for r in rows:
+        print(f"  arms_per_batch {r['arms_per_batch']}: {r['s_per_group']:.2f} s/group = {r['images_per_hour']:.0f} img/h", flush=True)
+    return rows
+
+
+def records_section(repeats: int = 5):
+    """Seconds `records_to_table` takes for one paper-configuration image (the host time outside the pipeline call)."""
+    from workers.recorder import records_to_table
+    from workers.session import CallRecord
+
+    heads, generator = 24, torch.Generator("cpu").manual_seed(0)
+    records = []
+    for step in range(20):
+        for layer in (6, 12, 18):
+            for branch in ("uncond", "cond"):
+                acts = layer == 12
+                records.append(CallRecord(
+                    arm="sink", branch=branch, element=0, step=step, timestep=1000.0 - 50 * step, sigma=1.0 - step / 20,
+                    layer=layer, layer_name=f"transformer_blocks.{layer}.attn", heads=heads, num_image=4096, num_clip=77,
+                    t5_valid=None, topk_idx=torch.randint(0, 4096, (heads, 5), generator=generator),
+                    topk_mass=torch.rand(heads, 5, generator=generator), max_mass=torch.rand(heads, generator=generator),
+                    entropy=torch.rand(heads, generator=generator), top5=torch.rand(heads, generator=generator),
+                    selected=torch.randint(0, 4096, (heads, 1), generator=generator) if acts else None,
+                    removed_mass_after=torch.rand(heads, generator=generator) if acts else None, image_size=(1024, 1024)))
+    records_to_table(records)  # warm-up (imports, region tables)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rows = records_to_table(records).num_rows
+        times.append(time.perf_counter() - t0)
+    row = dict(rows=rows, seconds_per_image=statistics.median(times))
+    print(f"\n(records) records_to_table, one paper-configuration image ({rows} rows): {row['seconds_per_image'] * 1e3:.1f} ms "
+          f"(median of {repeats}, host CPU tensors)", flush=True)
+    return row
 
 
 def _time(fn, iters, device):
@@ -271,7 +419,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=3, help="prompts per sweep of the slice")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--groups", type=int, default=2)
-    ap.add_argument("--sections", default="prefix,slice,options,steps,compile")
+    ap.add_argument("--sections", default="prefix,slice,units,batching,options,steps,compile")
     args = ap.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -304,6 +452,15 @@ def main():
         save()
     if "slice" in sections:
         result["slice"] = slice_section(slice_loaded, slice_res, args.steps, args.prompts, preset, dname, slice_layers)
+        save()
+    if "units" in sections:
+        result["units"] = units_section(slice_loaded, slice_res, args.steps, args.prompts, preset, dname, slice_layers)
+        save()
+    if "batching" in sections:
+        result["batching"] = batching_section(loaded, res, args.steps, args.groups)
+        save()
+    if "records" in sections:
+        result["records"] = records_section()
         save()
     if "options" in sections:
         result["options"] = options_section(loaded, res, args.iters)

@@ -1,21 +1,24 @@
-"""A content-addressed store of generated baselines, shared by runs (and shards, and hosts) that see the same folder.
+"""A content-addressed store of generated units, shared by runs (and shards, and hosts) that see the same folder.
 
-Why: the paper catalogue generates the same unintervened image many times (the six Table 2 sweeps each make the
-same 553 baselines). A baseline's pixels are a pure function of what `workers.baseline_identity` puts in its
-identity (model weights' hashes, dtype, device kind, library versions, the workers' code, prompt, seed,
-generation settings, scheduler, recording), so a run that finds an entry under that identity's key reuses its
-image, latents and sink records instead of generating them again.
+Why: the paper catalogue generates the same image many times (the six Table 2 sweeps each make the same 553
+baselines; Tables 6/7 make 256 units that Table 19 makes too). A unit's pixels are a pure function of what
+`workers.baseline_identity` puts in its identity (model weights' hashes, dtype, device kind, library versions,
+the workers' code, prompt, seed, generation settings, scheduler, recording; for an intervened unit also its
+resolved intervention and, when it ran batched, the whole batch), so a run that finds an entry under that
+identity's key reuses its image and sink records (and a baseline's latents) instead of generating them again.
 
 Storage: one file per entry, `<root>/entries/<key[:2]>/<key>.zip`, holding `meta.json` (the identity, who
 produced it, the sha256 of every other member), `image.png`, `sink_steps.parquet` and `latents.safetensors`
-(the latents entering each captured step and the final ones; opaque bytes here, so this module needs no torch).
+(a baseline's latents entering each captured step and its final ones, opaque bytes here, so this module needs no
+torch; empty for an intervened unit).
 An entry is written to a hidden temporary name in its folder, fsynced and renamed into place, so a reader on
 any host sees a whole entry or none (rename is atomic on POSIX file systems and NFS); two shards publishing the
 same key write the same pixels, and the later rename simply wins. A member whose checksum does not match makes
 the entry a miss (and it is regenerated and republished), never an error.
 
 Where and whether: the sweep's `cache.baselines` (auto | off | a folder) or the environment variable
-SINKSCOPE_BASELINE_CACHE (off | a folder), which wins, so an operator can turn it off for one submission.
+SINKSCOPE_BASELINE_CACHE (off | a folder), which wins, so an operator can turn it off for one submission;
+`cache.units: false` keeps intervened units out of it (baselines only).
 """
 
 from __future__ import annotations

@@ -52,10 +52,6 @@ def _pipeline_for(model) -> object:
     return _PIPELINES[key]
 
 
-def _png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _scratch_group_ok(scratch: Path, group_index: int, run: RunDir) -> bool:
@@ -160,9 +156,10 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
             group_started = time.perf_counter()
             lookups = _cache_lookup(cache, loaded, sweep, first, arm_specs) if cache is not None else {}
             reused = {name: found.reused for name, found in lookups.items() if found.reused is not None}
+            reuse_chunk = _unit_lookup(cache, loaded, sweep, first, lookups) if cache is not None and sweep.cache.units else None
             results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
-                                             reused=reused)
-            to_publish = _latents_to_publish(lookups, results, sweep, arm_specs)  # device → host here, not in the writer
+                                             reused=reused, reuse_chunk=reuse_chunk)
+            to_publish = _latents_to_publish(loaded, lookups, results, sweep, arm_specs)  # device → host here, not in the writer
             generated_s = time.perf_counter() - group_started
             if pending is not None:
                 settle()
@@ -177,16 +174,15 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
 
 
 class _Lookup:
-    """One baseline arm's cache key and, on a hit, what stands in for generating it."""
+    """One arm's cache key and, on a hit, what stands in for generating it (`held`: the latent steps of a baseline
+    entry found without all the steps the group needs, kept when it is republished)."""
 
-    def __init__(self, key: str, identity: dict, reused=None, entry_path: Path | None = None):
-        self.key, self.identity, self.reused, self.entry_path = key, identity, reused, entry_path
+    def __init__(self, key: str, identity: dict, reused=None, entry_path: Path | None = None, held: tuple = ()):
+        self.key, self.identity, self.reused, self.entry_path, self.held = key, identity, reused, entry_path, held
 
 
 def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -> dict[str, _Lookup]:
     """Look up every baseline arm of a group; a hit must also hold the latents the group's prefix arms start from."""
-    import PIL.Image
-
     import workers
     from workers.baseline_identity import baseline_identity, latents_from_bytes
 
@@ -201,24 +197,58 @@ def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -
         if entry is None:
             continue
         trajectory, final, sigmas = latents_from_bytes(entry.latents)
-        needed = workers.latents_needed(arm_specs, sweep.generation, sigmas)
+        needed = workers.prefix_latents_needed(loaded, arm_specs, sweep.generation, sigmas)
         if not set(needed) <= set(trajectory):
+            out[arm.name].held = tuple(entry.latent_steps)
             log.info("baseline %s: cache entry %s lacks the latents of steps %s, regenerating", arm.name, entry.path,
                      sorted(set(needed) - set(trajectory)))
             continue
-        image = PIL.Image.open(io.BytesIO(entry.image_png))
-        image.load()
         device = {"device": loaded.device}
         out[arm.name].reused = workers.ReusedBaseline(
-            image=image, png=entry.image_png, sink_rows=pq.read_table(io.BytesIO(entry.sink_steps_parquet)),
-            trajectory={step: t.to(**device) for step, t in trajectory.items()}, final_latents=final.to(**device), sigmas=sigmas,
+            **_reused_members(entry), trajectory={step: t.to(**device) for step, t in trajectory.items()},
+            final_latents=final.to(**device), sigmas=sigmas,
         )
         out[arm.name].entry_path = entry.path
         log.info("baseline %s of prompt %d seed %d reused from %s", arm.name, first["prompt_id"], first["seed_index"], entry.path)
     return out
 
 
-def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
+def _reused_members(entry) -> dict:
+    """A cache entry's image (decoded, and its PNG bytes as cached) and sink rows: what a reused unit stands on."""
+    import PIL.Image
+
+    image = PIL.Image.open(io.BytesIO(entry.image_png))
+    image.load()
+    return dict(image=image, png=entry.image_png, sink_rows=pq.read_table(io.BytesIO(entry.sink_steps_parquet)))
+
+
+def _unit_lookup(cache: BaselineCache, loaded, sweep, first: dict, lookups: dict):
+    """generate_group's `reuse_chunk` for one group: looks every arm of a planned pipeline call up in the cache by
+    its unit identity (recorded in `lookups`, so a miss is published once generated); the call is reused only
+    when every arm of it is cached."""
+    import workers
+    from workers.baseline_identity import baseline_identity, unit_identity
+
+    group = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
+
+    def reuse_chunk(step: int, chunk) -> dict | None:
+        entries = {}
+        for position, arm in enumerate(chunk):
+            identity = unit_identity(group, chunk, position, step, sweep.generation.steps)
+            key = identity_key(identity)
+            lookups[arm.name] = _Lookup(key, identity)
+            entries[arm.name] = cache.get(key)
+        if any(entry is None for entry in entries.values()):
+            return None
+        for name, entry in entries.items():
+            lookups[name].entry_path = entry.path
+            log.info("unit %s of prompt %d seed %d reused from %s", name, first["prompt_id"], first["seed_index"], entry.path)
+        return {name: workers.ReusedUnit(**_reused_members(entry)) for name, entry in entries.items()}
+
+    return reuse_chunk
+
+
+def _latents_to_publish(loaded, lookups: dict, results, sweep, arm_specs) -> dict[str, tuple[bytes, list[int]]]:
     """Per baseline generated here (a cache miss): its serialised latents and which steps they hold, made on the
     GPU's thread (a copy from the writer thread would queue behind the next group's kernels)."""
     import workers
@@ -227,9 +257,13 @@ def _latents_to_publish(lookups: dict, results, sweep, arm_specs) -> dict[str, t
     out = {}
     for result in results:
         lookup = lookups.get(result.arm)
-        if lookup is None or lookup.reused is not None:
+        if lookup is None or lookup.entry_path is not None:
+            continue  # not cached here, or reused
+        if result.trajectory is None:  # an intervened unit: its image and sink rows are the entry
+            out[result.arm] = (b"", [])
             continue
-        steps = workers.latents_needed(arm_specs, sweep.generation, result.sigmas)
+        # the steps this group needs, and those the entry it replaces held (its other consumers need them)
+        steps = sorted(set(workers.prefix_latents_needed(loaded, arm_specs, sweep.generation, result.sigmas)) | set(lookup.held))
         out[result.arm] = (latents_to_bytes({s: result.trajectory[s] for s in steps}, result.final_latents, result.sigmas), steps)
     for result in results:  # the trajectory is no longer needed: free it before the next group
         result.trajectory = None
@@ -249,7 +283,7 @@ def _write_group(run: RunDir, scratch: Path, shard_id: int, group_index: int, gr
     for row, result in zip(group, results):
         assert result.arm == row["arm"], (result.arm, row["arm"])
         rel = rf.image_relpath(row["arm"], row["prompt_id"], row["seed_index"])
-        png = result.png if result.png is not None else _png_bytes(result.image)
+        png = result.png if result.png is not None else rf.png_bytes(result.image)
         lookup = lookups.get(row["arm"])
         if cache is not None and to_publish and row["arm"] in to_publish:
             latents, steps = to_publish[row["arm"]]

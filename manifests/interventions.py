@@ -99,6 +99,10 @@ class StepWindow(BaseModel):
         return [i for i in range(num_steps) if lo <= sigmas[i] <= hi]
 
 
+# families whose pipelines never pad the text (manifests.models.Geometry.family)
+UNPADDED_FAMILIES = ("qwen_image", "z_image")
+
+
 class PromptEdit(BaseModel):
     """A prompt-side change: the token ids the text encoders get (tokenizers' `max_length` calls only).
 
@@ -133,6 +137,18 @@ class PromptEdit(BaseModel):
 
     def applies_to(self, segment: str) -> bool:
         return segment in self.encoders
+
+    def unsupported_reason(self, family: str) -> str | None:
+        """Why this edit makes no sense on a model family (None: it does). Qwen-Image's and Z-Image's pipelines pass
+        the denoiser each prompt's real tokens only: there are no tokenizer padding slots to fill or drop (Z-Image's
+        own caption padding is a learned embedding, not a token), only a maximum length to truncate to."""
+        if family in UNPADDED_FAMILIES:
+            if self.pad_token is not None or self.pad_text is not None or self.padding_slots is not None:
+                return ("pad_token / pad_text / padding_slots edit padding, but this model's pipeline encodes each prompt at "
+                        "its own length without padding slots (only max_length applies: it truncates the text)")
+            if not self.applies_to("t5"):
+                return "this model has one text encoder, addressed as `t5` (the sequence-text segment); `encoders` leaves it out"
+        return None
 
 
 class Intervention(BaseModel):

@@ -2,11 +2,12 @@
 
 The one owner of the mapping from a key index (the `topk_idx` / `sink_idx` of a sink record) to a place:
 - image keys: (frame, row, column) on the patch grid, frame-major then row-major (the order every supported
-  transformer flattens its patches in: SD3 / PixArt / Flux / Qwen-Image patchify row by row; video
+  transformer flattens its patches in: SD3 / PixArt / Flux / Qwen-Image / Z-Image patchify row by row; video
   transformers frame by frame), and whether the patch is a `corner`, on an `edge` or `interior`;
-- text keys: the encoder segment (`clip` | `t5`), the position within it, the token string, and whether it is
+- text keys: the encoder segment (`clip` | `t5`; `t5` is the family's sequence text encoder: T5, Qwen2.5-VL on
+  Qwen-Image, Qwen3 on Z-Image), the position within it, the token string, and whether it is
   `padding` (a slot after the prompt's last real token, whatever token fills it: the pad token, or a comma
-  under comma padding), `special` (BOS / EOS / other tokenizer specials) or `content`.
+  under comma padding, or Z-Image's learned caption pad embedding, which has no token), `special` (BOS / EOS / other tokenizer specials) or `content`.
 
 Torch-free, so analysis (spatial sink maps) and the recorder share it: the grid of a layer follows from its
 number of image keys and the generated size alone (`ImageGrid.for_tokens`), which also covers SDXL's UNet

@@ -165,6 +165,11 @@ class GenerationSpec(_Strict):
     guidance: float = Field(7.0, ge=0.0, le=100.0, description="classifier-free guidance scale (finite, 0..100)")
     height: int | None = Field(None, ge=16, le=8192, description="pixels; default: the model's native resolution")
     width: int | None = Field(None, ge=16, le=8192)
+    num_frames: int | None = Field(
+        None, ge=1, le=1025,
+        description="video models only (Wan: 4k+1, LTX-Video: 8k+1, the VAE's temporal compression); default: the model's "
+        "own. A video unit is stored as one frame-strip PNG (jobs.runformat.frame_strip)",
+    )
     scheduler: Literal["default", "flow_euler", "flow_dpmpp"] = Field(
         "default", description="default = the pipeline's own; flow_* are valid flow-matching samplers (paper bug §5.11 avoided)"
     )
@@ -235,8 +240,8 @@ def sinkscope_cache_root() -> Path:
 
 
 class CacheSpec(_Strict):
-    """Reuse of generated baselines across runs (jobs.baseline_cache). Not part of the config hash: a reused
-    baseline is bit-identical to the one the run would generate."""
+    """Reuse of generated units across runs (jobs.baseline_cache). Not part of the config hash: a reused unit
+    is bit-identical to the one the run would generate."""
 
     baselines: str = Field(
         "auto",
@@ -244,6 +249,17 @@ class CacheSpec(_Strict):
         "baseline; or a folder (shared storage on a cluster). The environment variable SINKSCOPE_BASELINE_CACHE "
         "(off | a folder) overrides it",
     )
+    units: bool = Field(
+        True,
+        description="also reuse intervened units from the same cache (an arm whose model, settings, prompt, seed, "
+        "recording, resolved intervention, batch and workers' code equal a cached one's); false: baselines only",
+    )
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        """YAML 1.1 reads an unquoted `off` (what the docs say to write) as false: take it as "off"."""
+        return "off" if v is False else v
 
 
 class ShardingSpec(_Strict):
@@ -430,6 +446,10 @@ class Sweep(_Strict):
             raise ValueError(f"analysis.baseline: {self.analysis.baseline!r} is not an arm name (arms: {names})")
         geo = self.model.geometry()
         height, width = self.resolution()
+        if geo is not None and self.generation.num_frames is not None:
+            problem = geo.frames_error(self.generation.num_frames)
+            if problem:
+                raise ValueError(f"generation.num_frames: {problem} ({self.model.label})")
         if geo is not None and geo.modules:
             self._check_patterns(geo)
         if geo is not None and geo.family in ("sd3", "flux"):  # token-level checks need a joint [image | text] layout
@@ -466,6 +486,9 @@ class Sweep(_Strict):
                     raise ValueError(f"{where}.indices: index {max(iv.indices)} ≥ the {n_keys} keys of the model at {height}×{width}")
         for i, arm in enumerate(self.arms):
             edit = arm.intervention.prompt if arm.intervention is not None else None
+            why = edit.unsupported_reason(geo.family) if edit is not None and geo is not None else None
+            if why:
+                raise ValueError(f"arms[{i}] ({arm.name}).intervention.prompt: {why} ({self.model.label})")
             if edit is not None and edit.max_length and geo is not None and geo.clip_tokens and edit.applies_to("clip"):
                 if edit.max_length > geo.clip_tokens:
                     raise ValueError(

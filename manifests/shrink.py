@@ -11,7 +11,8 @@ import copy
 
 from manifests.models import PRESET_GEOMETRY
 
-TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "pixart": "tiny-pixart"}
+TINY_FOR_FAMILY = {"sd3": "tiny-sd3-deep", "sdxl": "tiny-sdxl", "flux": "tiny-flux", "pixart": "tiny-pixart",
+                   "qwen_image": "tiny-qwen-image", "z_image": "tiny-z-image", "wan": "tiny-wan", "ltx": "tiny-ltx-video"}
 # models whose architecture differs within their family: SD3.5's dual-attention `.attn2`, PixArt-α's pipeline
 TINY_FOR_HUB = {
     "stabilityai/stable-diffusion-3.5-medium": "tiny-sd35",
@@ -50,10 +51,13 @@ def shrink(data: dict, family: str, source_layers: int, prompts: int = 2, steps:
     out["seeds"] = {**data.get("seeds", {}), "count": 1}
     generation = dict(data.get("generation", {}))
     generation.update(steps=min(generation.get("steps", 20), steps), height=64, width=64)
+    if PRESET_GEOMETRY[preset].is_video:  # the tiny model's own few frames (a valid count for its VAE)
+        generation["num_frames"] = PRESET_GEOMETRY[preset].default_frames
     out["generation"] = generation
     recording = dict(data.get("recording", {}))
     if "layers" in recording:
-        recording["layers"] = sorted(_map_layers(list(recording["layers"]), source_layers, target_layers))
+        mapped = _map_layers(list(recording["layers"]), source_layers, target_layers)  # integers first, then patterns
+        recording["layers"] = sorted(mapped, key=lambda layer: (isinstance(layer, str), layer if isinstance(layer, int) else 0, str(layer)))
     out["recording"] = recording
     for arm in out["arms"]:
         iv = arm.get("intervention")

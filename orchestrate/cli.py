@@ -342,8 +342,8 @@ def plan(
 
     Every file is checked (syntax, keys, values, the model folder, the prompt file, that the output root is
     writable); exits 2 if any of them is invalid, after reporting all of them. With several sweeps (or a folder),
-    a table of them and the total follows, baselines shared across the sweeps in the order given (one baseline
-    cache for all of them).
+    a table of them and the total follows, run in the order given with one cache: baselines and intervened units
+    reused, baselines generated again for latents, prefix steps taken from baselines.
     """
     paths: list[Path] = []
     for path in sweeps:
@@ -405,29 +405,40 @@ def _print_plan(manifest, cost) -> None:
         f"{len(manifest.prompts)} prompts × {s.seeds.count} seeds × {len(s.arms)} arms = [bold]{manifest.num_units}[/bold] units "
         f"in [bold]{len(manifest.shard_ids)}[/bold] shards ({s.sharding.prompts_per_shard} prompts per shard)"
     )
-    console.print(estimate.describe(s, manifest.num_units))
-    console.print(estimate.describe_sharing(cost) + " (a baseline cache shared with other runs saves more)")
+    console.print(estimate.describe(s, cost))
+    console.print(estimate.describe_sharing(cost) + " (a cache shared with other runs saves more)")
 
 
 def _plan_many(costs) -> None:
-    table = Table(title=f"{len(costs)} sweeps, one baseline cache (in this order)")
-    for name in ("sweep", "images", "baselines", "reused", "prefix steps", "without sharing", "with sharing"):
+    table = Table(title=f"{len(costs)} sweeps, one cache (in this order)")
+    columns = ("sweep", "images", "baselines", "reused", "again", "arms", "arms reused", "prefix steps", "without sharing", "with sharing")
+    for name in columns:
         table.add_column(name, justify="left" if name == "sweep" else "right")
     for c in costs:
-        table.add_row(c.name, str(c.units), str(c.baseline_units), str(c.baseline_units - c.baselines_generated),
-                      str(c.prefix_steps_saved), estimate.hours_or_minutes(c.seconds_without, c.where),
-                      estimate.hours_or_minutes(c.seconds_with, c.where))
+        table.add_row(c.name, str(c.units), str(c.baseline_units), str(c.baselines_reused), str(c.baselines_regenerated),
+                      str(c.intervened_units), str(c.units_reused), str(c.prefix_steps_saved),
+                      estimate.hours_or_minutes(c.seconds_without, c.where), estimate.hours_or_minutes(c.seconds_with, c.where))
     console.print(table)
+    console.print("baselines reused: taken from the cache; again: cached by an earlier sweep without the latents this "
+                  "sweep's prefix arms need, so generated again; arms reused: intervened units taken from the cache")
+    again = [c for c in costs if c.baselines_regenerated]
+    if again:
+        console.print(f"hint: {', '.join(c.name for c in again)} generate{'s' if len(again) == 1 else ''} "
+                      f"{sum(c.baselines_regenerated for c in again)} baselines again for their prefix latents; run "
+                      f"{'it' if len(again) == 1 else 'them'} before the sweeps that share their baselines to avoid that")
     for where in sorted({c.where for c in costs}):
         part = [c for c in costs if c.where == where]
         without, with_ = sum(c.seconds_without for c in part), sum(c.seconds_with for c in part)
-        units, generated = sum(c.units for c in part), sum(c.images_generated for c in part)
-        baselines = sum(c.baseline_units for c in part)
+
+        def total(field: str) -> int:
+            return sum(getattr(c, field) for c in part)
+
         console.print(
-            f"total on {where}: {units} images, {baselines} of them baselines ({baselines - sum(c.baselines_generated for c in part)} "
-            f"reused) → {generated} generated, {sum(c.prefix_steps_saved for c in part)} steps taken from baselines; "
-            f"[bold]≈{estimate.hours_or_minutes(without, where)} without sharing, ≈{estimate.hours_or_minutes(with_, where)} with "
-            f"({with_ / without:.0%})[/bold]"
+            f"total on {where}: {total('units')} images in {total('groups')} groups; {total('baselines_reused')} of "
+            f"{total('baseline_units')} baselines reused ({total('baselines_regenerated')} generated again for latents), "
+            f"{total('units_reused')} of {total('intervened_units')} intervened units reused → {total('images_generated')} "
+            f"generated, {total('prefix_steps_saved')} steps taken from baselines; [bold]≈{estimate.hours_or_minutes(without, where)} "
+            f"without sharing, ≈{estimate.hours_or_minutes(with_, where)} with ({with_ / without:.0%})[/bold]"
         )
 
 

@@ -1,10 +1,16 @@
-"""Everything that determines a baseline's pixels and records, as plain data (the baseline cache's identity).
+"""Everything that determines a unit's pixels and records, as plain data (the unit cache's identity).
+
+A baseline's identity is `baseline_identity`; an intervened unit's is its group's baseline identity plus what
+`manifests.grouping.chunk_identity` adds (its resolved intervention, and the whole batch when it ran batched):
+`unit_identity`. The processors' code is in `code_version`, so a change to how an intervention computes
+never reuses an old image.
 
 `jobs.baseline_cache` hashes this dict into an entry key, so two baselines share an entry only if every field
 here is equal: the model's weights (a hub snapshot's commit and its files' content hashes, a local folder's
 file hashes, or a random preset's name), load_t5, dtype, the device kind, the torch / diffusers / transformers
-versions, the workers' code (every source file of this package, so a processor or recorder change never reuses
-an old image), the prompt text, the seed, the generation settings that reach the pipeline, the scheduler's
+versions, the workers' code (every source file of this package and the manifests modules that define what an
+intervention and a record compute, so a processor, recorder or intervention change never reuses an old image),
+the prompt text, the seed, the generation settings that reach the pipeline, the scheduler's
 class and config, and the recording spec. Over-keying costs a regeneration; under-keying would reuse a wrong
 image, so when in doubt a field is in.
 
@@ -25,15 +31,23 @@ from manifests.schema import GenerationSpec, ModelSpec, RecordingSpec
 from workers.loading import LoadedPipeline
 
 _CODE_SUFFIXES = (".py", ".cu", ".cpp", ".h", ".cuh")
+# modules outside workers/ whose code decides what a unit computes: an intervention's active steps and prefix start
+# (interventions), the key layout and regions in the sink records (keys), which arms share a batch (grouping),
+# the models' geometry and layer addressing (models)
+_MANIFEST_CODE = ("interventions.py", "keys.py", "grouping.py", "models.py")
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """sha256 over the workers package's source files (path and content), in path order."""
+    """sha256 over the workers package's source files and the manifests modules in _MANIFEST_CODE (path and
+    content), in path order."""
     root = Path(__file__).resolve().parent
+    repo = root.parent
+    files = [p for p in root.rglob("*") if p.suffix in _CODE_SUFFIXES and "__pycache__" not in p.parts]
+    files += [repo / "manifests" / name for name in _MANIFEST_CODE]
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in _CODE_SUFFIXES and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+    for path in sorted(files):
+        digest.update(path.relative_to(repo).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -119,6 +133,15 @@ def baseline_identity(loaded: LoadedPipeline, model: ModelSpec, prompt: str, see
         "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
         "recording": recording.model_dump(mode="json"),
     }
+
+
+def unit_identity(group_identity: dict, chunk: list, position: int, step: int, num_steps: int) -> dict:
+    """The cache identity of intervened arm `chunk[position]`, run in `chunk` from step `step` (group_plan's
+    call) of `num_steps`, in the group whose baseline identity is `group_identity` (a baseline identity needs no
+    baseline arm)."""
+    from manifests.grouping import chunk_identity
+
+    return {**group_identity, "unit": chunk_identity(chunk, position, step, num_steps)}
 
 
 def latents_to_bytes(trajectory: dict[int, torch.Tensor], final: torch.Tensor, sigmas: list[float]) -> bytes:

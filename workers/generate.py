@@ -17,7 +17,14 @@ batch is still untouched by its neighbours' interventions (its rows are the stoc
 Families: SD3 / SD3.5 and SDXL (CFG batch [uncond, cond]); PixArt-Σ (the same, T5 with attention masks);
 Flux (FLUX.1-dev is guidance-distilled: `generation.guidance` is its embedded guidance scale, there is no
 CFG batch, only the cond branch; Flux's "true CFG" would call the transformer twice per step and is not
-used).
+used); Qwen-Image (workers.qwen_encoding: `generation.guidance` is its `true_cfg_scale`; the pipeline calls the
+transformer twice per step, cond × A then uncond × A, and the session hands each call the elements of its branch
+from the same [uncond × A, cond × A] plan list); Z-Image (`generation.guidance` > 0 enables CFG, pos + g·(pos − neg);
+one call with the batch [cond × A, uncond × A], lists of latents and captions). Wan 2.1 (video): 5-D latents
+[1, C, latent frames, h, w]; WanPipeline runs CFG as two denoiser calls per step, cond × A then uncond × A, handed
+their elements as Qwen-Image's are; a unit's image is the video's frame strip (`jobs.runformat.frame_strip`).
+LTX-Video: its latents packed into tokens (1×1×1 patches, frame by frame), one CFG batch [uncond, cond], T5 padding
+masked in cross-attention as PixArt's.
 
 Fault injection for the cluster tests: `SINKSCOPE_FAULT_INJECT` holds comma-separated hooks; with
 `raise_on_prompt:<substring>`, `generate_group` raises RuntimeError for a prompt containing <substring>
@@ -28,23 +35,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from manifests.grouping import chunks, group_plan, latents_needed, prompt_edit, start_step  # noqa: F401 (re-exported)
 from manifests.interventions import PromptEdit
 from manifests.keys import TextKey
 from manifests.schema import ArmSpec, GenerationSpec, RecordingSpec
 from workers import prompt_side
 from workers.loading import LoadedPipeline
+from workers.processors.common import denoiser_processors, set_denoiser_processors
+from workers.qwen_encoding import check_z_image_size, encode_qwen_image, encode_z_image, qwen_image_latents
 from workers.recorder import records_to_table
 from workers.session import ElementPlan, RunContext
 
-_FLOW_FAMILIES = ("sd3", "flux")
+_FLOW_FAMILIES = ("sd3", "flux", "qwen_image", "z_image", "wan", "ltx")
+VIDEO_FAMILIES = ("wan", "ltx")  # pipelines that return frames: a unit's image is their frame strip (jobs.runformat)
 
 
 @dataclass
@@ -63,12 +76,18 @@ class ArmResult:
 
 
 @dataclass
-class ReusedBaseline:
-    """A baseline taken from elsewhere (jobs' baseline cache) instead of generated: what generate_group needs of it."""
+class ReusedUnit:
+    """An arm's result taken from elsewhere (jobs' unit cache) instead of generated: its image and sink rows."""
 
     image: object  # PIL.Image.Image
     png: bytes
     sink_rows: pa.Table
+
+
+@dataclass
+class ReusedBaseline(ReusedUnit):
+    """A reused baseline: also the latents that prefix-sharing arms of the group start from."""
+
     trajectory: dict  # step -> latents entering that step (the steps the producer captured)
     final_latents: object
     sigmas: list[float]
@@ -87,6 +106,7 @@ class EncodedPrompt:
     width: int
     text_cond: tuple[TextKey, ...] = ()  # the denoiser's text keys [CLIP | T5] as encoded (prompt edits included)
     text_uncond: tuple[TextKey, ...] = ()
+    frames: int = 1  # video frames generated (the pipeline's num_frames); 1 for image models
 
     @property
     def num_clip(self) -> int:
@@ -122,8 +142,12 @@ def make_scheduler(pipe, kind: str):
     base = pipe.scheduler.config
     if kind == "default":
         return pipe.scheduler
+    # Wan's default (UniPC over flow sigmas) names its shift `flow_shift`; the flow-matching schedulers call it `shift`
+    shift = base.get("shift", base.get("flow_shift", 3.0))
     if kind == "flow_euler":
-        return FlowMatchEulerDiscreteScheduler.from_config(base)
+        if "shift" in base:  # already a flow-matching config (SD3, Flux, LTX-Video)
+            return FlowMatchEulerDiscreteScheduler.from_config(base)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=base.get("num_train_timesteps", 1000), shift=shift)
     if kind == "flow_dpmpp":
         extra = {}
         if base.get("use_dynamic_shifting"):  # Flux: resolution-dependent shift (mu), as its Euler default does
@@ -134,24 +158,41 @@ def make_scheduler(pipe, kind: str):
             solver_order=2,
             prediction_type="flow_prediction",
             use_flow_sigmas=True,
-            flow_shift=base.get("shift", 3.0),
+            flow_shift=shift,
             **extra,
         )
     raise ValueError(f"unknown scheduler {kind!r} (default, flow_euler, flow_dpmpp)")
 
 
-def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int) -> torch.Tensor:
-    """Batch-1 initial latents in the shape the pipeline's `latents=` expects (Flux: packed)."""
+def initial_latents(loaded: LoadedPipeline, seed: int, height: int, width: int, frames: int = 1) -> torch.Tensor:
+    """Batch-1 initial latents in the shape the pipeline's `latents=` expects (Flux: packed; video: 5-D
+    [1, C, latent frames, h, w] for `frames` video frames)."""
     pipe = loaded.pipe
     generator = torch.Generator("cpu").manual_seed(seed)
+    if loaded.family in VIDEO_FAMILIES:
+        geo = loaded.geometry
+        cfg = loaded.denoiser.config
+        if loaded.family == "ltx":  # LTXPipeline takes its latents packed into tokens [1, frames·h·w, C·patch volume]
+            channels = cfg.in_channels // (cfg.patch_size * cfg.patch_size * cfg.patch_size_t)
+        else:
+            channels = cfg.in_channels
+        shape = (1, channels, geo.latent_frames(frames), height // geo.vae_scale, width // geo.vae_scale)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if loaded.family == "ltx":
+            noise = pipe._pack_latents(noise, cfg.patch_size, cfg.patch_size_t)
+        return noise.to(device=loaded.device, dtype=loaded.dtype)
     if loaded.family == "flux":
         channels = pipe.transformer.config.in_channels // 4
         h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
         noise = torch.randn((1, channels, h, w), generator=generator, dtype=torch.float32)
         return pipe._pack_latents(noise, 1, channels, h, w).to(device=loaded.device, dtype=loaded.dtype)
+    if loaded.family == "qwen_image":
+        return qwen_image_latents(pipe, generator, height, width).to(device=loaded.device, dtype=loaded.dtype)
     denoiser = loaded.denoiser
     shape = (1, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if loaded.family == "z_image":  # ZImagePipeline keeps its latents in float32 whatever the model dtype
+        return noise.to(device=loaded.device)
     return noise.to(device=loaded.device, dtype=loaded.dtype)
 
 
@@ -165,6 +206,16 @@ def resolution(loaded: LoadedPipeline, generation: GenerationSpec) -> tuple[int,
     return height, width
 
 
+def num_frames(loaded: LoadedPipeline, generation: GenerationSpec) -> int:
+    """Video frames to generate: generation.num_frames, else the model's default (1 for image models)."""
+    geo = loaded.geometry
+    frames = generation.num_frames or geo.default_frames
+    problem = geo.frames_error(frames)
+    if problem:
+        raise ValueError(f"generation.num_frames: {problem} ({loaded.description})")
+    return frames
+
+
 def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpec, edit: PromptEdit | None = None) -> EncodedPrompt:
     """Run the text encoders once for a group (family-specific), with CFG negatives when the family uses them.
 
@@ -174,6 +225,17 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if family not in _FLOW_FAMILIES and generation.scheduler != "default":
         raise ValueError(f"scheduler {generation.scheduler!r} is a flow-matching sampler; {loaded.description} is not a flow model")
     height, width = resolution(loaded, generation)
+    if family in ("qwen_image", "z_image"):  # workers.qwen_encoding: their own templates, lengths and CFG
+        if family == "z_image":
+            check_z_image_size(height, width, pipe.vae_scale_factor, loaded.geometry.patch_size)
+        encode = encode_qwen_image if family == "qwen_image" else encode_z_image
+        embeds, extra, use_cfg, text_cond, text_uncond = encode(
+            pipe, prompt, generation.guidance, generation.max_sequence_length, edit, pipe._execution_device
+        )
+        t5_cond = tuple(k.kind != "padding" for k in text_cond)
+        t5_uncond = tuple(k.kind != "padding" for k in text_uncond) if use_cfg else None
+        return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
+    frames = num_frames(loaded, generation)
     msl = generation.max_sequence_length
     if edit is not None and edit.max_length and edit.applies_to("t5"):
         msl = edit.max_length  # also the length of SD3's zero T5 slots when T5 is absent
@@ -215,6 +277,22 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
             )
             t5_cond = tuple(bool(x) for x in mask[0].tolist())
             t5_uncond = None if nmask is None else tuple(bool(x) for x in nmask[0].tolist())
+        elif family == "wan":  # UMT5 only; embeddings past the last real token are zeroed (attended: no mask)
+            pe, npe = pipe.encode_prompt(
+                prompt=prompt, negative_prompt="", do_classifier_free_guidance=use_cfg, num_videos_per_prompt=1,
+                max_sequence_length=msl, device=device,
+            )
+            embeds = dict(prompt_embeds=pe, negative_prompt_embeds=npe)
+            extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl, num_frames=frames)
+            t5_cond, t5_uncond = (), None  # set from the log below
+        elif family == "ltx":  # T5 only, encoded unmasked; the transformer masks the padding keys (−10000), as PixArt's
+            pe, mask, npe, nmask = pipe.encode_prompt(
+                prompt=prompt, negative_prompt="", do_classifier_free_guidance=use_cfg, num_videos_per_prompt=1,
+                max_sequence_length=msl, device=device,
+            )
+            embeds = dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=npe, negative_prompt_attention_mask=nmask)
+            extra = dict(guidance_scale=generation.guidance, max_sequence_length=msl, num_frames=frames)
+            t5_cond, t5_uncond = (), None  # set from the log below
         else:
             raise ValueError(f"unknown family {family!r}")
     zero = {"clip": loaded.geometry.clip_tokens, "t5": msl}
@@ -223,36 +301,36 @@ def encode_prompt(loaded: LoadedPipeline, prompt: str, generation: GenerationSpe
     if t5_cond is not None:  # which T5 slots hold real tokens, as encoded (an edit may change length or padding)
         t5_cond = tuple(k.kind != "padding" for k in text_cond if k.segment == "t5")
         t5_uncond = tuple(k.kind != "padding" for k in text_uncond if k.segment == "t5") if use_cfg else t5_uncond
-    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond)
+    return EncodedPrompt(embeds, extra, use_cfg, t5_cond, t5_uncond, height, width, text_cond, text_uncond, frames=frames)
 
 
-def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt) -> list[ElementPlan]:
-    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A]."""
+def batch_plans(arms: list[ArmSpec], seed: int, encoded: EncodedPrompt, cond_first: bool = False) -> list[ElementPlan]:
+    """One ElementPlan per denoiser batch element, in diffusers' layout [uncond × A, cond × A] (`cond_first`:
+    [cond × A, uncond × A], ZImagePipeline's)."""
     cond = [ElementPlan(arm.name, "cond", arm.intervention, seed, encoded.t5_cond, encoded.text_cond) for arm in arms]
     if not encoded.use_cfg:
         return cond
-    return [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms] + cond
+    uncond = [ElementPlan(arm.name, "uncond", arm.intervention, seed, encoded.t5_uncond, encoded.text_uncond) for arm in arms]
+    return cond + uncond if cond_first else uncond + cond
 
 
-def prompt_edit(arm: ArmSpec) -> PromptEdit | None:
-    return None if arm.intervention is None else arm.intervention.prompt
-
-
-def chunks(arms: list[ArmSpec], arms_per_batch: int) -> list[list[ArmSpec]]:
-    """Consecutive chunks of at most `arms_per_batch` arms with the same prompt edit (they share one encoding),
-    in the given order (a pure function of the arm list)."""
-    if arms_per_batch < 1:
-        raise ValueError(f"arms_per_batch must be ≥ 1, got {arms_per_batch}")
-    out: list[list[ArmSpec]] = []
+def check_prompt_edits(loaded: LoadedPipeline, arms: list[ArmSpec]) -> None:
+    """Fail early, naming the arm and the model, on a prompt edit that makes no sense for the loaded family."""
     for arm in arms:
-        if out and len(out[-1]) < arms_per_batch and prompt_edit(out[-1][0]) == prompt_edit(arm):
-            out[-1].append(arm)
-        else:
-            out.append([arm])
-    return out
+        edit = prompt_edit(arm)
+        why = edit.unsupported_reason(loaded.family) if edit is not None else None
+        if why:
+            raise ValueError(f"arm {arm.name!r}: intervention.prompt: {why} ({loaded.description})")
+
+
+def denoiser_calls_per_step(loaded: LoadedPipeline, encoded: EncodedPrompt) -> int:
+    """Qwen-Image's true CFG and WanPipeline call the denoiser once per branch; the other families batch both branches."""
+    return 2 if loaded.family in ("qwen_image", "wan") and encoded.use_cfg else 1
 
 
 def _repeat(value, n: int):
+    if isinstance(value, list):  # Z-Image: one caption tensor per element
+        return value * n
     if not isinstance(value, torch.Tensor):
         return value
     return value.repeat(n, *([1] * (value.ndim - 1)))
@@ -285,8 +363,9 @@ def run_batch(
     ctx = None
     if sinks:
         ctx = RunContext(
-            elements=batch_plans(arms, seed, encoded), recording=recording if recording and recording.layers else None,
+            elements=batch_plans(arms, seed, encoded, cond_first=loaded.family == "z_image"), recording=recording if recording and recording.layers else None,
             num_clip_tokens=encoded.num_clip, probe=probe, image_size=(encoded.height, encoded.width),
+            frames=loaded.geometry.latent_frames(encoded.frames),
             start_step=start_step, step=start_step - 1,
         )
     outputs: list[torch.Tensor] = []
@@ -294,6 +373,8 @@ def run_batch(
     if capture_outputs:
         def keep(module, args, result):
             first = result[0] if isinstance(result, tuple) else getattr(result, "sample", result)
+            if isinstance(first, list):  # Z-Image returns one tensor per element
+                first = torch.stack(first)
             outputs.append(first.detach().to("cpu", copy=True))
 
         hook = loaded.denoiser.register_forward_hook(keep)
@@ -310,11 +391,15 @@ def run_batch(
     stock_denoiser = _use_compiled_denoiser(loaded, generation.compile)
     loaded.session.context = ctx
     start = time.perf_counter()
+    if loaded.family == "ltx":  # a timestep-conditioned LTX VAE (0.9.1+) adds decode noise: drawn from the group seed
+        extra = {**encoded.extra, "generator": torch.Generator("cpu").manual_seed(seed)}
+    else:
+        extra = encoded.extra
     try:
         output = pipe(
             **{name: _repeat(value, n) for name, value in encoded.embeds.items()},
             latents=_repeat(latents, n), num_inference_steps=generation.steps, height=encoded.height, width=encoded.width,
-            output_type=output_type, **encoded.extra,
+            output_type=output_type, **extra,
         )
         if str(loaded.device).startswith("cuda"):
             torch.cuda.synchronize()
@@ -323,14 +408,14 @@ def run_batch(
         pipe.scheduler = original_scheduler
         if stock_denoiser is not None:
             eager, processors = stock_denoiser
-            eager.set_attn_processor(processors)
+            set_denoiser_processors(eager, processors)
             setattr(pipe, "unet" if loaded.family == "sdxl" else "transformer", eager)
         if hook is not None:
             hook.remove()
     seconds = time.perf_counter() - start
     if ctx is not None and ctx.step + 1 != generation.steps:
         raise RuntimeError(f"arms {[a.name for a in arms]}: the denoiser ran {ctx.step + 1} times for {generation.steps} steps")
-    images = list(output.images)
+    images = list(output.images) if loaded.family not in VIDEO_FAMILIES else video_units(output.frames, output_type)
     if len(images) != n:
         raise RuntimeError(f"the pipeline returned {len(images)} images for a batch of {n} arms")
     run = BatchRun(arms=arms, images=images, context=ctx, seconds=seconds, denoiser_outputs=outputs)
@@ -339,6 +424,15 @@ def run_batch(
         run.trajectory = trajectory
         run.sigmas = [float(x) for x in scheduler.sigmas]
     return run
+
+
+def video_units(videos, output_type: str) -> list:
+    """A video pipeline's output → one unit image per video: its frame strip (jobs.runformat, the rule's owner)."""
+    if output_type != "pil":
+        return list(videos)
+    from jobs.runformat import frame_strip
+
+    return [frame_strip(list(frames)) for frames in videos]
 
 
 _COMPILE_MODES = {"inductor": "default"}
@@ -364,11 +458,11 @@ def _use_compiled_denoiser(loaded: LoadedPipeline, setting: str):
     eager = loaded.denoiser
     cache = loaded.__dict__.setdefault("_compiled_denoisers", {})
     if setting not in cache:
-        wrapped = {name: _OutsideGraph(proc) for name, proc in eager.attn_processors.items()}
+        wrapped = {name: _OutsideGraph(proc) for name, proc in denoiser_processors(eager).items()}
         cache[setting] = (torch.compile(eager, mode=_COMPILE_MODES[setting]), wrapped)
     compiled, wrapped = cache[setting]
-    processors = dict(eager.attn_processors)
-    eager.set_attn_processor(dict(wrapped))
+    processors = denoiser_processors(eager)
+    set_denoiser_processors(eager, wrapped)
     setattr(loaded.pipe, "unet" if loaded.family == "sdxl" else "transformer", compiled)
     return eager, processors
 
@@ -385,12 +479,19 @@ def supports_prefix(loaded: LoadedPipeline, generation: GenerationSpec) -> bool:
     return type(scheduler).__name__ in PREFIX_SCHEDULERS and not scheduler.config.get("stochastic_sampling", False)
 
 
+def prefix_latents_needed(loaded: LoadedPipeline, arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
+    """The baseline latents this group's prefix arms start from on this pipeline (none where its sampler cannot
+    start mid-trajectory): what a cached baseline must hold, and what its entry is published with."""
+    return latents_needed(arms, generation, sigmas) if supports_prefix(loaded, generation) else []
+
+
 def _run_from(scheduler, start: int) -> None:
     """Make the pipeline's loop begin at step `start` of the same schedule, as diffusers' img2img pipelines do:
     the full schedule is computed, the pipeline iterates over timesteps[start:], and the scheduler's step index
     begins at `start` (also when the pipeline itself calls set_begin_index(0), as Flux's does)."""
     set_timesteps, set_begin_index = scheduler.set_timesteps, scheduler.set_begin_index
 
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature (LTX's retrieve_timesteps: does it take sigmas?)
     def set_timesteps_from(*args, **kwargs):
         set_timesteps(*args, **kwargs)
         scheduler.timesteps = scheduler.timesteps[start:]
@@ -413,35 +514,6 @@ def _capture_steps(scheduler, trajectory: dict, start: int) -> None:
     scheduler.step = step_and_keep
 
 
-def start_step(arm: ArmSpec, num_steps: int, sigmas: list[float] | None) -> int:
-    """The first step at which the arm's intervention acts (a baseline: never, num_steps).
-
-    Before it the arm computes exactly what the baseline computes: same latents, no intervention (random draws
-    are seeded per step, never by how many came before), so those steps can be taken from the baseline.
-    """
-    if arm.intervention is None:
-        return num_steps
-    return arm.intervention.first_active_step(num_steps, sigmas)
-
-
-def group_plan(arms: list[ArmSpec], generation: GenerationSpec, start_steps: dict[str, int]) -> list[tuple[int, list[ArmSpec]]]:
-    """(start step, chunk of arms) per pipeline call, in order: a pure function of the arm list and the settings.
-
-    Baselines run first and alone (batch 1: the exact stock image, whatever arms_per_batch is, so one cached
-    baseline serves every sweep). The other arms are chunked by `arms_per_batch` in sweep order within cohorts of
-    equal start step: step 0 first, then each later start step (those chunks start from the baseline's latents).
-    """
-    baselines = [arm for arm in arms if arm.intervention is None]
-    plan = [(0, [arm]) for arm in baselines]
-    cohorts: dict[int, list[ArmSpec]] = {}
-    for arm in arms:
-        if arm.intervention is not None:
-            cohorts.setdefault(start_steps.get(arm.name, 0), []).append(arm)
-    for step in sorted(cohorts):
-        plan += [(step, chunk) for chunk in chunks(cohorts[step], generation.arms_per_batch)]
-    return plan
-
-
 def generate_group(
     loaded: LoadedPipeline,
     prompt: str,
@@ -451,6 +523,7 @@ def generate_group(
     recording: RecordingSpec,
     *,
     reused: dict[str, ReusedBaseline] | None = None,
+    reuse_chunk: Callable[[int, list[ArmSpec]], dict[str, ReusedUnit] | None] | None = None,
 ) -> list[ArmResult]:
     """Run every arm of one (prompt, seed) group; one ArmResult per arm, in the order given.
 
@@ -459,6 +532,10 @@ def generate_group(
     single-step scheduler (PREFIX_SCHEDULERS), an arm whose intervention starts at step s > 0 then runs only
     steps s.. from the baseline's latents entering step s, and its sink rows of steps < s are the baseline's:
     bit-identical to running it from step 0 on its own (tests/workers/test_sharing.py).
+
+    `reuse_chunk(start step, chunk)`: asked before each pipeline call of intervened arms (e.g. jobs' unit cache);
+    results for every arm of the chunk stand in for running it, None runs it. A chunk is reused whole or not at
+    all: running part of a batch would change its GEMM shapes, so the rest would no longer be what it keys.
     """
     _maybe_inject_fault(prompt)
     if not arms:
@@ -471,9 +548,15 @@ def generate_group(
     if unknown:
         raise ValueError(f"reused results given for {unknown}, which are not baseline arms of this group")
     loaded.check_layers(arms, recording)
-    encodings = {None: encode_prompt(loaded, prompt, generation)}  # one per distinct prompt edit of the group
-    encoded = encodings[None]
-    latents = initial_latents(loaded, seed, encoded.height, encoded.width)
+    check_prompt_edits(loaded, arms)
+    encodings: dict = {}  # one per distinct prompt edit of the group, made when a pipeline call needs it
+
+    def encoding(edit: PromptEdit | None) -> EncodedPrompt:
+        if edit not in encodings:  # a group whose every unit is reused runs no text encoder
+            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        return encodings[edit]
+
+    latents = initial_latents(loaded, seed, *resolution(loaded, generation), num_frames(loaded, generation))
     results: dict[str, ArmResult] = {}
     baseline: ArmResult | None = None
     for arm in (a for a in arms if a.intervention is None):
@@ -486,7 +569,7 @@ def generate_group(
             results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, trajectory=r.trajectory,
                                           final_latents=r.final_latents, sigmas=r.sigmas)
         else:
-            run = run_batch(loaded, encoded, [arm], seed, latents, generation, recording, capture_latents=True)
+            run = run_batch(loaded, encoding(None), [arm], seed, latents, generation, recording, capture_latents=True)
             results[arm.name] = ArmResult(arm.name, run.images[0], records_to_table(run.context.records), run.seconds,
                                           trajectory={0: latents, **run.trajectory}, final_latents=run.final_latents,
                                           sigmas=run.sigmas)
@@ -503,11 +586,15 @@ def generate_group(
     for step, chunk in group_plan(arms, generation, starts):
         if chunk[0].intervention is None:
             continue  # baselines: above
-        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
-        if edit not in encodings:
-            encodings[edit] = encode_prompt(loaded, prompt, generation, edit)
+        hit = reuse_chunk(step, chunk) if reuse_chunk is not None else None
+        if hit is not None:
+            for arm in chunk:
+                r = hit[arm.name]
+                results[arm.name] = ArmResult(arm.name, r.image, r.sink_rows, 0.0, png=r.png, start_step=step)
+            continue
         source = baseline.trajectory[step] if step else latents
-        run = run_batch(loaded, encodings[edit], chunk, seed, source, generation, recording, start_step=step)
+        edit = prompt_edit(chunk[0])  # chunks never mix prompt edits (chunks())
+        run = run_batch(loaded, encoding(edit), chunk, seed, source, generation, recording, start_step=step)
         prefix_rows = baseline.sink_rows.filter(pc.less(baseline.sink_rows.column("step"), step)) if step else None
         for arm, image in zip(chunk, run.images):
             rows = records_to_table([r for r in run.context.records if r.arm == arm.name])
@@ -516,11 +603,3 @@ def generate_group(
             results[arm.name] = ArmResult(arm=arm.name, image=image, sink_rows=rows, seconds=run.seconds / len(chunk),
                                           start_step=step)
     return [results[name] for name in names]
-
-
-def latents_needed(arms: list[ArmSpec], generation: GenerationSpec, sigmas: list[float] | None) -> list[int]:
-    """The baseline latents a group's prefix-sharing arms start from (what a cached baseline must hold for them)."""
-    if not generation.prefix_sharing:
-        return []
-    steps = {start_step(arm, generation.steps, sigmas) for arm in arms if arm.intervention is not None}
-    return sorted(step for step in steps if 0 < step < generation.steps)

@@ -6,7 +6,8 @@ toy model `toy-sd3` (workers.toy, weights shipped in the package, labelled manif
 (workers.scale_presets, e.g. sd3-medium-random, for cost measurement only) are built directly on the device
 in the target dtype.
 
-Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), chosen by the pipeline class.
+Families: "sd3" (SD3 / SD3.5), "sdxl", "flux" (FLUX.1), "pixart" (PixArt-Σ and PixArt-α), "qwen_image" (Qwen-Image),
+"z_image" (Z-Image), "wan" (Wan 2.1 text-to-video), "ltx" (LTX-Video), chosen by the pipeline class.
 The stock processors are kept (`LoadedPipeline.stock_processors`) so `workers.verify` can swap them back in
 for a reference run.
 """
@@ -24,7 +25,12 @@ import torch
 from manifests.models import MODEL_NOTES, PRESET_GEOMETRY, Geometry
 from manifests.schema import ArmSpec, ModelSpec, RecordingSpec
 from workers.processors import install_flux_processors, install_pixart_processors, install_sd3_processors, install_sdxl_processors
-from workers.session import LayerInfo, SinkSession
+from workers.processors.common import MASS_SELECTIONS, denoiser_processors
+from workers.processors.ltx import install_ltx_processors
+from workers.processors.qwen_image import install_qwen_image_processors
+from workers.processors.wan import install_wan_processors
+from workers.processors.z_image import install_z_image_processors
+from workers.session import LayerInfo, SinkSession, layer_matches
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,7 +42,7 @@ class ModelNotAvailableError(FileNotFoundError):
 @dataclass
 class LoadedPipeline:
     pipe: object  # diffusers StableDiffusion3Pipeline, StableDiffusionXLPipeline, FluxPipeline or PixArtSigmaPipeline
-    family: str  # "sd3" | "sdxl" | "flux" | "pixart"
+    family: str  # "sd3" | "sdxl" | "flux" | "pixart" | "qwen_image" | "z_image"
     random_weights: bool
     geometry: Geometry  # measured on the loaded model, not taken from the manifests table
     description: str
@@ -46,6 +52,7 @@ class LoadedPipeline:
     attention_layers: list[str]  # module names the processors are installed on, e.g. "transformer_blocks.3.attn"
     layers: list[LayerInfo] = field(default_factory=list)  # the same modules: integer index and record id of each
     stock_processors: dict = field(default_factory=dict)  # "<module>.processor" -> diffusers' own processor
+    text_query_layers: tuple[str, ...] = ()  # modules whose queries are all text (Z-Image's caption refiner)
 
     @property
     def denoiser(self):
@@ -77,6 +84,22 @@ class LoadedPipeline:
             if arm.intervention is not None and arm.intervention.acts_on_attention:
                 for layer in arm.intervention.layers:
                     check(layer, f"arm {arm.name!r}: intervention")
+        self._check_text_query_layers(arms, recording)
+
+    def _check_text_query_layers(self, arms: list[ArmSpec], recording: RecordingSpec) -> None:
+        """Mass over image queries is undefined where a layer has text queries only: refuse it before any work."""
+        def reached(layers) -> list[str]:
+            return [info.name for info in self.layers if info.name in self.text_query_layers
+                    and layer_matches(list(layers), info.name, info.block_index)]
+
+        hint = "it has text queries only; identify over `mass_queries: all` (or text)"
+        if recording.stats and recording.mass_queries == "image" and (hit := reached(recording.layers)):
+            raise ValueError(f"recording.layers reach {hit[0]} of {self.description}: {hint} (recording.mass_queries)")
+        for arm in arms:
+            iv = arm.intervention
+            if iv is not None and iv.acts_on_attention and iv.selection in MASS_SELECTIONS and iv.mass_queries == "image":
+                if hit := reached(iv.layers):
+                    raise ValueError(f"arm {arm.name!r}: intervention.layers reach {hit[0]} of {self.description}: {hint}")
 
 
 def default_device() -> str:
@@ -89,6 +112,10 @@ _PIPELINE_FAMILY = {
     "FluxPipeline": "flux",
     "PixArtSigmaPipeline": "pixart",
     "PixArtAlphaPipeline": "pixart",
+    "WanPipeline": "wan",
+    "LTXPipeline": "ltx",
+    "QwenImagePipeline": "qwen_image",
+    "ZImagePipeline": "z_image",
 }
 
 
@@ -128,7 +155,7 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
     family = _PIPELINE_FAMILY.get(class_name)
     if family is None:
         raise ValueError(f"{model.label}: pipeline class {class_name!r} is not supported (supported: {', '.join(_PIPELINE_FAMILY)})")
-    if not model.load_t5 and family in ("flux", "pixart"):
+    if not model.load_t5 and family in ("flux", "pixart", "qwen_image", "z_image", "wan", "ltx"):
         raise ValueError(f"{model.label}: load_t5=false is only possible for SD3 ({class_name} conditions on T5 alone)")
     pipeline_class = getattr(diffusers, class_name)
     source = model.hub_id or model.path
@@ -147,6 +174,8 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype):
 
 
 def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
+    if family in ("wan", "ltx"):
+        return _measured_video_geometry(pipe, family, random_weights)
     common = dict(vae_scale=pipe.vae_scale_factor, random_weights=random_weights)
     if family == "sdxl":
         unet = pipe.unet
@@ -168,10 +197,38 @@ def _measured_geometry(pipe, family: str, random_weights: bool) -> Geometry:
             family="pixart", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
             clip_tokens=0, t5_tokens=t5_tokens, default_resolution=cfg.sample_size * pipe.vae_scale_factor, **common,
         )
+    if family == "qwen_image":  # 2×2 latent packing (patch size 2); the text is the prompt's Qwen2.5-VL tokens, ≤ 1024
+        return Geometry(
+            family="qwen_image", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
+            clip_tokens=0, t5_tokens=pipe.tokenizer_max_length, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
+            **common,
+        )
+    if family == "z_image":  # single stream [image | caption]; caption = the prompt's Qwen3 tokens, padded to 32s; 1024 px
+        return Geometry(
+            family="z_image", num_layers=cfg.n_layers, heads=cfg.n_heads, patch_size=cfg.all_patch_size[0], clip_tokens=0,
+            t5_tokens=512, default_resolution=getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor, **common,
+        )
     return Geometry(
         family="sd3", num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=cfg.patch_size,
         clip_tokens=pipe.tokenizer_max_length, t5_tokens=256, default_resolution=pipe.default_sample_size * pipe.vae_scale_factor,
         **common,
+    )
+
+
+def _measured_video_geometry(pipe, family: str, random_weights: bool) -> Geometry:
+    """Video pipelines name their VAE factors per axis (spatial, temporal) and have no default sample size (a tiny
+    preset sets `default_sample_size` / `default_num_frames` on its pipeline). Cross-attention keys are the T5 tokens
+    at the pipeline's default length (Wan: UMT5 × 512; LTX-Video: T5 × 128, padding masked)."""
+    cfg = pipe.transformer.config
+    if family == "wan":  # WanPipeline's call defaults to 480 × 832 px, 81 frames; sinkscope's default is square
+        spatial, temporal, patch, t5_tokens, side, frames = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal, cfg.patch_size[1], 512, 60, 81
+    else:  # LTXPipeline's call defaults to 512 × 704 px, 161 frames
+        spatial, temporal, patch, t5_tokens, side, frames = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio, cfg.patch_size, 128, 16, 161
+    return Geometry(
+        family=family, num_layers=cfg.num_layers, heads=cfg.num_attention_heads, patch_size=patch, clip_tokens=0,
+        t5_tokens=t5_tokens, vae_scale=spatial, random_weights=random_weights,
+        default_resolution=getattr(pipe, "default_sample_size", side) * spatial,
+        temporal_scale=temporal, default_frames=getattr(pipe, "default_num_frames", frames),
     )
 
 
@@ -180,8 +237,14 @@ _INSTALL = {
     "sdxl": install_sdxl_processors,
     "flux": install_flux_processors,
     "pixart": install_pixart_processors,
+    "wan": install_wan_processors,
+    "ltx": install_ltx_processors,
+    "qwen_image": install_qwen_image_processors,
+    "z_image": install_z_image_processors,
 }
-_TIMESTEP_SCALE = {"flux": 1000.0}  # FluxPipeline passes t / 1000 to the transformer
+_TIMESTEP_SCALE = {"flux": 1000.0, "qwen_image": 1000.0, "z_image": -1000.0}  # the pipelines pass t / 1000 (Z-Image: (1000 − t) / 1000)
+_TIMESTEP_OFFSET = {"z_image": 1000.0}
+_TEXT_QUERY_LAYERS = {"z_image": "context_refiner.*"}  # family -> glob of its text-only self-attention modules
 
 
 def _build_preset(name: str, device: str, dtype: torch.dtype):
@@ -238,10 +301,11 @@ def prepare_pipeline(pipe, family: str, *, random_weights: bool, device: str, dt
             f"{label}: the manifests geometry table says {expected.num_layers} layers × {expected.heads} heads, "
             f"the loaded model has {geometry.num_layers} × {geometry.heads}: fix manifests/models.py"
         )
-    session = SinkSession(pipe, timestep_scale=_TIMESTEP_SCALE.get(family, 1.0))
+    session = SinkSession(pipe, timestep_scale=_TIMESTEP_SCALE.get(family, 1.0), timestep_offset=_TIMESTEP_OFFSET.get(family, 0.0))
     denoiser = pipe.unet if family == "sdxl" else pipe.transformer
-    stock = dict(denoiser.attn_processors)
+    stock = denoiser_processors(denoiser)
     layers = _INSTALL[family](denoiser, session)
+    text_query = tuple(info.name for info in layers if fnmatch(info.name, _TEXT_QUERY_LAYERS.get(family, "")))
     t5 = ""
     if family == "sd3" and not random_weights:
         t5 = ", T5" if getattr(pipe, "text_encoder_3", None) is not None else ", no T5"
@@ -250,5 +314,5 @@ def prepare_pipeline(pipe, family: str, *, random_weights: bool, device: str, dt
     return LoadedPipeline(
         pipe=pipe, family=family, random_weights=random_weights, geometry=geometry, description=description,
         device=str(device), dtype=dtype, session=session, attention_layers=[info.name for info in layers],
-        layers=layers, stock_processors=stock,
+        layers=layers, stock_processors=stock, text_query_layers=text_query,
     )

@@ -23,13 +23,24 @@ TOKENIZER_SEGMENTS = {
     "sdxl": {"tokenizer": "clip", "tokenizer_2": "clip"},
     "flux": {"tokenizer": "clip", "tokenizer_2": "t5"},  # Flux's CLIP is pooled only: it has no text keys
     "pixart": {"tokenizer": "t5"},
+    "wan": {"tokenizer": "t5"},  # UMT5
+    "ltx": {"tokenizer": "t5"},
+    "qwen_image": {"tokenizer": "t5"},  # Qwen2.5-VL's tokens take the sequence-text ("t5") segment
+    "z_image": {"tokenizer": "t5"},  # Qwen3's likewise
 }
 KEY_SOURCES = {
     "sd3": (("tokenizer", "clip"), ("tokenizer_3", "t5")),
     "sdxl": (("tokenizer", "clip"),),
     "flux": (("tokenizer_2", "t5"),),
     "pixart": (("tokenizer", "t5"),),
+    "wan": (("tokenizer", "t5"),),
+    "ltx": (("tokenizer", "t5"),),
+    "qwen_image": (("tokenizer", "t5"),),
+    "z_image": (("tokenizer", "t5"),),
 }
+# the tokenizer `padding` of the calls whose ids reach the encoder, where it is not "max_length": Qwen-Image
+# tokenizes its chat-template prompt at its own length (padding=True, i.e. to the longest of one)
+ENCODING_PADDING = {"qwen_image": True}
 
 
 @dataclass
@@ -76,9 +87,11 @@ def fill_ids(tokenizer, edit: PromptEdit) -> list[int]:
 class EditingTokenizer:
     """Wraps a tokenizer: applies a PromptEdit to `padding="max_length"` calls and logs what they return."""
 
-    def __init__(self, inner, attribute: str, segment: str, prompt: str, edit: PromptEdit | None, log: EncodingLog):
+    def __init__(self, inner, attribute: str, segment: str, prompt: str, edit: PromptEdit | None, log: EncodingLog,
+                 encoding_padding: str | bool = "max_length"):
         self.inner, self.attribute, self.segment, self.prompt, self.log = inner, attribute, segment, prompt, log
         self.edit = edit if edit is not None and edit.applies_to(segment) else None
+        self.encoding_padding = encoding_padding
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -95,7 +108,7 @@ class EditingTokenizer:
         return length
 
     def __call__(self, text, *args, **kwargs):
-        if kwargs.get("padding") != "max_length":
+        if kwargs.get("padding") != self.encoding_padding:
             return self.inner(text, *args, **kwargs)
         if self.edit is not None:
             kwargs["max_length"] = self._length(kwargs["max_length"], kwargs.get("add_special_tokens", True))
@@ -126,7 +139,8 @@ def capture(pipe, family: str, prompt: str, edit: PromptEdit | None):
         if inner is not None:
             swapped[attribute] = inner
             # bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline config
-            pipe.__dict__[attribute] = EditingTokenizer(inner, attribute, segment, prompt, edit, log)
+            pipe.__dict__[attribute] = EditingTokenizer(inner, attribute, segment, prompt, edit, log,
+                                                        ENCODING_PADDING.get(family, "max_length"))
     try:
         yield log
     finally:
@@ -135,11 +149,18 @@ def capture(pipe, family: str, prompt: str, edit: PromptEdit | None):
 
 
 def _keys_of(tokenizer, call: TokenizerCall, segment: str) -> tuple[TextKey, ...]:
-    tokens = tokenizer.convert_ids_to_tokens(call.input_ids)
+    return call_keys(tokenizer, call, segment)
+
+
+def call_keys(tokenizer, call: TokenizerCall, segment: str, start: int = 0, stop: int | None = None) -> tuple[TextKey, ...]:
+    """The text keys of one logged call's tokens [start:stop] (positions counted from `start`), e.g. Qwen-Image's
+    chat turn after the system prefix its pipeline drops."""
+    ids, mask = call.input_ids[start:stop], call.attention_mask[start:stop]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
     special = set(tokenizer.all_special_ids)
     return tuple(
         TextKey(segment, j, token, text_kind(bool(m), i in special))
-        for j, (i, token, m) in enumerate(zip(call.input_ids, tokens, call.attention_mask))
+        for j, (i, token, m) in enumerate(zip(ids, tokens, mask))
     )
 
 

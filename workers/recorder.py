@@ -55,7 +55,7 @@ def sink_region(rec: CallRecord, index: int, grids: dict) -> KeyRegion:
     return key_region(index, rec.num_image, grid, rec.text_keys)
 
 
-_NO_REGION = (None, KeyRegion(-1, "", ""))
+_NO_SINK = KeyRegion(-1, "", "")  # a row without a top-1 key: every place column is null
 
 
 def _list(t: torch.Tensor | None):
@@ -64,50 +64,58 @@ def _list(t: torch.Tensor | None):
 
 
 def records_to_table(records: list[CallRecord]) -> pa.Table:
-    """Expand per-call records into per-head rows (one device→host copy per tensor, at the end of a run)."""
+    """Expand per-call records into per-head rows (one device→host copy per tensor, at the end of a run).
+
+    Built column-wise, a record (all its heads) at a time: a paper-configuration image has ~3k rows, and
+    appending row by row to 26 columns was most of the host time between two images (benchmarks/bench_sharing.py
+    `records`). Modalities and regions are looked up once per distinct (layout, key), as few keys act as sinks.
+    """
     columns: dict[str, list] = {field.name: [] for field in SINK_STEP_SCHEMA}
     grids: dict = {}
     regions: dict = {}  # text_keys tuples are shared by the records of one element and live as long as this call
+    modalities: dict = {}
     for rec in records:
-        topk_idx, topk_mass, max_mass = _list(rec.topk_idx), _list(rec.topk_mass), _list(rec.max_mass)
-        entropy, top5, selected, after = _list(rec.entropy), _list(rec.top5), _list(rec.selected), _list(rec.removed_mass_after)
-        ratio, ratio_median = _list(rec.sink_ratio), _list(rec.sink_ratio_median)
+        heads = rec.heads
+
+        def same(value):
+            return [value] * heads
+
+        def per_head(values):
+            return same(None) if values is None else values
+
+        topk_idx = _list(rec.topk_idx)
+        selected = _list(rec.selected)
         intervened = selected is not None
-        for head in range(rec.heads):
-            idx = None if topk_idx is None else topk_idx[head]
-            label, where = _NO_REGION
-            if idx is not None:  # heads and steps share few distinct sinks: look each (layout, key) up once
+        after = _list(rec.removed_mass_after) if intervened else None
+        for name, value in (("step", rec.step), ("timestep", rec.timestep), ("sigma", rec.sigma), ("layer", rec.layer),
+                            ("branch", rec.branch), ("intervened", intervened), ("layer_name", rec.layer_name)):
+            columns[name] += same(value)
+        columns["head"] += range(heads)
+        for name, tensor in (("topk_mass", rec.topk_mass), ("max_mass", rec.max_mass), ("entropy", rec.entropy),
+                             ("top5_conc", rec.top5), ("sink_ratio", rec.sink_ratio), ("sink_ratio_median", rec.sink_ratio_median)):
+            columns[name] += per_head(_list(tensor))
+        columns["selected_idx"] += per_head(selected)
+        columns["removed_mass_after"] += per_head(after)
+        columns["topk_idx"] += per_head(topk_idx)
+        if topk_idx is None:
+            columns["topk_modality"] += same(None)
+            sinks = same(_NO_SINK)
+            columns["sink_idx"] += same(None)
+            columns["sink_region"] += same(None)
+        else:
+            layout = (rec.num_image, rec.num_clip, rec.t5_valid)
+            names = modalities.setdefault(layout, {})
+            columns["topk_modality"] += [
+                [names[j] if j in names else names.setdefault(j, key_modality(j, *layout)) for j in idx] for idx in topk_idx
+            ]
+            sinks = []
+            for idx in topk_idx:  # heads and steps share few distinct sinks: look each (layout, key) up once
                 key = (rec.num_image, rec.image_size, rec.frames, id(rec.text_keys), idx[0])
                 if key not in regions:
-                    found = sink_region(rec, idx[0], grids)
-                    regions[key] = (found.label, found)
-                label, where = regions[key]
-            columns["step"].append(rec.step)
-            columns["timestep"].append(rec.timestep)
-            columns["sigma"].append(rec.sigma)
-            columns["layer"].append(rec.layer)
-            columns["head"].append(head)
-            columns["branch"].append(rec.branch)
-            columns["topk_idx"].append(idx)
-            columns["topk_modality"].append(
-                None if idx is None else [key_modality(j, rec.num_image, rec.num_clip, rec.t5_valid) for j in idx]
-            )
-            columns["topk_mass"].append(None if topk_mass is None else topk_mass[head])
-            columns["max_mass"].append(None if max_mass is None else max_mass[head])
-            columns["entropy"].append(None if entropy is None else entropy[head])
-            columns["top5_conc"].append(None if top5 is None else top5[head])
-            columns["intervened"].append(intervened)
-            columns["selected_idx"].append(selected[head] if intervened else None)
-            columns["removed_mass_after"].append(after[head] if intervened and after is not None else None)
-            columns["layer_name"].append(rec.layer_name)
-            columns["sink_idx"].append(None if idx is None else idx[0])
-            columns["sink_region"].append(label)
-            columns["sink_frame"].append(where.frame)
-            columns["sink_row"].append(where.row)
-            columns["sink_col"].append(where.col)
-            columns["sink_segment"].append(where.segment)
-            columns["sink_position"].append(where.position)
-            columns["sink_token"].append(where.token)
-            columns["sink_ratio"].append(None if ratio is None else ratio[head])
-            columns["sink_ratio_median"].append(None if ratio_median is None else ratio_median[head])
+                    regions[key] = sink_region(rec, idx[0], grids)
+                sinks.append(regions[key])
+            columns["sink_idx"] += [idx[0] for idx in topk_idx]
+            columns["sink_region"] += [where.label for where in sinks]
+        for name in ("frame", "row", "col", "segment", "position", "token"):
+            columns[f"sink_{name}"] += [getattr(where, name) for where in sinks]
     return pa.Table.from_pydict(columns, schema=SINK_STEP_SCHEMA)

@@ -13,6 +13,7 @@ that runs after the scheduler step, an off-by-one: paper-spec §5.2, §5.10).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -92,6 +93,13 @@ class RunContext:
     active_steps: list[frozenset[int] | None] = field(default_factory=list)  # per element
     records: list[CallRecord] = field(default_factory=list)
     probe: Callable | None = None  # workers.verify: called with every intervened call's tensors (None in normal runs)
+    # the elements the current denoiser call carries, when the pipeline calls the denoiser once per CFG branch
+    # (Qwen-Image's true CFG, WanPipeline's CFG: SinkSession.track_cfg_calls); None: every call carries all elements
+    call_elements: list[int] | None = None
+
+    def batch_elements(self) -> list[int]:
+        """The element index of each batch row of the denoiser call in progress."""
+        return list(range(len(self.elements))) if self.call_elements is None else self.call_elements
 
     def intervention_active(self, element: int, layer_name: str, block_index: int | None) -> Intervention | None:
         """The element's intervention if it acts at this layer, branch and step, else None."""
@@ -136,22 +144,66 @@ def layer_matches(layers: list[int | str], layer_name: str, block_index: int | N
 class SinkSession:
     """Holds the active RunContext and keeps its step counter in sync with the denoiser calls.
 
-    `timestep_scale`: the factor between the timestep the denoiser receives and `scheduler.timesteps`
-    (Flux's pipeline passes t / 1000).
+    `timestep_scale`, `timestep_offset`: `scheduler.timesteps` = scale · (the denoiser's timestep) + offset
+    (Flux's pipeline passes t / 1000; Z-Image's (1000 − t) / 1000).
     """
 
-    def __init__(self, pipe, timestep_scale: float = 1.0):
+    def __init__(self, pipe, timestep_scale: float = 1.0, timestep_offset: float = 0.0):
         self.pipe = pipe
         self.context: RunContext | None = None
         self.timestep_scale = timestep_scale
+        self.timestep_offset = timestep_offset  # Z-Image passes (1000 − t) / 1000: scale −1000, offset 1000
         denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
         self._hook = denoiser.register_forward_pre_hook(self._on_transformer_call, with_kwargs=True)
+        self._split_cfg = False
+        self._call_branch: str | None = None
+
+    def track_cfg_calls(self, denoiser) -> None:
+        """For pipelines that call the denoiser once per CFG branch inside `denoiser.cache_context("cond" | "uncond")`
+        (Qwen-Image, Wan): read the branch of each call from that context, so a step is counted once (at its "cond"
+        call, which the pipeline makes first) and each call is given the run's elements of its branch."""
+        inner = denoiser.cache_context
+        session = self
+
+        @contextlib.contextmanager
+        def cache_context(name: str, **kwargs):
+            session._call_branch = name
+            try:
+                with inner(name, **kwargs):
+                    yield
+            finally:
+                session._call_branch = None
+
+        denoiser.cache_context = cache_context
+        self._split_cfg = True
+
+    def _branch_elements(self, ctx: RunContext) -> tuple[list[int] | None, bool]:
+        """(elements of this call, whether it starts a new step)."""
+        if not self._split_cfg:
+            return None, True
+        branch = self._call_branch
+        if branch not in ("cond", "uncond"):
+            raise RuntimeError(f"a denoiser call outside a cond / uncond cache_context (got {branch!r}); cannot tell its branch")
+        elements = [e for e, plan in enumerate(ctx.elements) if plan.branch == branch]
+        if not elements:
+            raise RuntimeError(f"a {branch} denoiser call, but the run plans no {branch} elements")
+        return elements, branch == "cond"
 
     def _on_transformer_call(self, module, args, kwargs):
         ctx = self.context
         if ctx is None:
             return None
         scheduler = self.pipe.scheduler
+        ctx.call_elements, new_step = self._branch_elements(ctx)
+        planned = len(ctx.elements) if ctx.call_elements is None else len(ctx.call_elements)
+        batch = kwargs.get("hidden_states", kwargs.get("sample", kwargs.get("x", args[0] if args else None)))
+        size = len(batch) if isinstance(batch, list) else None if batch is None else batch.shape[0]  # Z-Image: a list
+        if size is not None and size != planned:
+            raise RuntimeError(f"transformer batch of {size} but the run plans {planned} elements for this call")
+        context = kwargs.get("encoder_hidden_states")
+        ctx.num_text_tokens = None if context is None else int(context.shape[1])
+        if not new_step:  # the uncond call of a step whose cond call was counted
+            return None
         ctx.step += 1
         step = ctx.step
         local = step - ctx.start_step  # index into the timesteps this call iterates over (a prefix run's are cut)
@@ -164,16 +216,11 @@ class SinkSession:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         # reading a device tensor waits for the GPU: check it once per run there, every step on the CPU
         if timestep is not None and (timestep.device.type == "cpu" or local == 0):
-            got = float(timestep.flatten()[0]) * self.timestep_scale
+            got = float(timestep.flatten()[0]) * self.timestep_scale + self.timestep_offset
             # the pipeline may cast t to the model dtype first (Flux: bf16), so allow that rounding
             tol = max(1e-5, 4 * torch.finfo(timestep.dtype).eps) if timestep.is_floating_point() else 1e-5
             if not math.isclose(got, expected, rel_tol=tol, abs_tol=1e-4):
                 raise RuntimeError(f"transformer call {step} got timestep {got}, scheduler expects {expected}")
-        batch = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        if batch is not None and batch.shape[0] != len(ctx.elements):
-            raise RuntimeError(f"transformer batch of {batch.shape[0]} but the run plans {len(ctx.elements)} elements")
-        context = kwargs.get("encoder_hidden_states")
-        ctx.num_text_tokens = None if context is None else int(context.shape[1])
         ctx.timestep = expected
         ctx.sigma = float(scheduler.sigmas[step])
         if local == 0:

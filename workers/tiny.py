@@ -1,7 +1,7 @@
 """Tiny, randomly initialised diffusers pipelines, built offline with a fixed init seed.
 
 They exercise the real diffusers code paths (the pipelines, SD3Transformer2DModel, UNet2DConditionModel,
-FluxTransformer2DModel, PixArtTransformer2DModel, their attention processors, the VAE, the CLIP / T5
+FluxTransformer2DModel, PixArtTransformer2DModel, WanTransformer3DModel, their attention processors, the VAE, the CLIP / T5
 encoders) in well under a second per image on a CPU, so the processors, the recorder and the whole sweep
 machinery can be tested end to end without weights. The same name always gives the same weights: the init
 runs under a forked, seeded torch RNG on the CPU. T5 encoders are tiny random `T5EncoderModel`s with the
@@ -41,6 +41,14 @@ TINY_SDXL = "tiny-sdxl"  # UNet (8, 16, 32) channels, 4 heads everywhere, 11 tra
 TINY_FLUX = "tiny-flux"  # FLUX.1-dev-like: 2 joint + 2 single blocks, 4 heads × 16, RoPE, guidance embedding, 64 px
 TINY_PIXART = "tiny-pixart"  # PixArt-Σ-like: 2 blocks (self attn1 + cross attn2 over T5), 4 heads × 8, 64 px
 TINY_PIXART_ALPHA = "tiny-pixart-alpha"  # PixArt-α-like (PixArtAlphaPipeline, T5 × 120); the same blocks as tiny-pixart
+# Wan 2.1-like video model: 2 blocks (self attn1 over frames × patches with 3-D RoPE + cross attn2 over UMT5), 4 heads × 16,
+# Wan's causal 3-D VAE (temporal scale 4, spatial 8), UniPC flow sampler: 64 px, 5 frames → 2 latent frames of 4 × 4 patches
+TINY_WAN = "tiny-wan"
+# LTX-Video-like: 2 blocks (self attn1 + cross attn2 over T5 with its padding masked), 4 heads × 12, LTX's RoPE and its
+# causal VAE at 8× space (LTX-Video's is 32×, which would leave 2 × 2 patches at 64 px) and 8× time: 64 px, 9 frames →
+# 2 latent frames of 8 × 8 patches; FLUX-style dynamic-shift Euler with LTX-Video's shift settings
+TINY_LTX = "tiny-ltx-video"
+QWEN_PRESETS = {"tiny-qwen-image": "qwen_image", "tiny-z-image": "z_image"}  # preset -> family; built by workers.tiny_qwen (Qwen text encoders)
 
 
 def tiny_family(name: str) -> str:
@@ -51,13 +59,19 @@ def tiny_family(name: str) -> str:
         return "flux"
     if name in (TINY_PIXART, TINY_PIXART_ALPHA):
         return "pixart"
+    if name == TINY_WAN:
+        return "wan"
+    if name == TINY_LTX:
+        return "ltx"
     if name in TINY_PRESETS:
         return "sd3"
+    if name in QWEN_PRESETS:
+        return QWEN_PRESETS[name]
     raise ValueError(f"unknown tiny preset {name!r}; known: {', '.join(all_presets())}")
 
 
 def all_presets() -> list[str]:
-    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA]
+    return [*TINY_PRESETS, TINY_SDXL, TINY_FLUX, TINY_PIXART, TINY_PIXART_ALPHA, *QWEN_PRESETS, TINY_WAN, TINY_LTX]
 
 
 def _tiny_clip_config():
@@ -86,16 +100,17 @@ def _tiny_vae(latent_channels: int = 16, scaling_factor: float | None = None, sh
     )
 
 
-def _tiny_t5(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
+def _tiny_t5(vocab_size: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    # T5 v1.1 layout (gated-GELU, no bias), tiny widths
-    config = T5Config(
+    # T5 v1.1 layout (gated-GELU, no bias), tiny widths; UMT5 (Wan): the same, with a relative bias in every layer
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
         vocab_size=vocab_size, d_model=T5_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
         is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
-    return T5EncoderModel(config)
+    return model_class(config)
 
 
 def _randomise_qk_norms(module) -> None:
@@ -164,6 +179,69 @@ def _build_tiny_pixart(alpha: bool = False):
     return pipe
 
 
+def _video_pipeline(pipe, frames: int):
+    """A tiny video pipeline made ready: eval mode, progress bar off, and its defaults of 64 px (8 latent pixels) and
+    `frames` frames, which video pipelines lack and workers.loading reads."""
+    pipe.default_sample_size, pipe.default_num_frames = 8, frames
+    for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_tiny_wan():
+    """Wan 2.1 T2V-like: WanPipeline with its own transformer, causal VAE, UMT5 encoder and UniPC flow sampler."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from workers.tokenizer import load_t5_tokenizer
+
+    tokenizer = load_t5_tokenizer(model_max_length=512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=T5_HIDDEN, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+        )
+        _randomise_qk_norms(transformer)
+        text_encoder = _tiny_t5(len(tokenizer), umt5=True)
+        # 3 down levels (spatial 8), temporal downsampling in the last two (temporal 4), as in Wan 2.1's VAE
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+    # Wan 2.1 T2V's scheduler config: UniPC over flow sigmas, shift 3 (its 480p setting)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000)
+    return _video_pipeline(WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer),
+                           frames=5)
+
+
+def _build_tiny_ltx():
+    """LTX-Video-like: LTXPipeline with its transformer, causal video VAE, T5 encoder and dynamic-shift Euler sampler."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    from workers.tokenizer import load_t5_tokenizer
+
+    tokenizer = load_t5_tokenizer(model_max_length=128)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        transformer = LTXVideoTransformer3DModel(
+            in_channels=16, out_channels=16, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=12,
+            cross_attention_dim=48, num_layers=2, caption_channels=T5_HIDDEN,
+        )
+        _randomise_qk_norms(transformer)
+        text_encoder = _tiny_t5(len(tokenizer))
+        # three space-time downsampling levels without LTX's 4 × 4 input patching: 8× in space and in time
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=16, block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+            down_block_types=("LTXVideoDownBlock3D",) * 3, layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
+            decoder_inject_noise=(False,) * 4, downsample_type=("conv",) * 3, upsample_residual=(False,) * 3,
+            upsample_factor=(1,) * 3, patch_size=1, patch_size_t=1,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # LTX-Video's scheduler config
+        use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
+    )
+    return _video_pipeline(LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer),
+                           frames=9)
+
+
 def _build_tiny_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -208,6 +286,14 @@ def build_tiny_pipeline(name: str):
         return _build_tiny_flux()
     if family == "pixart":
         return _build_tiny_pixart(alpha=name == TINY_PIXART_ALPHA)
+    if family == "wan":
+        return _build_tiny_wan()
+    if family == "ltx":
+        return _build_tiny_ltx()
+    if name in QWEN_PRESETS:
+        from workers.tiny_qwen import build_tiny_qwen
+
+        return build_tiny_qwen(name)
     cfg = TINY_PRESETS[name]
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection

@@ -130,3 +130,64 @@ def load_t5_tokenizer(model_max_length: int = 512):
     from transformers import T5Tokenizer
 
     return T5Tokenizer(vocab=t5_stand_in_vocab(), extra_ids=0, model_max_length=model_max_length)
+
+
+# --- Qwen stand-in -----------------------------------------------------------------------------------
+# Qwen2.5-VL (Qwen-Image) and Qwen3 (Z-Image) share Qwen2's byte-level BPE (151k tokens), which cannot be
+# downloaded here. The tiny presets use a small byte-level BPE trained deterministically by the `tokenizers`
+# library on the bundled GenEval prompts and the pipelines' prompt templates, wrapped in transformers'
+# `Qwen2Tokenizer` (so the Qwen pre-tokenizer regex, byte-level decoding and the class the pipelines expect
+# are the real ones), with Qwen's chat special tokens. It keeps what the pipelines and the sink bookkeeping
+# depend on — <|im_start|> / <|im_end|> / <|endoftext|> as single special tokens, <|endoftext|> as pad, a chat
+# template that renders Qwen's `<|im_start|>role\n…<|im_end|>\n` turns — but not Qwen's vocabulary.
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+_QWEN_VOCAB_SIZE = 1024
+# Qwen3's template, reduced to what a single-turn text prompt uses: `enable_thinking=False` adds an empty think block
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _qwen_training_text() -> list[str]:
+    from manifests import load_bundled_prompts
+
+    templates = [
+        "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the "
+        "objects and background:", "system", "user", "assistant",
+    ]
+    return templates + [p.text for p in load_bundled_prompts("geneval")]
+
+
+def qwen_stand_in_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of the stand-in: byte-level BPE trained on `_qwen_training_text()` (deterministic)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=_QWEN_VOCAB_SIZE, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator(_qwen_training_text(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
+
+
+def load_qwen_tokenizer(model_max_length: int = 32768):
+    """A transformers Qwen2Tokenizer over `qwen_stand_in_bpe()` with Qwen's chat specials, built in memory."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = qwen_stand_in_bpe()
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=model_max_length, additional_special_tokens=list(QWEN_SPECIALS[1:]),
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer

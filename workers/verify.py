@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 import workers.processors.common as common
+from manifests.interventions import UNPADDED_FAMILIES
 from manifests.schema import ArmSpec
 from workers import prompt_side
-from workers.generate import EncodedPrompt, chunks, encode_prompt, initial_latents, prompt_edit, run_batch
+from workers.generate import EncodedPrompt, check_prompt_edits, chunks, denoiser_calls_per_step, encode_prompt, initial_latents, prompt_edit, run_batch
 from workers.identification import KeyLayout
 from workers.loading import LoadedPipeline
 
@@ -70,12 +71,12 @@ def stock_processors(loaded: LoadedPipeline):
     if not loaded.stock_processors:
         raise ValueError(f"{loaded.description}: no stock processors were kept at load time")
     denoiser = loaded.denoiser
-    ours = dict(denoiser.attn_processors)
-    denoiser.set_attn_processor(dict(loaded.stock_processors))  # set_attn_processor empties the dict it gets
+    ours = common.denoiser_processors(denoiser)
+    common.set_denoiser_processors(denoiser, loaded.stock_processors)
     try:
         yield
     finally:
-        denoiser.set_attn_processor(ours)
+        common.set_denoiser_processors(denoiser, ours)
 
 
 def _dtype_eps(dtype: torch.dtype) -> float:
@@ -342,6 +343,12 @@ def check_prompt_edit(check: _Check, loaded: LoadedPipeline, stock: EncodedPromp
                 if len(a) != (edit.max_length or len(b)):
                     check.fail(f"{where}: {len(a)} zero slots, expected {edit.max_length or len(b)}")
                 continue
+            if loaded.family in UNPADDED_FAMILIES:  # no tokenizer padding reaches the denoiser: max_length only truncates
+                real_b = [k.token for k in b if k.kind != "padding"]
+                real_a = [k.token for k in a if k.kind != "padding"]
+                if real_a != real_b[: edit.max_length or len(real_b)]:
+                    check.fail(f"{where}: tokens {real_a}, expected the first {edit.max_length} of {real_b}")
+                continue
             length = edit.max_length or len(b)
             if edit.padding_slots is not None:
                 length = min(length, cond_real[segment] + edit.padding_slots)
@@ -386,6 +393,7 @@ def verify_sweep(
     prompt_checks = {arm.name: _Check() for arm in sweep.arms if arm.intervention is not None and arm.intervention.prompt is not None}
     gen, rec = sweep.generation, sweep.recording
     loaded.check_layers(list(sweep.arms), rec)
+    check_prompt_edits(loaded, list(sweep.arms))
     verifier = _Verifier(loaded, max_query_rows, max_calls_per_arm)
     intervened_layers = [layer for arm in sweep.arms if arm.intervention is not None for layer in arm.intervention.layers]
     noop_layers = list(dict.fromkeys([*rec.layers, *intervened_layers]))
@@ -395,7 +403,7 @@ def verify_sweep(
     for prompt in prompts[:max_prompts]:
         seed = sweep.seeds.seed(prompt.prompt_id, 0)
         encoded = encode_prompt(loaded, prompt.text, gen)
-        latents = initial_latents(loaded, seed, encoded.height, encoded.width)
+        latents = initial_latents(loaded, seed, encoded.height, encoded.width, encoded.frames)
         stock_by_size: dict[int, object] = {}
         for chunk in chunks(list(sweep.arms), gen.arms_per_batch):
             # (a) no-op: interventions stripped, recording on, vs the stock processors at the same batch shape
@@ -405,7 +413,8 @@ def verify_sweep(
                 with stock_processors(loaded):
                     stock_by_size[len(chunk)] = run_batch(loaded, encoded, stripped, seed, latents, gen, None, sinks=False, capture_outputs=True)
             stock = stock_by_size[len(chunk)]
-            outputs_equal = len(ours.denoiser_outputs) == len(stock.denoiser_outputs) == gen.steps and all(
+            calls = gen.steps * denoiser_calls_per_step(loaded, encoded)
+            outputs_equal = len(ours.denoiser_outputs) == len(stock.denoiser_outputs) == calls and all(
                 torch.equal(a, b) for a, b in zip(ours.denoiser_outputs, stock.denoiser_outputs)
             )
             worst = max((float((a - b).abs().max()) for a, b in zip(ours.denoiser_outputs, stock.denoiser_outputs)), default=math.inf)

@@ -150,7 +150,7 @@ def _open_images(run: RunData, rel_paths: list[str]) -> list:
         if not path.exists():
             raise FileNotFoundError(f"image {path} listed in tables/units is missing")
         with Image.open(path) as im:
-            images.append(im.convert("RGB"))
+            images.append(rf.scored_frame(im).convert("RGB"))  # a video unit: its scored frame
     return images
 
 

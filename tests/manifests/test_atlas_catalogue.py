@@ -15,7 +15,7 @@ runner = CliRunner()
 
 def test_atlas_sweeps_share_prompts_and_recording():
     sweeps = [read_sweep_file(p)[0] for p in ATLAS]
-    assert {s.model.geometry().family for s in sweeps} == {"sd3", "sdxl", "flux", "pixart"}
+    assert {s.model.geometry().family for s in sweeps} == {"sd3", "sdxl", "flux", "pixart", "qwen_image", "z_image", "wan", "ltx"}
     assert len({(s.prompts, s.seeds, s.generation.steps) for s in sweeps}) == 1
     for s in sweeps:
         assert "ratio" in s.recording.stats and "mass" in s.recording.stats and s.recording.layers

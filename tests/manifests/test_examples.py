@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def test_every_tiny_family_has_an_example():
     models = {yaml.safe_load(p.read_text())["model"]["preset"] for p in EXAMPLES}
-    assert {"tiny-sd3", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart"} <= models
+    assert {"tiny-sd3", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart", "tiny-qwen-image", "tiny-z-image", "tiny-wan",
+            "tiny-ltx-video"} <= models
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

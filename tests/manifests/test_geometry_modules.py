@@ -8,7 +8,8 @@ import pytest
 from manifests import SweepError, parse_sweep
 from manifests.models import HUB_GEOMETRY, PRESET_GEOMETRY
 
-TINY = ["tiny-sd3", "tiny-sd3-deep", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart"]
+TINY = ["tiny-sd3", "tiny-sd3-deep", "tiny-sd35", "tiny-sdxl", "tiny-flux", "tiny-pixart", "tiny-qwen-image", "tiny-z-image",
+        "tiny-wan", "tiny-ltx-video"]
 
 
 @pytest.mark.slow
@@ -30,6 +31,8 @@ def test_the_tables_name_every_block_they_count():
             assert sum(name.endswith(".attn2") for name in geo.modules) == geo.num_layers
         elif geo.family == "pixart":
             assert len(geo.modules) == 2 * geo.num_layers
+        elif geo.family == "z_image":  # integer layer i = layers.{i}.attention; the refiners by glob
+            assert sum(name.startswith("layers.") for name in geo.modules) == geo.num_layers
         else:
             assert len({name.rsplit(".", 1)[0] for name in geo.modules}) == geo.num_layers
 

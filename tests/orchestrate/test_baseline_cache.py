@@ -20,9 +20,9 @@ from tests.orchestrate.cache_publisher import publish_many
 LATE = {"preset": "fixed.m1", "layers": [1], "step_window": {"start": 0.5, "end": 1.0}}
 
 
-def _run(tmp: Path, name: str, cache: str, arms: list[dict]) -> RunDir:
-    sweep = tiny_sweep(tmp, name=name, prompts=1, generation={"steps": 4, "guidance": 5.0, "height": 64, "width": 64},
-                       arms=arms, cache={"baselines": cache})
+def _run(tmp: Path, name: str, cache: str, arms: list[dict], generation: dict | None = None, units_cache: bool = True) -> RunDir:
+    generation = generation or {"steps": 4, "guidance": 5.0, "height": 64, "width": 64}
+    sweep = tiny_sweep(tmp, name=name, prompts=1, generation=generation, arms=arms, cache={"baselines": cache, "units": units_cache})
     run, manifest, _ = create_run(sweep, None)
     for shard in manifest.shard_ids:
         run_shard(run.root, shard)
@@ -48,8 +48,9 @@ def test_second_run_reuses_the_baseline_bit_for_bit(tmp_path, monkeypatch):
     cache = tmp_path / "shared-cache"
     baseline, late = {"name": "baseline", "intervention": None}, {"name": "late", "intervention": LATE}
     reference = _run(tmp_path, "ref", "off", [baseline, late])
-    producer = _run(tmp_path, "producer", str(cache), [baseline, late])
-    consumer = _run(tmp_path, "consumer", str(cache), [baseline, {"name": "late2", "intervention": LATE}])
+    # intervened units stay out of the cache here, so the consumer's late arm really starts from cached latents
+    producer = _run(tmp_path, "producer", str(cache), [baseline, late], units_cache=False)
+    consumer = _run(tmp_path, "consumer", str(cache), [baseline, {"name": "late2", "intervention": LATE}], units_cache=False)
 
     (entry,) = BaselineCache(cache).entries()
     produced, consumed = _units(producer), _units(consumer)

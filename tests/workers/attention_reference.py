@@ -66,3 +66,15 @@ def reference_attention(q, k, v, num_image, interventions, selections, noise=Non
                 p = torch.softmax(logits, dim=-1)
             out[b, h, rows] = p @ vm
     return out
+
+
+def run_processor(loaded, module_name, ctx, *args):
+    """(module, stock processor's output, ours under `ctx`) of one attention module called with `args`."""
+    attn = loaded.denoiser.get_submodule(module_name)
+    stock = loaded.stock_processors[f"{module_name}.processor"](attn, *args)
+    loaded.session.context = ctx
+    try:
+        ours = attn.processor(attn, *args)
+    finally:
+        loaded.session.context = None
+    return attn, stock, ours

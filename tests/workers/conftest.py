@@ -61,3 +61,16 @@ def tiny_flux_loaded(_private_cache):
 @pytest.fixture(scope="session")
 def tiny_pixart_loaded(_private_cache):
     return _load_tiny("tiny-pixart")
+
+
+def _tiny_fixture(preset: str):
+    """A session fixture loading `preset` (one line per preset below)."""
+    @pytest.fixture(scope="session")
+    def loaded(_private_cache):
+        return _load_tiny(preset)
+
+    return loaded
+
+
+tiny_qwen_image_loaded = _tiny_fixture("tiny-qwen-image")
+tiny_z_image_loaded = _tiny_fixture("tiny-z-image")

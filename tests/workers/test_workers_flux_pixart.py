@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from attention_reference import reference_attention, reference_mass, reference_selection, scope_rows
+from attention_reference import reference_attention, reference_mass, reference_selection, run_processor, scope_rows
 from manifests import ArmSpec, GenerationSpec, ModelSpec, PromptSpec, RecordingSpec, Sweep, load_bundled_prompts
 from manifests.interventions import Intervention
 from workers import generate_group, load_pipeline
@@ -23,17 +23,6 @@ def _context(ivs, branches=("uncond", "cond"), layers=(0,), num_text=None):
     ctx.step, ctx.timestep, ctx.sigma, ctx.num_text_tokens = 0, 1000.0, 1.0, num_text
     ctx.active_steps = [None] * len(ivs)
     return ctx
-
-
-def _run_processor(loaded, module_name, ctx, *args):
-    attn = loaded.denoiser.get_submodule(module_name)
-    stock = loaded.stock_processors[f"{module_name}.processor"](attn, *args)
-    loaded.session.context = ctx
-    try:
-        ours = attn.processor(attn, *args)
-    finally:
-        loaded.session.context = None
-    return attn, stock, ours
 
 
 # --- Flux ---------------------------------------------------------------------------------------------
@@ -86,7 +75,7 @@ def test_flux_processor_matches_fp64_reference(tiny_flux_loaded, module_name, bl
     args = (image, text, None, rotary) if joint else (torch.cat([text, image], 1), None, None, rotary)
     ctx = _context([iv, iv], layers=[block], num_text=text.shape[1])
     with torch.no_grad():
-        attn, stock, ours = _run_processor(loaded, module_name, ctx, *args)
+        attn, stock, ours = run_processor(loaded, module_name, ctx, *args)
         q, k, v = _flux_qkv_fp64(attn, image, text, rotary, joint)
     num_image, keys = image.shape[1], q.shape[2]
     selected = {r.element: r.selected.tolist() for r in ctx.records}
@@ -171,7 +160,7 @@ def test_pixart_masked_cross_attention_matches_fp64_reference(tiny_pixart_loaded
     iv = Intervention(selection="topk", k=2, layers=[0], mass_queries="all", query_scope="all", score_op="remove", value_op="zero")
     ctx = _context([iv, iv, iv], branches=("cond", "cond", "uncond"))
     with torch.no_grad():
-        attn, stock, ours = _run_processor(loaded, name, ctx, hidden, context, bias)
+        attn, stock, ours = run_processor(loaded, name, ctx, hidden, context, bias)
 
         def split(x):
             return x.view(3, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2).double()

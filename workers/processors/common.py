@@ -25,6 +25,7 @@ from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_
 from workers.session import CallRecord, LayerInfo, RunContext
 
 _MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
+MASS_SELECTIONS = _MASS_SELECTIONS  # selections that rank keys by incoming mass (they need queries in mass_queries)
 
 
 @dataclass
@@ -121,6 +122,32 @@ def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
     return out
 
 
+class DispatcherSinkProcessor:
+    """Base of the processors for diffusers' attention-dispatcher classes (Wan, LTX-Video): the backend attributes
+    diffusers' `set_attention_backend` writes on a processor, and the session and layer every processor needs."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, session, layer: LayerInfo):
+        self.session = session
+        self.layer = layer
+
+
+def install_dispatcher_processors(transformer, session, processor_class, block_index) -> list[LayerInfo]:
+    """Put `processor_class(session, info)` on every attention module of a dispatcher-attention transformer (Wan,
+    LTX-Video, Qwen-Image), keeping each stock processor's attention backend; `block_index(module name)` gives the integer
+    index of the integer-addressable modules (None: glob only)."""
+    stock = transformer.attn_processors
+    names = [name.removesuffix(".processor") for name in stock]
+    layers = layer_ids([(name, block_index(name)) for name in names])
+    transformer.set_attn_processor({
+        f"{info.name}.processor": keep_dispatch_settings(processor_class(session, info), stock[f"{info.name}.processor"])
+        for info in layers
+    })
+    return layers
+
+
 def _budget(iv, heads: int) -> int:
     if iv.selection == "static":
         return len(iv.indices or [])
@@ -158,9 +185,9 @@ def apply_sinks(
     """
     batch, heads = q.shape[:2]
     if elements is None:
-        if batch != len(ctx.elements):
-            raise RuntimeError(f"{layer.name}: batch of {batch} but the run plans {len(ctx.elements)} elements")
-        elements = list(range(batch))
+        elements = ctx.batch_elements()  # the run's elements, or those of this denoiser call (one call per CFG branch)
+        if batch != len(elements):
+            raise RuntimeError(f"{layer.name}: batch of {batch} but the denoiser call plans {len(elements)} elements")
     layer_name, block_index = layer.name, layer.block_index
     active = {}
     for pos, e in enumerate(elements):
@@ -300,3 +327,29 @@ def apply_sinks(
             )
         )
     return attn_out
+
+
+def denoiser_processors(denoiser) -> dict:
+    """"<module>.processor" -> processor of every attention module: diffusers' `attn_processors`, or, for a model
+    without diffusers' AttentionMixin (ZImageTransformer2DModel), the same mapping read from its Attention modules."""
+    if hasattr(type(denoiser), "attn_processors"):
+        return dict(denoiser.attn_processors)
+    return {f"{name}.processor": module.processor for name, module in denoiser.named_modules()
+            if hasattr(module, "set_processor") and hasattr(module, "processor")}
+
+
+def set_denoiser_processors(denoiser, processors: dict) -> None:
+    """Install a `denoiser_processors`-shaped mapping (the inverse of it)."""
+    if hasattr(type(denoiser), "set_attn_processor"):
+        denoiser.set_attn_processor(dict(processors))  # set_attn_processor empties the dict it gets
+        return
+    for name, processor in processors.items():
+        denoiser.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+
+
+def keep_dispatch_settings(processor, original):
+    """Carry the stock processor's attention-dispatcher settings (`set_attention_backend`, context parallelism) over
+    to ours, so `dispatch_attention_fn` runs the same backend; returns `processor`."""
+    processor._attention_backend = getattr(original, "_attention_backend", None)
+    processor._parallel_config = getattr(original, "_parallel_config", None)
+    return processor

@@ -73,7 +73,7 @@ class SDXLSinkAttnProcessor:
             if attention_mask is None:
                 hidden_states = apply_sinks(ctx, self.layer, query, key, value, hidden_states, layout)
             else:
-                self._apply_masked(ctx, query, key, value, hidden_states, attention_mask, layout)
+                apply_masked_sinks(ctx, self.layer, query, key, value, hidden_states, attention_mask, layout)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -92,32 +92,34 @@ class SDXLSinkAttnProcessor:
             return KeyLayout(num_image=0, num_clip=0, num_t5=num_keys, query_image=num_queries, query_text=0)
         return KeyLayout(num_image=0, num_clip=num_keys, num_t5=0, query_image=num_queries, query_text=0)
 
-    def _apply_masked(self, ctx, query, key, value, out, mask, layout: KeyLayout) -> None:
-        """Run the sink logic per group of elements with the same attended keys; write their rows back into `out`."""
-        bias = mask.float()
-        per_key = bias[:, :1, :1, :]
-        if not torch.equal(bias, per_key.expand_as(bias)):
-            raise NotImplementedError(f"{self.layer.name}: sink logic needs a per-key mask (the same for every head and query)")
-        per_key = per_key[:, 0, 0, :]
-        dropped = per_key <= _MASKED
-        if not bool(((per_key == 0) | dropped).all()):
-            raise NotImplementedError(f"{self.layer.name}: sink logic supports masks of 0 (kept) and ≤ {_MASKED} (dropped) only")
-        groups: dict[tuple[bool, ...], list[int]] = {}
-        for b, row in enumerate((~dropped).cpu().tolist()):
-            groups.setdefault(tuple(row), []).append(b)
-        for keep, rows in groups.items():
-            valid = torch.tensor([j for j, kept in enumerate(keep) if kept], device=key.device)
-            idx = torch.tensor(rows, device=key.device)
-            sub = KeyLayout(
-                num_image=layout.num_image and len(valid), num_clip=layout.num_clip and len(valid),
-                num_t5=layout.num_t5 and len(valid), query_image=layout.query_image, query_text=layout.query_text,
-            )
-            if layout.num_image and (layout.num_clip or layout.num_t5):
-                raise NotImplementedError(f"{self.layer.name}: masks over mixed image/text keys are not supported")
-            part = out[idx]
-            part = apply_sinks(ctx, self.layer, query[idx], key[idx][:, :, valid], value[idx][:, :, valid], part, sub,
-                               elements=rows, key_index=valid, full_layout=layout)
-            out[idx] = part
+def apply_masked_sinks(ctx, layer: LayerInfo, query, key, value, out, mask, layout: KeyLayout) -> None:
+    """The sink logic under an additive per-key mask (PixArt's and LTX-Video's masked T5 keys): run per group of
+    elements with the same attended keys, over those keys only; write their rows back into `out` [B, H, Lq, D]."""
+    bias = mask.float()
+    per_key = bias[:, :1, :1, :]
+    if not torch.equal(bias, per_key.expand_as(bias)):
+        raise NotImplementedError(f"{layer.name}: sink logic needs a per-key mask (the same for every head and query)")
+    per_key = per_key[:, 0, 0, :]
+    dropped = per_key <= _MASKED
+    if not bool(((per_key == 0) | dropped).all()):
+        raise NotImplementedError(f"{layer.name}: sink logic supports masks of 0 (kept) and ≤ {_MASKED} (dropped) only")
+    planned = ctx.batch_elements()  # batch row -> run element
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for b, row in enumerate((~dropped).cpu().tolist()):
+        groups.setdefault(tuple(row), []).append(b)
+    for keep, rows in groups.items():
+        valid = torch.tensor([j for j, kept in enumerate(keep) if kept], device=key.device)
+        idx = torch.tensor(rows, device=key.device)
+        sub = KeyLayout(
+            num_image=layout.num_image and len(valid), num_clip=layout.num_clip and len(valid),
+            num_t5=layout.num_t5 and len(valid), query_image=layout.query_image, query_text=layout.query_text,
+        )
+        if layout.num_image and (layout.num_clip or layout.num_t5):
+            raise NotImplementedError(f"{layer.name}: masks over mixed image/text keys are not supported")
+        part = out[idx]
+        part = apply_sinks(ctx, layer, query[idx], key[idx][:, :, valid], value[idx][:, :, valid], part, sub,
+                           elements=[planned[r] for r in rows], key_index=valid, full_layout=layout)
+        out[idx] = part
 
 
 def install_sdxl_processors(unet, session) -> list[LayerInfo]:
