@@ -58,7 +58,7 @@ class MassConfig:
     row_stages: int = 2
     # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
     # 5: group maxima from the column kernel + _top5_refine_kernel (mode 6, a certified variant, was dropped:
-    #    benchmarks/RESULTS.md, "Exact top-5 on the H200, 2026-12-02")
+    #    benchmarks/RESULTS.md, "Exact top-5 and the statistics kernels", 2026-12-02)
     topk_mode: int = 5
     group: int = 16
     refine_block_m: int = 16
