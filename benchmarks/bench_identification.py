@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels over tile configurations")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only-stats", action="store_true", help="only SDPA and the Triton statistics rows (a short GPU call)")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     dev = args.device
@@ -142,7 +143,7 @@ def main():
 
     # ---- attention alone
     add("sdpa default", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
-    if dev == "cuda":
+    if dev == "cuda" and not args.only_stats:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         for be in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -153,6 +154,8 @@ def main():
 
             add(f"sdpa [{be.split('_')[0].lower()}]", f)
     backends = ("cudnn", "flash", "efficient") if dev == "cuda" else ("math",)
+    if args.only_stats:
+        backends = backends[:1]
     lse_ok = {}
     for be in backends:
         try:
@@ -181,33 +184,41 @@ def main():
         for name, kw in variants:
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw)
             add(name, lambda kw=kw: tm.key_mass_stats_triton(q, k, scale, 0, n_img, **kw), stats_err(st, ref))
+        # the default top-5 (mode 5) kernel by kernel: column kernel with group maxima, then the refinement
+        cfg5 = tm.MassConfig(topk_mode=5)
+        at = (lse.stride(), 0, 0, n_img, scale)
+        _, _, gmax = tm._launch_col(q, k, lse, *at, True, cfg5, want_gmax=True)
+        add("  column kernel: mass+entropy+group maxima", lambda: tm._launch_col(q, k, lse, *at, True, cfg5, want_gmax=True))
+        add("  refinement of every query (mode 5)", lambda: tm._launch_refine(q, k, gmax, lse, *at, cfg5))
+        del gmax
         for be, l_ in lse_ok.items():
             st = tm.key_mass_stats_triton(q, k, scale, 0, n_img, lse=l_)
             rows.append(dict(name=f"  (stats error with lse from {be})", ms=None, mem=None, err=stats_err(st, ref), note=""))
-    st = key_mass_stats_torch(q, k, scale, 0, n_img)
-    add("torch chunked mass+entropy+top5 (64 MiB)", lambda: key_mass_stats_torch(q, k, scale, 0, n_img), stats_err(st, ref))
-    st, _ = paper_style(q, k, v, scale, n_img)
-    add("paper-style fp32 softmax identification", lambda: paper_style(q, k, v, scale, n_img), stats_err(st, ref))
+    if not args.only_stats:  # the slow reference rows
+        st = key_mass_stats_torch(q, k, scale, 0, n_img)
+        add("torch chunked mass+entropy+top5 (64 MiB)", lambda: key_mass_stats_torch(q, k, scale, 0, n_img), stats_err(st, ref))
+        st, _ = paper_style(q, k, v, scale, n_img)
+        add("paper-style fp32 softmax identification", lambda: paper_style(q, k, v, scale, n_img), stats_err(st, ref))
 
-    # ---- removal of the top-1 / top-5 keys per head for the image queries
-    for kk in (1, 5):
-        idx = ref.mass.topk(kk, dim=-1).indices
-        out, lse = attention_with_lse(q, k, v, scale)
-        exact = remove_keys(q.float(), k.float(), v.float(), out_ref, lse_ref, idx, 0, n_img, scale, method="recompute")
-        from workers.kernels.mass import removed_mass
+        # ---- removal of the top-1 / top-5 keys per head for the image queries
+        for kk in (1, 5):
+            idx = ref.mass.topk(kk, dim=-1).indices
+            out, lse = attention_with_lse(q, k, v, scale)
+            exact = remove_keys(q.float(), k.float(), v.float(), out_ref, lse_ref, idx, 0, n_img, scale, method="recompute")
+            from workers.kernels.mass import removed_mass
 
-        guarded = int((removed_mass(q, k, lse, idx, 0, n_img, scale) >= 0.5).sum(-1).max())
-        rows.append(dict(name=f"  (top-{kk}: max rows/(b,h) with removed mass >= 0.5: {guarded})", ms=None, mem=None, err=None, note=""))
-        for method in ("auto", "closed_form", "recompute"):
-            new = remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False)
-            add(
-                f"remove top-{kk} [{method}] (after attn+lse)",
-                lambda method=method, idx=idx: remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False),
-                rel(new[:, :, :n_img], exact[:, :, :n_img]),
-            )
-        _, pout = paper_style(q, k, v, scale, n_img, remove_top=kk)
-        add(f"paper-style identification + remove top-{kk}", lambda kk=kk: paper_style(q, k, v, scale, n_img, remove_top=kk),
-            rel(pout, exact[:, :, :n_img]))
+            guarded = int((removed_mass(q, k, lse, idx, 0, n_img, scale) >= 0.5).sum(-1).max())
+            rows.append(dict(name=f"  (top-{kk}: max rows/(b,h) with removed mass >= 0.5: {guarded})", ms=None, mem=None, err=None, note=""))
+            for method in ("auto", "closed_form", "recompute"):
+                new = remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False)
+                add(
+                    f"remove top-{kk} [{method}] (after attn+lse)",
+                    lambda method=method, idx=idx: remove_keys(q, k, v, out, lse, idx, 0, n_img, scale, method=method, check=False),
+                    rel(new[:, :, :n_img], exact[:, :, :n_img]),
+                )
+            _, pout = paper_style(q, k, v, scale, n_img, remove_top=kk)
+            add(f"paper-style identification + remove top-{kk}", lambda kk=kk: paper_style(q, k, v, scale, n_img, remove_top=kk),
+                rel(pout, exact[:, :, :n_img]))
 
     # ---- the whole fast layer: attention+lse, all statistics, top-1 removal
     if use_triton:

@@ -199,7 +199,7 @@ from kernel_refs import ref_stats, rel, sink_inputs
 worst = 0.0
 cases = [(1, 2, 40, 37, 16, 3, 35, torch.float32, 1), (2, 1, 33, 50, 32, 0, 33, torch.float32, 1),
          (2, 1, 33, 50, 32, 0, 33, torch.float16, 4), (1, 2, 40, 37, 16, 3, 35, torch.float32, 5),
-         (2, 1, 33, 50, 32, 0, 33, torch.float16, 5)]
+         (2, 1, 33, 50, 32, 0, 33, torch.float16, 5), (1, 2, 70, 90, 16, 5, 64, torch.float16, 5)]
 for seed, (B, H, Lq, Lk, D, a, b, dt, mode) in enumerate(cases):
     cfg = tm.MassConfig(col_block_m=16, col_block_n=16, row_block_m=16, row_block_n=16, topk_mode=mode,
                         group=8, refine_block_m=16)

@@ -4,7 +4,8 @@
   queries past it, accumulating p = exp2(q.k scale log2e - lse log2e) elementwise in registers.
   Column sums (incoming mass) and the entropy sum_ij p ln p need one reduction at the end instead
   of a cross-warp reduction per tile. For top-5 it also writes each query's largest logit per
-  group of 16 keys.
+  group of 16 keys. Row masks are compiled out when the queries fill the tiles, and padded keys are
+  masked only in the last key block (fewer instructions per pair).
 * ``_top5_refine_kernel``: per query, the 5 groups with the largest maxima hold its 5 largest
   logits; it recomputes those 80 logits exactly and sums the top 5 probabilities (default, exact).
 * ``_row_kernel`` (query-major): the lse when the caller has none, and the older top-5 by
@@ -13,8 +14,8 @@
   attention for the rows where the closed form is ill-conditioned (no host sync).
 
 The usual call passes ``lse`` from ``attention_with_lse`` (cuDNN attention returns it at no extra
-cost), so mass + entropy cost one QK^T pass (0.36 ms per SD3-medium layer on an H200) and top-5
-about 0.8 ms more (benchmarks/RESULTS.md).
+cost), so mass + entropy cost one QK^T pass (0.35-0.39 ms per SD3-medium layer on an H200) and top-5
+about 0.74 ms more (benchmarks/RESULTS.md, with the cost model and the variants that lost).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class MassConfig:
     row_warps: int = 4
     row_stages: int = 2
     # 0-4: extraction in _row_kernel (3, 4: 16-bit inputs only; fp32 falls back to mode 0);
-    # 5: group maxima from the column kernel + _top5_refine_kernel
+    # 5: group maxima from the column kernel + _top5_refine_kernel (mode 6, a certified variant, was dropped:
+    #    benchmarks/RESULTS.md, "Exact top-5 and the statistics kernels", 2026-12-02)
     topk_mode: int = 5
     group: int = 16
     refine_block_m: int = 16
@@ -106,6 +108,47 @@ if triton is not None:
         return tl.sum(tl.where(mmask, tot, 0.0), axis=0)
 
     @triton.jit
+    def _colmass_loop(
+        q_base, l_base, kt, acc, acc_e, GMAX, nmask,
+        s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2,
+        WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+        PREC: tl.constexpr, MASK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    ):
+        # the query loop of _colmass_kernel; MASK_N (only the last key block) hides padded keys from the
+        # group maxima, EVEN_M (n_q a multiple of BLOCK_M) drops the row masks: both save per-element work
+        offs_d = tl.arange(0, HEAD_D)
+        for start_m in range(0, n_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            if EVEN_M:
+                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd)
+                lse2 = tl.load(l_base + offs_m * s_lm) * 1.4426950408889634
+            else:
+                mmask = offs_m < n_q
+                q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=mmask[:, None], other=0.0)
+                # rows past the end get a huge lse: p = 0 and p * d = -0, never NaN
+                lse2 = tl.load(l_base + offs_m * s_lm, mask=mmask, other=1.0e30) * 1.4426950408889634
+            s = tl.dot(q, kt, input_precision=PREC)
+            d = s * qk_scale2 - lse2[:, None]
+            p = tl.math.exp2(d)
+            acc += p
+            if WANT_ENT:
+                acc_e += p * d
+            if WANT_GMAX:
+                # per query, the largest logit of each group of GROUP keys (for the top-5 pass)
+                NGB: tl.constexpr = BLOCK_N // GROUP
+                if MASK_N:
+                    s = tl.where(nmask[None, :], s, float("-inf"))
+                g = tl.max(tl.reshape(s, [BLOCK_M, NGB, GROUP]), axis=2)
+                gcol = pid_n * NGB + tl.arange(0, NGB)
+                gptr = GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None]
+                if EVEN_M:
+                    tl.store(gptr, g)
+                else:
+                    tl.store(gptr, g, mask=mmask[:, None])
+        return acc, acc_e
+
+    @triton.jit
     def _colmass_kernel(
         Q, K, LSE, MASS, ENT, GMAX,
         s_qb, s_qh, s_qm, s_qd,
@@ -115,7 +158,7 @@ if triton is not None:
         qk_scale2, inv_nq,
         WANT_ENT: tl.constexpr, WANT_GMAX: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, EVEN_M: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -132,26 +175,11 @@ if triton is not None:
         l_base = LSE + b * s_lb + h * s_lh + l_start * s_lm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_e = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_m in range(0, n_q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mmask = offs_m < n_q
-            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=mmask[:, None], other=0.0)
-            # rows past the end get a huge lse: p = 0 and p * d = -0, never NaN
-            lse2 = tl.load(l_base + offs_m * s_lm, mask=mmask, other=1.0e30) * 1.4426950408889634
-            s = tl.dot(q, kt, input_precision=PREC)
-            d = s * qk_scale2 - lse2[:, None]
-            p = tl.math.exp2(d)
-            acc += p
-            if WANT_ENT:
-                acc_e += p * d
-            if WANT_GMAX:
-                # per query, the largest logit of each group of GROUP keys (for the top-5 pass)
-                NGB: tl.constexpr = BLOCK_N // GROUP
-                sm = tl.where(nmask[None, :], s, float("-inf"))
-                g = tl.max(tl.reshape(sm, [BLOCK_M, NGB, GROUP]), axis=2)
-                gcol = pid_n * NGB + tl.arange(0, NGB)
-                tl.store(GMAX + pid_bh * (n_kblocks * NGB) * n_q + gcol[None, :] * n_q + offs_m[:, None], g,
-                         mask=mmask[:, None])
+        args = (q_base, l_base, kt, acc, acc_e, GMAX, nmask, s_qm, s_qd, s_lm, n_q, n_kblocks, pid_n, pid_bh, qk_scale2)
+        if (not WANT_GMAX) or (pid_n + 1) * BLOCK_N <= Lk:
+            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, False, EVEN_M)
+        else:
+            acc, acc_e = _colmass_loop(*args, WANT_ENT, WANT_GMAX, GROUP, BLOCK_M, BLOCK_N, HEAD_D, PREC, True, EVEN_M)
         col = tl.sum(acc, axis=0) * inv_nq
         tl.store(MASS + pid_bh * Lk + offs_n, col, mask=nmask)
         if WANT_ENT:
@@ -525,7 +553,7 @@ def _launch_col(q, k, lse, lse_strides, l_start, query_start, nq, scale, want_en
         sq[0], sq[1], sq[2], sq[3], sk[0], sk[1], sk[2], sk[3], sl[0], sl[1], sl[2],
         H, query_start, l_start, nq, Lk, n_kb, float(scale) * LOG2E, 1.0 / nq if inv_nq is None else inv_nq,
         WANT_ENT=want_entropy, WANT_GMAX=want_gmax, GROUP=group,
-        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q),
+        BLOCK_M=cfg.col_block_m, BLOCK_N=cfg.col_block_n, HEAD_D=D, PREC=_prec(q), EVEN_M=nq % cfg.col_block_m == 0,
         num_warps=cfg.col_warps, num_stages=cfg.col_stages,
     )
     return mass, (ent if want_entropy else None), (gmax if want_gmax else None)
