@@ -251,7 +251,12 @@ def attention_with_lse(
     if backend in ("cudnn", "flash") and not half:
         # the private cuDNN op does not refuse fp32: it returned NaN/garbage on an H200 (torch 2.11)
         raise ValueError(f"backend {backend!r} needs fp16/bf16 inputs; got {q.dtype}")
-    order = [backend] if backend else list(_DEFAULT_CUDA_ORDER if half else ("efficient",))
+    aligned = q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0
+    if backend in ("cudnn", "flash") and not aligned:
+        # nor does it refuse a head size that is not a multiple of 8: it crashed the process (segfault) on an
+        # H200 with head size 12 (torch 2.11), so such shapes never reach it
+        raise ValueError(f"backend {backend!r} needs head sizes that are multiples of 8; got q {q.shape[-1]}, v {v.shape[-1]}")
+    order = [backend] if backend else list(_DEFAULT_CUDA_ORDER if half and aligned else ("efficient",))
     errors = []
     for name in order:
         try:
