@@ -52,8 +52,6 @@ def _pipeline_for(model) -> object:
     return _PIPELINES[key]
 
 
-
-
 def _scratch_group_ok(scratch: Path, group_index: int, run: RunDir) -> bool:
     """A finished group is reused only if its tables and every image it names are intact."""
     units_name, sinks_name = rf.scratch_group_names(group_index)
@@ -154,9 +152,15 @@ def _run_groups(run: RunDir, shard_id: int, progress, started: float, sweep, gro
                 loaded = _pipeline_for(sweep.model)
             arm_specs = [arms_by_name[row["arm"]] for row in group]
             group_started = time.perf_counter()
-            lookups = _cache_lookup(cache, loaded, sweep, first, arm_specs) if cache is not None else {}
+            lookups, reuse_chunk = {}, None
+            if cache is not None:  # one identity per group: its baselines' and the base of its intervened units'
+                from workers.baseline_identity import baseline_identity
+
+                identity = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
+                lookups = _cache_lookup(cache, loaded, sweep, identity, first, arm_specs)
+                if sweep.cache.units:
+                    reuse_chunk = _unit_lookup(cache, sweep, identity, first, lookups)
             reused = {name: found.reused for name, found in lookups.items() if found.reused is not None}
-            reuse_chunk = _unit_lookup(cache, loaded, sweep, first, lookups) if cache is not None and sweep.cache.units else None
             results = workers.generate_group(loaded, first["prompt"], first["seed"], arm_specs, sweep.generation, sweep.recording,
                                              reused=reused, reuse_chunk=reuse_chunk)
             to_publish = _latents_to_publish(loaded, lookups, results, sweep, arm_specs)  # device → host here, not in the writer
@@ -181,17 +185,17 @@ class _Lookup:
         self.key, self.identity, self.reused, self.entry_path, self.held = key, identity, reused, entry_path, held
 
 
-def _cache_lookup(cache: BaselineCache, loaded, sweep, first: dict, arm_specs) -> dict[str, _Lookup]:
-    """Look up every baseline arm of a group; a hit must also hold the latents the group's prefix arms start from."""
+def _cache_lookup(cache: BaselineCache, loaded, sweep, identity: dict, first: dict, arm_specs) -> dict[str, _Lookup]:
+    """Look up every baseline arm of a group (all under the group's baseline `identity`); a hit must also hold the
+    latents the group's prefix arms start from."""
     import workers
-    from workers.baseline_identity import baseline_identity, latents_from_bytes
+    from workers.baseline_identity import latents_from_bytes
 
     out = {}
+    key = identity_key(identity)
     for arm in arm_specs:
         if arm.intervention is not None:
             continue
-        identity = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
-        key = identity_key(identity)
         entry = cache.get(key)
         out[arm.name] = _Lookup(key, identity)
         if entry is None:
@@ -222,14 +226,12 @@ def _reused_members(entry) -> dict:
     return dict(image=image, png=entry.image_png, sink_rows=pq.read_table(io.BytesIO(entry.sink_steps_parquet)))
 
 
-def _unit_lookup(cache: BaselineCache, loaded, sweep, first: dict, lookups: dict):
-    """generate_group's `reuse_chunk` for one group: looks every arm of a planned pipeline call up in the cache by
-    its unit identity (recorded in `lookups`, so a miss is published once generated); the call is reused only
-    when every arm of it is cached."""
+def _unit_lookup(cache: BaselineCache, sweep, group: dict, first: dict, lookups: dict):
+    """generate_group's `reuse_chunk` for one group (baseline identity `group`): looks every arm of a planned
+    pipeline call up in the cache by its unit identity (recorded in `lookups`, so a miss is published once
+    generated); the call is reused only when every arm of it is cached."""
     import workers
-    from workers.baseline_identity import baseline_identity, unit_identity
-
-    group = baseline_identity(loaded, sweep.model, first["prompt"], first["seed"], sweep.generation, sweep.recording)
+    from workers.baseline_identity import unit_identity
 
     def reuse_chunk(step: int, chunk) -> dict | None:
         entries = {}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from manifests.grouping import chunk_identity
 from manifests.schema import GenerationSpec, ModelSpec, RecordingSpec
 from workers.loading import LoadedPipeline
 
@@ -139,8 +140,6 @@ def unit_identity(group_identity: dict, chunk: list, position: int, step: int, n
     """The cache identity of intervened arm `chunk[position]`, run in `chunk` from step `step` (group_plan's
     call) of `num_steps`, in the group whose baseline identity is `group_identity` (a baseline identity needs no
     baseline arm)."""
-    from manifests.grouping import chunk_identity
-
     return {**group_identity, "unit": chunk_identity(chunk, position, step, num_steps)}
 
 
