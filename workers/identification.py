@@ -56,6 +56,13 @@ class KeyLayout:
             return 0, n_image + n_text
         raise ValueError(f"unknown query scope {scope!r}")
 
+    def restricted(self, kept: list[int]) -> "KeyLayout":
+        """The layout of the keys `kept` (ascending indices into this layout's keys), the query split unchanged."""
+        image = sum(1 for j in kept if j < self.num_image)
+        clip = sum(1 for j in kept if self.num_image <= j < self.num_image + self.num_clip)
+        return KeyLayout(num_image=image, num_clip=clip, num_t5=len(kept) - image - clip,
+                         query_image=self.query_image, query_text=self.query_text)
+
     def eligible(self, which: str, device=None) -> torch.Tensor:
         """Boolean [K] mask of the keys a selection may pick."""
         mask = torch.zeros(self.num_keys, dtype=torch.bool, device=device)

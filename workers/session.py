@@ -195,7 +195,7 @@ class SinkSession:
             return None
         scheduler = self.pipe.scheduler
         ctx.call_elements, new_step = self._branch_elements(ctx)
-        planned = len(ctx.elements) if ctx.call_elements is None else len(ctx.call_elements)
+        planned = len(ctx.batch_elements())
         batch = kwargs.get("hidden_states", kwargs.get("sample", kwargs.get("x", args[0] if args else None)))
         size = len(batch) if isinstance(batch, list) else None if batch is None else batch.shape[0]  # Z-Image: a list
         if size is not None and size != planned:

@@ -46,7 +46,6 @@ from workers.generate import EncodedPrompt, check_prompt_edits, chunks, denoiser
 from workers.identification import KeyLayout
 from workers.loading import LoadedPipeline
 
-_MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
 _UNION = ("union_topk", "union_bottomk", "random_union")
 
 
@@ -284,7 +283,7 @@ class _Verifier:
             check.fail(f"{where}: selected keys outside the eligible {iv.eligible_keys!r} keys")
         if iv.selection in _UNION and any(sorted(selected[h].tolist()) != sorted(selected[0].tolist()) for h in range(heads)):
             check.fail(f"{where}: a union selection differs between heads")
-        if iv.selection not in _MASS_SELECTIONS:
+        if iv.selection not in common.MASS_SELECTIONS:
             return
         start, end = layout.query_range(iv.mass_queries)
         mass = _mass_fp64(q, k, scale, start, end)  # [H, K]

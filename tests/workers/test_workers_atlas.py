@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import workers.processors.common as common_processors
 import workers.processors.flux as flux_processors
 import workers.processors.sd3 as sd3_processors
 import workers.processors.sdxl as sdxl_processors
@@ -33,6 +34,7 @@ def _spy_calls(monkeypatch, family):
         return apply_sinks(ctx, layer, q, k, v, attn_out, layout, elements, key_index, full_layout, lse)
 
     monkeypatch.setattr(PROCESSOR_MODULE[family], "apply_sinks", spy)
+    monkeypatch.setattr(common_processors, "apply_sinks", spy)  # masked keys: through apply_sinks_per_kept_keys
     return calls
 
 

@@ -24,8 +24,8 @@ from workers.kernels import attention_with_lse, remove_keys
 from workers.identification import KeyLayout, key_mass_stats, rank_keys, select_keys, selection_seed
 from workers.session import CallRecord, LayerInfo, RunContext
 
-_MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
-MASS_SELECTIONS = _MASS_SELECTIONS  # selections that rank keys by incoming mass (they need queries in mass_queries)
+# selections that rank keys by incoming mass (they need queries in mass_queries); loading and verify import it
+MASS_SELECTIONS = ("topk", "bottomk", "union_topk", "union_bottomk", "modality_random")
 
 
 @dataclass
@@ -123,7 +123,7 @@ def layer_ids(entries: list[tuple[str, int | None]]) -> list[LayerInfo]:
 
 
 class DispatcherSinkProcessor:
-    """Base of the processors for diffusers' attention-dispatcher classes (Wan, LTX-Video): the backend attributes
+    """Base of the processors for diffusers' attention-dispatcher classes (Flux, Qwen-Image, Z-Image, Wan, LTX-Video): the backend attributes
     diffusers' `set_attention_backend` writes on a processor, and the session and layer every processor needs."""
 
     _attention_backend = None
@@ -135,8 +135,8 @@ class DispatcherSinkProcessor:
 
 
 def install_dispatcher_processors(transformer, session, processor_class, block_index) -> list[LayerInfo]:
-    """Put `processor_class(session, info)` on every attention module of a dispatcher-attention transformer (Wan,
-    LTX-Video, Qwen-Image), keeping each stock processor's attention backend; `block_index(module name)` gives the integer
+    """Put `processor_class(session, info)` on every attention module of a dispatcher-attention transformer (Flux,
+    Qwen-Image, Wan, LTX-Video), keeping each stock processor's attention backend; `block_index(module name)` gives the integer
     index of the integer-addressable modules (None: glob only)."""
     stock = transformer.attn_processors
     names = [name.removesuffix(".processor") for name in stock]
@@ -205,7 +205,7 @@ def apply_sinks(
     rec = ctx.recording
     wants: dict[str, set[int]] = {}
     for pos, iv in active.items():
-        if iv.selection in _MASS_SELECTIONS:
+        if iv.selection in MASS_SELECTIONS:
             wants.setdefault(iv.mass_queries, set()).add(pos)
     if recorded and rec.stats:
         wants.setdefault(rec.mass_queries, set()).update(recorded)
@@ -261,7 +261,7 @@ def apply_sinks(
             continue
         if key_index is not None and iv.selection == "static":
             iv = _static_local(iv, key_index, full_layout)
-        mass = stats[(iv.mass_queries, pos)][0] if iv.selection in _MASS_SELECTIONS else None
+        mass = stats[(iv.mass_queries, pos)][0] if iv.selection in MASS_SELECTIONS else None
         seed = selection_seed(plan.unit_seed, iv.random_seed_offset, ctx.step, layer_name, plan.branch)
         selected[pos] = _to_device(select_keys(iv, layout, mass, heads, seed), q.device)
     groups: dict[tuple, list[int]] = {}
@@ -327,6 +327,25 @@ def apply_sinks(
             )
         )
     return attn_out
+
+
+def apply_sinks_per_kept_keys(ctx: RunContext, layer: LayerInfo, q, k, v, out, kept_rows, layout: KeyLayout, elements: list[int]) -> None:
+    """The sink logic when batch rows attend to different subsets of the keys (masked padding: PixArt's and
+    LTX-Video's T5, Qwen-Image's text, Z-Image's padded captions; masked keys have exactly zero weight): one
+    `apply_sinks` per group of rows with the same kept keys, over those keys only, records and selections in the
+    full key index of `layout`; the rows are written back into `out` [B, H, Lq, D].
+
+    `kept_rows`: per batch row, whether each key is attended (a sequence of bools over the keys); `elements`: the
+    run element of each batch row."""
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for row, kept in enumerate(kept_rows):
+        groups.setdefault(tuple(kept), []).append(row)
+    for kept, rows in groups.items():
+        valid = [j for j, attended in enumerate(kept) if attended]
+        key_index = torch.tensor(valid, device=k.device)
+        idx = torch.tensor(rows, device=k.device)
+        out[idx] = apply_sinks(ctx, layer, q[idx], k[idx][:, :, key_index], v[idx][:, :, key_index], out[idx], layout.restricted(valid),
+                               elements=[elements[r] for r in rows], key_index=key_index, full_layout=layout)
 
 
 def denoiser_processors(denoiser) -> dict:

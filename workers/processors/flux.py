@@ -25,20 +25,16 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, layer_ids
+from workers.processors.common import DispatcherSinkProcessor, apply_sinks, install_dispatcher_processors
 from workers.session import LayerInfo
 
 _JOINT = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 _SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.attn$")
 
 
-class FluxSinkAttnProcessor:
-    _attention_backend = None  # diffusers' set_attention_backend writes these, as on its own processor
-    _parallel_config = None
-
+class FluxSinkAttnProcessor(DispatcherSinkProcessor):
     def __init__(self, session, layer: LayerInfo):
-        self.session = session
-        self.layer = layer
+        super().__init__(session, layer)
         self._orders: dict = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
@@ -115,16 +111,5 @@ def block_index(module_name: str, num_joint: int) -> int | None:
 
 def install_flux_processors(transformer, session) -> list[LayerInfo]:
     """Replace every FluxAttention processor; joint then single blocks get integer indices in forward order."""
-    stock = transformer.attn_processors
     num_joint = len(transformer.transformer_blocks)
-    names = [name.removesuffix(".processor") for name in stock]
-    layers = layer_ids([(name, block_index(name, num_joint)) for name in names])
-    processors = {}
-    for info in layers:
-        proc = FluxSinkAttnProcessor(session, info)
-        original = stock[f"{info.name}.processor"]
-        proc._attention_backend = getattr(original, "_attention_backend", None)
-        proc._parallel_config = getattr(original, "_parallel_config", None)
-        processors[f"{info.name}.processor"] = proc
-    transformer.set_attn_processor(processors)
-    return layers
+    return install_dispatcher_processors(transformer, session, FluxSinkAttnProcessor, lambda name: block_index(name, num_joint))

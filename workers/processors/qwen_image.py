@@ -26,18 +26,15 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, install_dispatcher_processors
+from workers.processors.common import DispatcherSinkProcessor, apply_sinks, apply_sinks_per_kept_keys, install_dispatcher_processors
 from workers.session import LayerInfo
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.attn$")
 
 
-class QwenImageSinkAttnProcessor:
-    _attention_backend = None  # diffusers' set_attention_backend writes these (keep_dispatch_settings at install)
-    _parallel_config = None
-
+class QwenImageSinkAttnProcessor(DispatcherSinkProcessor):
     def __init__(self, session, layer: LayerInfo):
-        self.session, self.layer = session, layer
+        super().__init__(session, layer)
         self._orders: dict = {}  # (image, text, device) -> index orders Qwen ↔ canonical
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
@@ -118,21 +115,11 @@ class QwenImageSinkAttnProcessor:
 
         q, k, v, o = canonical(query), canonical(key), canonical(value), canonical(out)
         layout = KeyLayout(num_image=num_image, num_clip=0, num_t5=num_text)
-        elements = ctx.call_elements
         if text_mask is None or bool(text_mask.all()):
-            o = apply_sinks(ctx, self.layer, q, k, v, o, layout, elements=elements)
-        else:  # attended keys only, per group of rows with the same text mask (masked keys have exactly zero weight)
-            rows_of = elements if elements is not None else list(range(q.shape[0]))
-            groups: dict[tuple[bool, ...], list[int]] = {}
-            for b, row in enumerate(text_mask.bool().cpu().tolist()):
-                groups.setdefault(tuple(row), []).append(b)
-            for keep, rows in groups.items():
-                valid = torch.tensor(list(range(num_image)) + [num_image + j for j, kept in enumerate(keep) if kept], device=q.device)
-                idx = torch.tensor(rows, device=q.device)
-                sub = KeyLayout(num_image=num_image, num_clip=0, num_t5=len(valid) - num_image)
-                part = apply_sinks(ctx, self.layer, q[idx], k[idx][:, :, valid], v[idx][:, :, valid], o[idx], sub,
-                                   elements=[rows_of[b] for b in rows], key_index=valid, full_layout=layout)
-                o[idx] = part
+            o = apply_sinks(ctx, self.layer, q, k, v, o, layout)  # the batch rows are the denoiser call's elements
+        else:  # attended keys only: every image key, the text keys of the row's mask
+            kept_rows = [[True] * num_image + row for row in text_mask.bool().cpu().tolist()]
+            apply_sinks_per_kept_keys(ctx, self.layer, q, k, v, o, kept_rows, layout, ctx.batch_elements())
         return o.transpose(1, 2).index_select(1, to_qwen)
 
 

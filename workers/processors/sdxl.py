@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, layer_ids
+from workers.processors.common import apply_sinks, apply_sinks_per_kept_keys, layer_ids
 from workers.session import LayerInfo
 
 _MASKED = -1000.0  # an additive bias at or below this is a dropped key (exp(-1000) is 0 in every float dtype)
@@ -103,23 +103,9 @@ def apply_masked_sinks(ctx, layer: LayerInfo, query, key, value, out, mask, layo
     dropped = per_key <= _MASKED
     if not bool(((per_key == 0) | dropped).all()):
         raise NotImplementedError(f"{layer.name}: sink logic supports masks of 0 (kept) and ≤ {_MASKED} (dropped) only")
-    planned = ctx.batch_elements()  # batch row -> run element
-    groups: dict[tuple[bool, ...], list[int]] = {}
-    for b, row in enumerate((~dropped).cpu().tolist()):
-        groups.setdefault(tuple(row), []).append(b)
-    for keep, rows in groups.items():
-        valid = torch.tensor([j for j, kept in enumerate(keep) if kept], device=key.device)
-        idx = torch.tensor(rows, device=key.device)
-        sub = KeyLayout(
-            num_image=layout.num_image and len(valid), num_clip=layout.num_clip and len(valid),
-            num_t5=layout.num_t5 and len(valid), query_image=layout.query_image, query_text=layout.query_text,
-        )
-        if layout.num_image and (layout.num_clip or layout.num_t5):
-            raise NotImplementedError(f"{layer.name}: masks over mixed image/text keys are not supported")
-        part = out[idx]
-        part = apply_sinks(ctx, layer, query[idx], key[idx][:, :, valid], value[idx][:, :, valid], part, sub,
-                           elements=[planned[r] for r in rows], key_index=valid, full_layout=layout)
-        out[idx] = part
+    if layout.num_image and (layout.num_clip or layout.num_t5):
+        raise NotImplementedError(f"{layer.name}: masks over mixed image/text keys are not supported")
+    apply_sinks_per_kept_keys(ctx, layer, query, key, value, out, (~dropped).cpu().tolist(), layout, ctx.batch_elements())
 
 
 def install_sdxl_processors(unet, session) -> list[LayerInfo]:

@@ -29,7 +29,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from workers.identification import KeyLayout
-from workers.processors.common import apply_sinks, keep_dispatch_settings, layer_ids
+from workers.processors.common import DispatcherSinkProcessor, apply_sinks, apply_sinks_per_kept_keys, keep_dispatch_settings, layer_ids
 from workers.session import LayerInfo
 
 SEQ_MULTI_OF = 32  # diffusers.models.transformers.transformer_z_image.SEQ_MULTI_OF: sequences are padded to it
@@ -60,13 +60,9 @@ class ZImageCallShape:
         self.captions = [padded(len(c)) for c in caps]
 
 
-class ZImageSinkAttnProcessor:
-    _attention_backend = None
-    _parallel_config = None
-
+class ZImageSinkAttnProcessor(DispatcherSinkProcessor):
     def __init__(self, session, layer: LayerInfo, kind: str, shape: ZImageCallShape):
-        self.session = session
-        self.layer = layer
+        super().__init__(session, layer)
         self.kind = kind  # "main" | "noise_refiner" | "context_refiner"
         self.shape = shape
 
@@ -127,21 +123,12 @@ class ZImageSinkAttnProcessor:
         q, k, v, o = (x.transpose(1, 2) for x in (query, key, value, out))  # [B, H, S, D] views; o is written in place
         batch, seq = q.shape[0], q.shape[2]
         num_image, texts = self._lengths(batch)
-        elements = list(range(batch))
+        if num_image + min(texts) == seq:  # every element fills the sequence: no mask, no subset
+            layout = KeyLayout(num_image=num_image, num_clip=0, num_t5=seq - num_image)
+            return apply_sinks(ctx, self.layer, q, k, v, o, layout).transpose(1, 2)
         full = KeyLayout(num_image=num_image, num_clip=0, num_t5=max(texts))
-        groups: dict[int, list[int]] = {}
-        for b, n in enumerate(texts):
-            groups.setdefault(n, []).append(b)
-        for n, rows in groups.items():
-            length = num_image + n
-            layout = KeyLayout(num_image=num_image, num_clip=0, num_t5=n)
-            if len(groups) == 1 and length == seq:  # every element fills the sequence: no mask, no subset
-                return apply_sinks(ctx, self.layer, q, k, v, o, layout).transpose(1, 2)
-            idx = torch.tensor(rows, device=q.device)
-            valid = torch.arange(length, device=q.device)
-            part = apply_sinks(ctx, self.layer, q[idx], k[idx][:, :, :length], v[idx][:, :, :length], o[idx], layout,
-                               elements=[elements[b] for b in rows], key_index=valid, full_layout=full)
-            o[idx] = part
+        kept_rows = [[True] * (num_image + n) + [False] * (seq - num_image - n) for n in texts]  # the image, then the row's own caption
+        apply_sinks_per_kept_keys(ctx, self.layer, q, k, v, o, kept_rows, full, list(range(batch)))
         return o.transpose(1, 2)
 
 
